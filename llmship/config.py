@@ -1,0 +1,380 @@
+"""One YAML file -> one typed config tree for the whole chain.
+
+Every field has a default and a one-line description (printed by `llmship config schema`).
+Unknown keys and wrong types are `UserError`s naming the file, the field path and the YAML line.
+Dotted overrides (`model.path=./m`) are applied after the file is read, before validation.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from llmship.errors import UserError
+
+# Paths that point into llmship's own bundled assets (no network needed).
+EMBEDDED = "@embedded"
+ASSETS_DIR = Path(__file__).parent / "assets"
+EMBEDDED_MODEL_DIR = ASSETS_DIR / "tiny-llama-zh"
+SAMPLES_DIR = ASSETS_DIR / "samples"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    path: str = Field(EMBEDDED, description="Local Hugging Face folder, hub id, or '@embedded' for the bundled tiny model.")
+    adapter: str | None = Field(None, description="Optional LoRA adapter folder (PEFT format) merged into the base before export.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Dtype the PyTorch baseline runs in and the export starts from."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `path` is a hub id.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model folder (off: only built-in LLaMA).")
+    resize_embeddings: bool = Field(
+        False, description="When the tokenizer and embedding sizes differ, resize the embeddings instead of failing."
+    )
+
+
+# --------------------------------------------------------------------------- export
+class ParityConfig(Section):
+    max_logits_diff: float = Field(1e-4, ge=0, description="Largest allowed |ORT - PyTorch| over all compared logits.")
+    min_top1_agreement: float = Field(1.0, ge=0, le=1, description="Smallest allowed fraction of positions whose argmax agrees.")
+    greedy_tokens: int = Field(32, ge=0, description="Tokens generated greedily by both engines and compared.")
+    min_greedy_match: float = Field(1.0, ge=0, le=1, description="Smallest allowed fraction of identical greedy tokens (1.0 = identical).")
+    decode_steps: int = Field(8, ge=0, description="Decode steps fed with ORT's own cache whose logits are compared.")
+    max_nll_increase: float = Field(
+        0.05, ge=0, description="Largest allowed relative increase of the variant's NLL on the parity prompts (catches collapse)."
+    )
+
+
+class ExportConfig(Section):
+    opset: int = Field(18, ge=14, description="ONNX opset of the exported decoder.")
+    external_data: Literal["auto", "always", "never"] = Field(
+        "auto", description="Store weights in model.onnx.data: 'auto' does so when the model is over 2 GB."
+    )
+    optimize: bool = Field(True, description="Run ONNX Runtime's transformer optimizer (fused ops) when it passes parity.")
+    slim: bool = Field(False, description="Run onnxslim graph clean-up after export.")
+    parity: ParityConfig = Field(default_factory=ParityConfig, description="Tolerances of the fp32 export's parity check.")
+
+
+# --------------------------------------------------------------------------- quantize
+Scheme = Literal["none", "fp16", "w8a8-dynamic", "w8a8-static", "w8a16", "w4a16"]
+
+
+class VariantConfig(Section):
+    name: str | None = Field(None, description="Folder name of the variant under output.dir (default: the scheme, plus method).")
+    scheme: Scheme = Field("none", description="none (fp32), fp16, w8a8-dynamic, w8a8-static, w8a16 or w4a16.")
+    method: str | None = Field(
+        None, description="Scheme method: w8a8-static: minmax|entropy|percentile; w4a16: rtn|hqq|gptq (default per scheme)."
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="Scheme options, validated by the scheme (see docs).")
+    exclude: list[str] = Field(
+        default_factory=list, description="Node or weight names (fnmatch patterns) kept in float, e.g. '*lm_head*'."
+    )
+    parity: ParityConfig | None = Field(None, description="Parity tolerances for this variant (default: fitting its scheme).")
+
+    @property
+    def variant_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.scheme == "none":
+            return "fp32"
+        return f"{self.scheme}-{self.method}" if self.method else self.scheme
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or "\\" in v or v.startswith(".")):
+            raise ValueError("must be a plain folder name (no '/', '\\', or leading '.')")
+        return v
+
+
+class QuantizeConfig(VariantConfig):
+    variants: list[VariantConfig] = Field(
+        default_factory=list, description="More variants compiled in the same run, each like the fields above."
+    )
+
+    def all_variants(self) -> list[VariantConfig]:
+        first = VariantConfig(**self.model_dump(exclude={"variants"}))
+        return [first, *self.variants]
+
+
+# --------------------------------------------------------------------------- calibration
+class CalibSource(Section):
+    kind: Literal["c4", "ceval", "alpaca"] = Field(..., description="Format of the source: c4, ceval or alpaca.")
+    path: str = Field(EMBEDDED, description="Local file/folder in the official format, hub dataset id, or '@embedded'.")
+    samples: int = Field(..., ge=1, description="Samples taken from this source.")
+
+
+def _default_calib_sources() -> list[CalibSource]:
+    # 128 samples in total, as GPTQ's --nsamples; split across the three sources llmship supports.
+    return [
+        CalibSource(kind="c4", samples=64),
+        CalibSource(kind="ceval", samples=32),
+        CalibSource(kind="alpaca", samples=32),
+    ]
+
+
+class CalibrationConfig(Section):
+    sources: list[CalibSource] = Field(default_factory=_default_calib_sources, description="Mixture of sources and sample counts.")
+    seq_len: int = Field(256, ge=8, description="Tokens per calibration sample (GPTQ uses 2048 on 7B models).")
+    seed: int = Field(0, description="Seed of the sampling (GPTQ convention: 0).")
+    allow_partial: bool = Field(False, description="Warn instead of failing when a source yields fewer samples than asked.")
+
+
+# --------------------------------------------------------------------------- runtime
+class RuntimeConfig(Section):
+    provider: Literal["cpu", "cuda"] = Field("cpu", description="ONNX Runtime execution provider (cuda needs onnxruntime-gpu).")
+    threads: int = Field(0, ge=0, description="Intra-op threads for ORT and torch (0 = the library default).")
+
+
+# --------------------------------------------------------------------------- bench
+class BenchConfig(Section):
+    dataset: str = Field(EMBEDDED, description="ShareGPT V3 JSON file, hub dataset id, or '@embedded'.")
+    num_prompts: int = Field(16, ge=1, description="Requests sampled from the dataset.")
+    seed: int = Field(0, description="Shuffle seed (vLLM benchmark default: 0).")
+    output_len: int | None = Field(None, ge=1, description="Fixed output length; default: the length of the gpt reply.")
+    min_len: int = Field(4, ge=1, description="Drop prompts or outputs shorter than this (vLLM: 4).")
+    max_prompt_len: int = Field(1024, ge=1, description="Drop prompts longer than this (vLLM: 1024), clipped to max positions.")
+    max_total_len: int = Field(2048, ge=2, description="Drop prompt+output longer than this (vLLM: 2048), clipped to max positions.")
+    batch_size: int = Field(1, ge=1, description="Requests run together (grouped by length to limit padding).")
+    warmup: int = Field(1, ge=0, description="Requests run before measuring, excluded from the figures.")
+    baseline: bool = Field(True, description="Also run the PyTorch baseline on the same requests.")
+    engine: Literal["ort", "genai"] = Field("ort", description="Engine for compiled variants: plain ORT or onnxruntime-genai.")
+
+
+# --------------------------------------------------------------------------- eval
+class CevalTask(Section):
+    enabled: bool = Field(True, description="Score C-Eval.")
+    path: str = Field(EMBEDDED, description="C-Eval folder (dev/ and val/ CSVs), 'ceval/ceval-exam', or '@embedded'.")
+    modes: list[Literal["ppl", "gen"]] = Field(default_factory=lambda: ["ppl", "gen"], description="OpenCompass modes to run.")
+    shots: int = Field(5, ge=0, le=5, description="Dev examples in each prompt (OpenCompass: the first 5).")
+    subjects: list[str] | None = Field(None, description="Subjects to score (default: every subject present).")
+    max_questions: int | None = Field(None, ge=1, description="Cap on val questions per subject (default: all).")
+    max_out_len: int = Field(8, ge=1, description="GEN mode: new tokens generated per question.")
+
+
+class PerplexityTask(Section):
+    enabled: bool = Field(True, description="Score perplexity on C4-format text and alpaca responses.")
+    c4_path: str = Field(EMBEDDED, description="C4 JSON lines (.json or .json.gz) or '@embedded'.")
+    alpaca_path: str = Field(EMBEDDED, description="alpaca-cleaned JSON list or '@embedded'.")
+    seq_len: int = Field(256, ge=8, description="Window length for C4 perplexity.")
+    windows: int = Field(16, ge=1, description="Non-overlapping windows scored (GPTQ convention, seed 0).")
+    alpaca_samples: int = Field(32, ge=1, description="alpaca records whose responses are scored.")
+
+
+class EvalConfig(Section):
+    ceval: CevalTask = Field(default_factory=CevalTask, description="C-Eval, OpenCompass style.")
+    perplexity: PerplexityTask = Field(default_factory=PerplexityTask, description="Perplexity tasks.")
+    consistency_prompts: int = Field(16, ge=0, description="alpaca prompts for top-1 / KL / greedy-prefix consistency.")
+    batch_size: int = Field(8, ge=1, description="Sequences scored together.")
+    baseline_cache: bool = Field(True, description="Reuse baseline scores keyed by model fingerprint and eval config.")
+
+
+# --------------------------------------------------------------------------- gate
+class Goal(Section):
+    metric: str = Field(..., description="Metric name from the eval summary, e.g. 'ceval/ppl/average' or 'ppl/c4'.")
+    type: Literal["threshold", "max-degradation", "percent-max-degradation"] = Field(..., description="Kind of goal.")
+    value: float = Field(..., description="Threshold, or allowed absolute / percent degradation against the baseline.")
+    higher_is_better: bool | None = Field(None, description="Direction of the metric (default: inferred from its name).")
+    variants: list[str] | None = Field(None, description="Variants the goal applies to (default: all).")
+
+
+class GateConfig(Section):
+    goals: list[Goal] = Field(default_factory=list, description="Goals every variant must meet.")
+    baseline_json: str | None = Field(None, description="Stored baseline results to compare against instead of re-scoring.")
+
+
+# --------------------------------------------------------------------------- output
+class OutputConfig(Section):
+    dir: str = Field("llmship-out", description="Folder that receives variants, eval, bench and the report.")
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Source model.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export and parity.")
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="Variant(s) to compile.")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="Calibration data.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Engine settings shared by all stages.")
+    bench: BenchConfig = Field(default_factory=BenchConfig, description="Throughput and latency benchmark.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Accuracy evaluation.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="Regression gate.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+    _source: str = PrivateAttr("<defaults>")
+
+    @model_validator(mode="after")
+    def _unique_variant_names(self) -> Config:
+        names = [v.variant_name for v in self.quantize.all_variants()]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"variant names must be unique, repeated: {', '.join(dup)} (set `name:`)")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Map each key/item path in the YAML document to its 1-based line."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = (*path, str(key.value))
+                lines[sub] = key.start_mark.line + 1
+                walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, i))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _known_fields(model: type[BaseModel], path: tuple) -> list[str] | None:
+    """Field names of the section at `path` (None when the path does not reach a section)."""
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            inner = getattr(cand, "__args__", None)
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                model = cand
+                break
+            if inner and isinstance(inner[0], type) and issubclass(inner[0], BaseModel):
+                model = inner[0]
+                break
+        else:
+            return None
+    return list(model.model_fields)
+
+
+def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
+    loc = tuple(err["loc"])
+    dotted = ".".join(str(p) for p in loc) or "<top>"
+    line = None
+    for cut in range(len(loc), -1, -1):
+        if loc[:cut] in lines:
+            line = lines[loc[:cut]]
+            break
+    where = f"{source}:{line}" if line else source
+    if err["type"] == "extra_forbidden":
+        known = _known_fields(Config, loc[:-1]) or []
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        did = f"; did you mean '{hint[0]}'?" if hint else ""
+        return f"{where}: unknown key '{dotted}'; known keys here: {', '.join(known)}{did}"
+    got = err.get("input")
+    got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+    return f"{where}: field '{dotted}': {err['msg']}{got_s}"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"override '{dotted}': '{part}' is not an index of a list of {len(node)}", where=source)
+            key: Any = int(part)
+        elif isinstance(node, dict):
+            key = part
+        else:
+            raise UserError(f"override '{dotted}': '{'.'.join(parts[:i])}' is not a section", where=source)
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and key not in node:
+                node[key] = {}
+            node = node[key]
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise UserError(f"override '{item}' is not of the form section.field=value", where="command line")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (None = all defaults), apply dotted overrides, validate."""
+    source = str(path) if path is not None else "<defaults>"
+    text = ""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError("config file not found", where=source)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read config: {exc}", where=source) from None
+    try:
+        tree = yaml.safe_load(text) if text.strip() else {}
+        lines = _yaml_lines(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"malformed YAML: {problem}", where=where) from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise UserError(f"the top level must be a mapping of sections, got {type(tree).__name__}", where=source)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value, source=f"override {key}")
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as exc:
+        raise UserError(_describe(exc.errors()[0], source, lines)) from None
+    cfg._source = source
+    return cfg
+
+
+def resolve_path(value: str, base: Path | None = None) -> Path | str:
+    """Local paths become Paths (relative to `base` when given); other strings (hub ids) pass through."""
+    p = Path(value).expanduser()
+    if base is not None and not p.is_absolute():
+        p = base / p
+    return p
+
+
+def schema_text() -> str:
+    """Every field with its type, default and one-line description, as `llmship config schema` prints it."""
+    out: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            dotted = f"{prefix}{name}"
+            ann = field.annotation
+            sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if sub is not None:
+                out.append(f"{dotted}:  # {field.description}")
+                walk(sub, dotted + ".")
+                continue
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, list) and default and isinstance(default[0], BaseModel):
+                default = [d.model_dump() for d in default]
+            type_s = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+            out.append(f"{dotted} ({type_s}) = {default!r}  # {field.description}")
+
+    walk(Config, "")
+    return "\n".join(out)

@@ -1,0 +1,132 @@
+"""The one interface every engine implements, so bench, eval and parity compare like with like.
+
+Engines: `TorchEngine` (the PyTorch baseline, HF model in its source dtype, KV cache) and `OrtEngine`
+(an exported llmship folder under ONNX Runtime). Token ids go in and out as numpy int64 arrays;
+logits come out as float32 numpy arrays whatever the engine computes in.
+
+Batches are left-padded (pad positions have attention_mask 0); position ids are derived from the
+mask (cumsum - 1), as Hugging Face generation does, so a padded row gives the same logits as the
+same row alone.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Cache:
+    """KV cache of a batch, opaque to callers.
+
+    `past` is engine-specific (torch tensors or numpy arrays per layer); `attention_mask` (B, L) covers
+    every position seen so far, so the next position of row b is attention_mask[b].sum().
+    """
+
+    past: Any
+    attention_mask: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists into (input_ids, attention_mask) int64 arrays."""
+    width = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, width - len(seq) :] = seq
+            mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
+    """Position ids of a left-padded batch: cumsum of the mask minus one, pads clamped to 0."""
+    pos = np.cumsum(attention_mask, axis=-1) - 1
+    return np.where(attention_mask > 0, pos, 0).astype(np.int64)
+
+
+StepCallback = Callable[[int, np.ndarray], None]
+"""Called by `generate` after each step with (step index, tokens of that step (B,)), for timing."""
+
+
+class Engine(ABC):
+    """Prefill, decode with cache, greedy generation and batched scoring over one model."""
+
+    name: str
+    vocab_size: int
+    eos_token_id: int | None
+    pad_token_id: int
+    max_positions: int
+
+    @abstractmethod
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, Cache]:
+        """Run the prompt (B, T) with an empty cache: logits (B, T, V) float32 and the cache."""
+
+    @abstractmethod
+    def decode(self, tokens: np.ndarray, cache: Cache) -> tuple[np.ndarray, Cache]:
+        """Feed one token per row (B,): logits (B, V) float32 and the grown cache."""
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int | Sequence[int],
+        *,
+        ignore_eos: bool = False,
+        on_step: StepCallback | None = None,
+    ) -> list[list[int]]:
+        """Greedy generation of a left-padded batch; each row stops at its own budget (or EOS)."""
+        budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        ids, mask = left_pad(prompts, self.pad_token_id)
+        logits, cache = self.prefill(ids, mask)
+        step_logits = logits[:, -1, :]
+        outputs: list[list[int]] = [[] for _ in prompts]
+        done = np.array([b <= 0 for b in budgets])
+        for step in range(max(budgets, default=0)):
+            tokens = step_logits.argmax(axis=-1).astype(np.int64)
+            for row, tok in enumerate(tokens):
+                if not done[row]:
+                    outputs[row].append(int(tok))
+                    hit_eos = not ignore_eos and self.eos_token_id is not None and tok == self.eos_token_id
+                    done[row] = hit_eos or len(outputs[row]) >= budgets[row]
+            if on_step is not None:
+                on_step(step, tokens)
+            if done.all():
+                break
+            step_logits, cache = self.decode(tokens, cache)
+        return outputs
+
+    def logits(self, sequences: Sequence[Sequence[int]], batch_size: int = 8) -> list[np.ndarray]:
+        """Full-sequence logits, one (len, V) float32 array per sequence (batched, left-padded)."""
+        out: list[np.ndarray] = []
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start : start + batch_size]
+            ids, mask = left_pad(chunk, self.pad_token_id)
+            logits, _ = self.prefill(ids, mask)
+            width = ids.shape[1]
+            out.extend(logits[row, width - len(seq) :] for row, seq in enumerate(chunk))
+        return out
+
+    def score(self, sequences: Sequence[Sequence[int]], batch_size: int = 8) -> list[np.ndarray]:
+        """log p(token_t | tokens_<t) for t = 1..n-1 of each sequence, float64 arrays of length n-1."""
+        scores = []
+        for seq, logit in zip(sequences, self.logits(sequences, batch_size), strict=True):
+            logp = log_softmax(logit[:-1].astype(np.float64))
+            scores.append(logp[np.arange(len(seq) - 1), np.asarray(seq[1:], dtype=np.int64)])
+        return scores
+
+    def info(self) -> dict[str, Any]:
+        """Engine name, provider, threads, dtype, path: recorded in reports."""
+        return {"engine": self.name}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release sessions or models."""
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
