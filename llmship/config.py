@@ -339,12 +339,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         tree = {}
     if not isinstance(tree, dict):
         raise UserError(f"the top level must be a mapping of sections, got {type(tree).__name__}", where=source)
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value, source=f"override {key}")
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as exc:
         raise UserError(_describe(exc.errors()[0], source, lines)) from None
+    if overrides:
+        # Overrides apply to the resolved tree (defaults included), so list items that only exist as defaults
+        # (calibration.sources.0.samples) can be overridden too.
+        tree = cfg.model_dump(exclude_unset=False)
+        for key, value in parse_overrides(overrides):
+            _set_dotted(tree, key, value, source=f"override {key}")
+        try:
+            cfg = Config.model_validate(tree)
+        except ValidationError as exc:
+            raise UserError(_describe(exc.errors()[0], "command-line override", {})) from None
     cfg._source = source
     return cfg
 
@@ -357,6 +365,26 @@ def resolve_path(value: str, base: Path | None = None) -> Path | str:
     return p
 
 
+def _type_name(ann: Any) -> str:
+    args = getattr(ann, "__args__", ())
+    if getattr(ann, "__origin__", None) is Literal:
+        return "|".join(str(a) for a in args)
+    if isinstance(ann, type):
+        return ann.__name__
+    return str(ann).replace("typing.", "").replace("llmship.config.", "")
+
+
+def _item_model(ann: Any) -> type[BaseModel] | None:
+    """The section class of a `list[Section]` or `Section | None` field."""
+    for cand in getattr(ann, "__args__", ()):
+        if isinstance(cand, type) and issubclass(cand, BaseModel):
+            return cand
+        inner = _item_model(cand)
+        if inner is not None:
+            return inner
+    return None
+
+
 def schema_text() -> str:
     """Every field with its type, default and one-line description, as `llmship config schema` prints it."""
     out: list[str] = []
@@ -365,16 +393,17 @@ def schema_text() -> str:
         for name, field in model.model_fields.items():
             dotted = f"{prefix}{name}"
             ann = field.annotation
-            sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-            if sub is not None:
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
                 out.append(f"{dotted}:  # {field.description}")
-                walk(sub, dotted + ".")
+                walk(ann, dotted + ".")
                 continue
-            default = field.get_default(call_default_factory=True)
+            default = field.get_default(call_default_factory=True) if not field.is_required() else "<required>"
             if isinstance(default, list) and default and isinstance(default[0], BaseModel):
-                default = [d.model_dump() for d in default]
-            type_s = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-            out.append(f"{dotted} ({type_s}) = {default!r}  # {field.description}")
+                default = [d.model_dump(exclude_defaults=True) for d in default]
+            out.append(f"{dotted} ({_type_name(ann)}) = {default!r}  # {field.description}")
+            item = _item_model(ann)
+            if item is not None and item is not model:
+                walk(item, f"{dotted}[]." if str(ann).startswith("list") else f"{dotted}.")
 
     walk(Config, "")
     return "\n".join(out)

@@ -1,0 +1,25 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   installs llmship (CPU build of torch) and runs the whole chain on the bundled tiny model
+#   make test   installs llmship with the test tools and runs the test suite
+PY ?= python3
+PIP ?= $(PY) -m pip
+STAMP := .setup.stamp
+
+.PHONY: setup demo test lint
+setup: $(STAMP)
+
+# torch is installed first and pinned: `torch==2.13.0` resolves to the local CPU wheel on CPU machines;
+# an unpinned torch would pull a multi-GB CUDA build. GPU users: see README.
+$(STAMP): pyproject.toml
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[dev]"
+	@touch $(STAMP)
+
+demo: setup
+	$(PY) -m llmship.cli demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
