@@ -1,1 +1,190 @@
-"""report stage."""
+"""The run report: one folder with `report.html` (self-contained, plots inlined), `report.md` and
+`summary.json`, written from the compiled variants' manifests and the eval and bench results.
+
+The report stage reads results, it never recomputes them: everything it shows is in the stage
+outputs, so a cached eval or bench gives the same report as a fresh one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llmship.config import Config
+from llmship.report.environment import environment
+from llmship.report.render import Document, to_html, to_markdown
+
+PARITY_COLUMNS = ("max_logits_diff", "top1_agreement", "decode_top1_agreement", "greedy_match", "nll_delta")
+
+
+def write_report(cfg: Config, folders: dict[str, Path], eval_result: dict | None, bench_result: dict | None,
+                 report_dir: Path) -> Path:
+    """Write the report folder atomically (a sibling temp folder swapped in) and return its path."""
+    report_dir = Path(report_dir)
+    tmp = report_dir.with_name(f"{report_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    summary = build_summary(cfg, folders, eval_result or {}, bench_result or {})
+    images = _copy_plots(bench_result or {}, tmp)
+    doc = build_document(summary, images)
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    (tmp / "report.md").write_text(to_markdown(doc, tmp))
+    (tmp / "report.html").write_text(to_html(doc))
+    old = report_dir.with_name(f"{report_dir.name}.old-{os.getpid()}")
+    if report_dir.exists():
+        report_dir.rename(old)
+    tmp.rename(report_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return report_dir
+
+
+def _manifest(folder: Path) -> dict:
+    path = Path(folder) / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def variant_rows(folders: dict[str, Path]) -> list[dict[str, Any]]:
+    """Scheme, options, size and parity of every compiled variant, from its manifest."""
+    rows = []
+    fp32_size = None
+    for name, folder in folders.items():
+        manifest = _manifest(folder)
+        size = manifest.get("size_bytes")
+        if manifest.get("scheme", "none") == "none":
+            fp32_size = size
+        rows.append({
+            "variant": name,
+            "scheme": manifest.get("scheme", "none"),
+            "method": manifest.get("method"),
+            "options": manifest.get("options") or {},
+            "size_bytes": size,
+            "parity": manifest.get("parity") or {},
+            "quantized": manifest.get("quantized_summary") or manifest.get("quantized"),
+            "fp16_kept_fp32": manifest.get("fp16_kept_fp32"),
+            "folder": str(folder),
+        })
+    for row in rows:
+        row["size_ratio"] = row["size_bytes"] / fp32_size if fp32_size and row["size_bytes"] else None
+    return rows
+
+
+def build_summary(cfg: Config, folders: dict[str, Path], eval_result: dict, bench_result: dict) -> dict[str, Any]:
+    """The machine-readable report (summary.json)."""
+    return {
+        "generated": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "model": cfg.model.path,
+        "adapter": cfg.model.adapter,
+        "variants": variant_rows(folders),
+        "accuracy": eval_result.get("summary", []),
+        "baseline": eval_result.get("baseline"),
+        "gate": eval_result.get("gate", []),
+        "bench": {k: v for k, v in bench_result.items() if k not in ("requests", "records")},
+        "environment": environment(cfg.runtime.threads),
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+def _copy_plots(bench_result: dict, dest: Path) -> list[tuple[Path, str]]:
+    images = []
+    for plot in bench_result.get("plots", []):
+        path = Path(plot["path"] if isinstance(plot, dict) else plot)
+        if path.is_file():
+            target = dest / "plots" / path.name
+            target.parent.mkdir(exist_ok=True)
+            shutil.copy2(path, target)
+            caption = plot.get("caption", path.stem) if isinstance(plot, dict) else path.stem.replace("_", " ")
+            images.append((target, caption))
+    return images
+
+
+def build_document(summary: dict[str, Any], images: list[tuple[Path, str]]) -> Document:
+    doc = Document(f"llmship report: {summary['model']}")
+    doc.text(f"Generated {summary['generated']}." + (f" LoRA adapter: {summary['adapter']}." if summary["adapter"] else ""))
+    _variants_section(doc, summary["variants"])
+    _accuracy_section(doc, summary)
+    _speed_section(doc, summary["bench"], images)
+    _environment_section(doc, summary["environment"])
+    return doc
+
+
+def _variants_section(doc: Document, variants: list[dict]) -> None:
+    doc.heading("Variants")
+    rows = []
+    for v in variants:
+        options = ", ".join(f"{k}={val}" for k, val in v["options"].items()) or "-"
+        size_mb = v["size_bytes"] / 1e6 if v["size_bytes"] else None
+        rows.append([v["variant"], v["scheme"], v["method"], options, size_mb, v["size_ratio"],
+                     *(v["parity"].get(c) for c in PARITY_COLUMNS)])
+    doc.table(["variant", "scheme", "method", "options", "size MB", "size / fp32", *PARITY_COLUMNS], rows,
+              "Parity against PyTorch fp32, measured at compile time")
+    notes = [f"{v['variant']}: {_describe_quantized(v)}" for v in variants if v["quantized"] or v["fp16_kept_fp32"]]
+    if notes:
+        doc.text(" ".join(notes))
+
+
+def _describe_quantized(v: dict) -> str:
+    if v["fp16_kept_fp32"] is not None:
+        kept = v["fp16_kept_fp32"]
+        return f"{len(kept)} node(s) kept in fp32 for fp16 range." if isinstance(kept, list) else f"kept in fp32: {kept}."
+    q = v["quantized"]
+    if isinstance(q, dict):
+        return ", ".join(f"{k}: {val}" for k, val in q.items()) + "."
+    return f"{q}."
+
+
+def _accuracy_section(doc: Document, summary: dict) -> None:
+    accuracy = summary["accuracy"]
+    if not accuracy:
+        return
+    doc.heading("Accuracy")
+    baseline = summary.get("baseline")
+    names = [n for n in accuracy[0].get("values", {})]
+    columns = ["dataset", "version", "metric", "mode", *names]
+    rows = []
+    for row in accuracy:
+        values = row.get("values", {})
+        base = values.get(baseline) if baseline else None
+        cells = []
+        for n in names:
+            val = values.get(n)
+            if base is not None and val is not None and n != baseline and isinstance(val, int | float):
+                cells.append(f"{val:.2f} ({val - base:+.2f})")
+            else:
+                cells.append(val)
+        rows.append([row.get("dataset"), row.get("version"), row.get("metric"), row.get("mode"), *cells])
+    doc.table(columns, rows, f"Deltas in brackets are against the baseline ({baseline})")
+    gate = summary["gate"]
+    if gate:
+        doc.heading("Gate")
+        doc.table(["goal", "variant", "value", "baseline", "limit", "verdict"],
+                  [[g.get("goal") or g.get("metric"), g.get("variant"), g.get("value"), g.get("baseline"), g.get("limit"),
+                    "PASS" if g.get("passed") else "FAIL"] for g in gate])
+
+
+def _speed_section(doc: Document, bench: dict, images: list[tuple[Path, str]]) -> None:
+    engines = bench.get("engines") or []
+    if not engines:
+        return
+    doc.heading("Speed")
+    rows = []
+    for e in engines:
+        m = e.get("metrics", {})
+        rows.append([e.get("name"), m.get("output_throughput"), e.get("ratio_output_throughput"), m.get("request_throughput"),
+                     m.get("mean_ttft_ms"), m.get("p90_ttft_ms"), m.get("mean_tpot_ms"), m.get("p90_tpot_ms"),
+                     m.get("mean_e2el_ms"), e.get("load_time_s"), e.get("peak_rss_mb"), e.get("roofline_fraction")])
+    doc.table(["engine", "output tok/s", "x baseline", "req/s", "TTFT mean ms", "TTFT p90 ms", "TPOT mean ms",
+               "TPOT p90 ms", "E2EL mean ms", "load s", "peak RSS MB", "of bandwidth limit"], rows,
+              bench.get("caption", ""))
+    for path, caption in images:
+        doc.image(path, caption)
+
+
+def _environment_section(doc: Document, env: dict) -> None:
+    doc.heading("Environment")
+    libs = env.get("libraries", {})
+    facts = [[k, v] for k, v in env.items() if k != "libraries"] + [[k, v] for k, v in libs.items()]
+    doc.table(["", "value"], facts)
