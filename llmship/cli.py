@@ -6,6 +6,7 @@ Logs and progress go to stderr; results go to files under `output.dir`.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -45,10 +46,13 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     handler = RichHandler(console=stderr, show_path=False, show_time=False, markup=False)
     logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "onnxscript", "torch", "onnx_ir"):
+    # torch resets the level of its "torch" logger on import, so the exporter's chatty child is named too.
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "onnxscript", "torch", "onnx_ir",
+                  "torch.onnx._internal.exporter._registration", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars, on stderr
 
 
 def _guarded(work: Callable[[], None], debug: bool) -> None:
@@ -65,16 +69,33 @@ def _guarded(work: Callable[[], None], debug: bool) -> None:
             traceback.print_exc()
         stderr.print(f"[bold red]check failed:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            _internal_error(exc, debug)
+        if debug:
+            traceback.print_exc()
+        where = f" ({exc.filename})" if exc.filename else ""
+        stderr.print(f"[bold red]error:[/] cannot write output{where}: {exc.strerror}; earlier outputs are unchanged",
+                     markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         stderr.print("interrupted")
         raise typer.Exit(130) from None
     except Exception as exc:  # a bug: one line unless --debug
-        if debug:
-            traceback.print_exc()
-        else:
-            stderr.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                         markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(3) from None
+        _internal_error(exc, debug)
+
+
+# A full disk, a quota or a file-size limit is the user's environment, not a bug.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
+
+
+def _internal_error(exc: BaseException, debug: bool) -> None:
+    if debug:
+        traceback.print_exception(exc)
+    else:
+        stderr.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                     markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(3) from None
 
 
 def _verb(stage: str, config: str | None, overrides: list[str] | None, quiet: bool, debug: bool, force: bool) -> None:

@@ -147,6 +147,8 @@ class BenchConfig(Section):
     warmup: int = Field(1, ge=0, description="Requests run before measuring, excluded from the figures.")
     baseline: bool = Field(True, description="Also run the PyTorch baseline on the same requests.")
     engine: Literal["ort", "genai"] = Field("ort", description="Engine for compiled variants: plain ORT or onnxruntime-genai.")
+    oversample: bool = Field(True, description="Top up to num_prompts by repeating sampled requests (vLLM default; off = --no-oversample).")
+    isolate: bool = Field(True, description="Measure each engine in a fresh process (clean load time and peak RSS).")
 
 
 # --------------------------------------------------------------------------- eval

@@ -1,1 +1,286 @@
-"""bench stage."""
+"""Bench stage: ShareGPT throughput and latency of every variant against the PyTorch baseline, in one run.
+
+`run_bench(cfg, variants, out_dir, progress=None) -> dict` samples requests as vLLM's serving benchmark does
+(bench/sharegpt.py), runs the baseline and every variant over the same batches (bench/runner.py, each engine in a
+fresh process by default), computes vLLM's metrics (bench/metrics.py), the bandwidth roofline (bench/roofline.py)
+and writes bench.json, bench.md and PNG plots to `out_dir` atomically. The returned dict is bench.json's summary:
+no per-request records; `engines` is a list of rows (name, flat metrics such as mean_ttft_ms / p90_tpot_ms,
+ratio_output_throughput, load_time_s, peak_rss_mb, roofline_fraction); `plots` holds absolute paths and captions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from llmship.bench import metrics, roofline, runner
+from llmship.bench.sharegpt import Limits, load_conversations, sample_requests
+from llmship.config import Config
+from llmship.errors import CheckFailed, UserError
+
+log = logging.getLogger("llmship")
+
+__all__ = ["BASELINE_NAME", "run_bench"]
+
+BASELINE_NAME = "pytorch"
+# Figures divided by the baseline's in `ratios` (higher is better for throughputs, lower for the rest).
+RATIO_FIGURES = ("output_throughput", "request_throughput", "total_token_throughput", "ttft_median", "tpot_median",
+                 "e2el_median", "load_s", "peak_rss_bytes", "size_bytes")
+
+
+# --------------------------------------------------------------------------- progress
+class _Progress:
+    """Adapts `progress` (None, a callable taking one status line, or a rich Progress) to (description, done, total)."""
+
+    def __init__(self, target: Any):
+        self.target = target
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, description: str, done: int, total: int) -> None:
+        if self.target is None:
+            return
+        if hasattr(self.target, "add_task"):
+            if description not in self.tasks:
+                self.tasks[description] = self.target.add_task(description, total=total)
+            self.target.update(self.tasks[description], completed=done, total=total)
+        else:
+            self.target(f"{description}: {done}/{total}")
+
+    def finish(self) -> None:
+        if hasattr(self.target, "remove_task"):
+            for task in self.tasks.values():
+                self.target.remove_task(task)
+
+
+# --------------------------------------------------------------------------- model facts
+def _source_folder(cfg: Config) -> Path | None:
+    from llmship.export.source import resolve_model_path
+
+    folder = Path(resolve_model_path(cfg.model.path)).expanduser()
+    return folder if folder.is_dir() else None
+
+
+def bench_tokenizer(cfg: Config, variants: dict[str, Path]) -> Any:
+    """The model's own tokenizer: the adapter's or source folder's, else a compiled variant's copy, else the hub's."""
+    from llmship.export.source import load_tokenizer
+
+    adapter = Path(cfg.model.adapter).expanduser() if cfg.model.adapter else None
+    for folder in (adapter, _source_folder(cfg), *variants.values()):
+        if folder is not None and any((Path(folder) / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+            return load_tokenizer(Path(folder))
+    return load_tokenizer(cfg.model.path, cfg.model.revision)
+
+
+def max_positions(cfg: Config, variants: dict[str, Path]) -> int:
+    """Smallest max_position_embeddings among the source and the variants."""
+    found = []
+    for folder in (_source_folder(cfg), *variants.values()):
+        file = Path(folder) / "config.json" if folder is not None else None
+        if file is not None and file.is_file():
+            value = json.loads(file.read_text(encoding="utf-8")).get("max_position_embeddings")
+            if value:
+                found.append(int(value))
+    if not found:
+        from transformers import AutoConfig
+
+        found.append(int(AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision).max_position_embeddings))
+    return min(found)
+
+
+# --------------------------------------------------------------------------- engines
+def engine_specs(cfg: Config, variants: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    specs: dict[str, dict[str, Any]] = {}
+    if cfg.bench.baseline:
+        specs[BASELINE_NAME] = {"kind": "torch", "model": cfg.model.model_dump()}
+    for name, folder in variants.items():
+        if name in specs:
+            raise UserError(f"variant name '{name}' is reserved for the PyTorch baseline", where="quantize")
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError("compiled variant folder not found", where=f"{name} ({folder})")
+        specs[name] = {"kind": "genai" if cfg.bench.engine == "genai" else "ort", "folder": str(folder.absolute())}
+    if not specs:
+        raise UserError("nothing to benchmark: no variants and bench.baseline is off", where="bench.baseline")
+    return specs
+
+
+def _measure_isolated(job: dict[str, Any], bar: _Progress, label: str) -> dict[str, Any]:
+    """runner.measure in a fresh Python process (clean load time and peak RSS)."""
+    with tempfile.TemporaryDirectory(prefix="llmship-bench-") as tmp:
+        job_file, result_file, err_file = Path(tmp) / "job.json", Path(tmp) / "result.json", Path(tmp) / "stderr.txt"
+        job_file.write_text(json.dumps(job), encoding="utf-8")
+        with err_file.open("w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "llmship.bench.runner", str(job_file), str(result_file)],
+                                    stdout=subprocess.PIPE, stderr=err, text=True, env=_worker_env())
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith(runner.PROGRESS_TAG):
+                    done, total = (int(x) for x in line.split()[1:3])
+                    bar(label, done, total)
+            code = proc.wait()
+        if not result_file.is_file():
+            tail = err_file.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"bench worker for {label} exited with code {code} without a result:\n{tail}")
+        result = json.loads(result_file.read_text(encoding="utf-8"))
+    if "error" in result:
+        kind = {"UserError": UserError, "CheckFailed": CheckFailed}.get(result["error"]["type"], RuntimeError)
+        raise kind(f"{label}: {result['error']['message']}")
+    return result
+
+
+def _worker_env() -> dict[str, str]:
+    """This process's environment, with llmship's own location first on PYTHONPATH (a source checkout works too)."""
+    import os
+
+    import llmship
+
+    env = dict(os.environ)
+    root = str(Path(llmship.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def measure_engine(job: dict[str, Any], isolate: bool, bar: _Progress, label: str) -> dict[str, Any]:
+    if isolate:
+        return _measure_isolated(job, bar, label)
+    return runner.measure(job, lambda done, total: bar(label, done, total), isolated=False)
+
+
+# --------------------------------------------------------------------------- figures
+def _headline(engine: dict[str, Any]) -> dict[str, float]:
+    m = engine["metrics"]
+    return {
+        "output_throughput": m["output_throughput"], "request_throughput": m["request_throughput"],
+        "total_token_throughput": m["total_token_throughput"], "ttft_median": m["latency"]["ttft"]["median_ms"],
+        "tpot_median": m["latency"]["tpot"]["median_ms"], "e2el_median": m["latency"]["e2el"]["median_ms"],
+        "load_s": engine["load_s"], "peak_rss_bytes": engine["memory"]["peak_rss_bytes"], "size_bytes": engine["size_bytes"],
+    }
+
+
+def ratios(engine: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float | None]:
+    mine, base = _headline(engine), _headline(baseline)
+    return {k: (mine[k] / base[k] if mine[k] is not None and base[k] else None) for k in RATIO_FIGURES}
+
+
+def environment(cfg: Config) -> dict[str, Any]:
+    import os
+
+    from llmship.pipeline import library_versions
+
+    return {"python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count(), "libraries": library_versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+# --------------------------------------------------------------------------- entry point
+def run_bench(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: Any = None) -> dict[str, Any]:
+    """Benchmark the PyTorch baseline and every variant on the same ShareGPT requests; write out_dir; return the summary."""
+    from llmship.artifact import atomic_folder
+
+    bc = cfg.bench
+    variants = {name: Path(folder) for name, folder in variants.items()}
+    specs = engine_specs(cfg, variants)
+    tokenizer = bench_tokenizer(cfg, variants)
+    positions = max_positions(cfg, variants)
+    limits = Limits.clipped(bc.min_len, bc.max_prompt_len, bc.max_total_len, positions)
+    requests, sampling = sample_requests(load_conversations(bc.dataset), tokenizer, bc.num_prompts, seed=bc.seed,
+                                         output_len=bc.output_len, limits=limits, oversample=bc.oversample)
+    lengths = [(r.prompt_len, r.output_len) for r in requests]
+    batches = runner.plan_batches(lengths, bc.batch_size)
+    warm = list(range(min(bc.warmup, len(requests))))
+    job_base = {
+        "requests": [{"prompt_ids": r.prompt_ids, "output_len": r.output_len} for r in requests],
+        "batches": batches,
+        "warmup_batches": [warm[i : i + bc.batch_size] for i in range(0, len(warm), bc.batch_size)],
+        "runtime": cfg.runtime.model_dump(),
+    }
+    bar = _Progress(progress)
+    bandwidth = roofline.measure_read_bandwidth(cfg.runtime.threads)
+    engines: dict[str, dict[str, Any]] = {}
+    try:
+        for name, spec in specs.items():
+            log.info("bench: %s", name)
+            raw = measure_engine({**job_base, "spec": spec}, bc.isolate, bar, f"bench {name}")
+            produced = [r["produced_len"] for r in raw["records"]]
+            if produced != [r.output_len for r in requests]:
+                raise CheckFailed(f"{name}: produced output lengths differ from the requested ones")
+            engines[name] = {
+                "spec": spec, "info": raw["info"], "load_s": raw["load_s"], "memory": raw["memory"],
+                "size_bytes": raw["size_bytes"], "weights": raw["weights"],
+                "metrics": metrics.aggregate(raw["records"], raw["duration_s"]),
+                "roofline": roofline.roofline(raw["weights"]["bytes_per_step"], bandwidth["bytes_per_s"],
+                                              raw["decode_steps"], raw["decode_s"]),
+                "decode": {"steps": raw["decode_steps"], "seconds": raw["decode_s"],
+                           "tokens_per_s": (sum(r.output_len - 1 for r in requests) / raw["decode_s"]) if raw["decode_s"] else None},
+                "prefill": {"seconds": raw["prefill_s"], "tokens_per_s": sum(r.prompt_len for r in requests) / raw["prefill_s"]},
+                "records": raw["records"],
+            }
+    finally:
+        bar.finish()
+    baseline = BASELINE_NAME if BASELINE_NAME in engines else None
+    for engine in engines.values():
+        engine["ratios"] = ratios(engine, engines[baseline]) if baseline else {}
+    result = {
+        "config": {"bench": bc.model_dump(), "runtime": cfg.runtime.model_dump(), "model": cfg.model.model_dump()},
+        "environment": environment(cfg),
+        "sampling": sampling.as_dict(),
+        "max_positions": positions,
+        "requests": [{"index": r.index, "conversation_id": r.conversation_id, "prompt_len": r.prompt_len,
+                      "output_len": r.output_len, "oversampled": r.oversampled} for r in requests],
+        "batches": batches,
+        "padding": runner.padding_overhead(lengths, batches),
+        "bandwidth": bandwidth,
+        "baseline": baseline,
+        "engines": engines,
+    }
+    from llmship.bench import report
+
+    with atomic_folder(out_dir) as tmp:
+        (tmp / "bench.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+        (tmp / "bench.md").write_text(report.markdown(result), encoding="utf-8")
+        result["plots"] = report.plots(result, tmp)
+    return summary(result, out_dir)
+
+
+def flat_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    """Run figures with the latency statistics flattened: mean_ttft_ms, median_ttft_ms, p90_ttft_ms, p99_ttft_ms, ..."""
+    flat = {k: v for k, v in m.items() if k != "latency"}
+    for metric, stats in m["latency"].items():
+        for stat, value in stats.items():
+            flat[f"{stat.removesuffix('_ms')}_{metric}_ms" if stat.endswith("_ms") else f"{metric}_{stat}"] = value
+    return flat
+
+
+def engine_row(name: str, engine: dict[str, Any]) -> dict[str, Any]:
+    """One engine of the summary (what the pipeline caches and the report tabulates)."""
+    ratios_ = engine.get("ratios", {})
+    return {
+        "name": name, "info": engine["info"], "metrics": flat_metrics(engine["metrics"]),
+        "ratio_output_throughput": ratios_.get("output_throughput"), "ratios": ratios_,
+        "load_time_s": engine["load_s"], "peak_rss_mb": engine["memory"]["peak_rss_bytes"] / (1 << 20),
+        "size_mb": engine["size_bytes"] / (1 << 20), "roofline_fraction": engine["roofline"]["fraction_of_limit"],
+        "prefill_tokens_per_s": engine["prefill"]["tokens_per_s"], "decode_tokens_per_s": engine["decode"]["tokens_per_s"],
+        "roofline": engine["roofline"], "memory": engine["memory"], "weights": engine["weights"],
+    }
+
+
+PLOT_CAPTIONS = {"throughput.png": "Output tokens/s per engine (grey: PyTorch baseline)",
+                 "latency.png": "TTFT and TPOT distributions per engine (log scale)"}
+
+
+def summary(result: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """The result without per-request data: engines as a list of flat rows, plots with absolute paths and captions."""
+    bc = result["config"]["bench"]
+    keep = {k: v for k, v in result.items() if k not in ("engines", "requests", "batches", "plots")}
+    caption = (f"{result['sampling']['used']} ShareGPT requests, batch size {bc['batch_size']}, "
+               f"threads {result['config']['runtime']['threads'] or 'default'}; bandwidth limit from a measured "
+               f"{result['bandwidth']['gb_per_s']:.1f} GB/s read bandwidth.")
+    return {**keep, "engines": [engine_row(n, e) for n, e in result["engines"].items()], "caption": caption,
+            "dir": str(out_dir), "files": ["bench.json", "bench.md", *result.get("plots", [])],
+            "plots": [{"path": str(Path(out_dir).absolute() / p), "caption": PLOT_CAPTIONS.get(p, p)} for p in result.get("plots", [])]}

@@ -1,1 +1,382 @@
-"""eval stage."""
+"""eval stage: OpenCompass-style accuracy and perplexity of the PyTorch baseline and every variant, then the gate.
+
+`run_eval(cfg, variants, out_dir)` scores the baseline (cfg.model through `load_engine`, PyTorch) and each
+compiled variant folder (ONNX Runtime) with the same tokenizer and the same tokenized prompts, writes
+
+  out_dir/summary.txt|csv|md  dataset | version | metric | mode | pytorch | <variant>...  (2 decimals)
+  out_dir/results.json        metrics and per-question predictions of every engine, gate rows
+  out_dir/junit.xml           one testcase per goal x variant
+
+and returns {"summary", "gate", "baseline", "metrics", "paths", ...}; the caller raises CheckFailed when a
+gate row has passed == False (the failures are also logged as a table on stderr).
+
+Metric names (gate goals use them; all in results.json["engines"][name]["metrics"]):
+  ceval/<mode>/<subject>        accuracy x100 of one subject, mode = ppl | gen
+  ceval/<mode>/<category>       stem | social-science | humanities | other (from the data's categories)
+  ceval/<mode>/hard             the 8-subject hard set present
+  ceval/<mode>/average          unweighted mean of all subjects present (OpenCompass 'ceval')
+  ceval/<mode>/agreement        % of questions predicted as the baseline predicts
+  ppl/c4                        GPTQ-convention perplexity on C4-format text (lower is better)
+  ppl/alpaca                    perplexity of alpaca-cleaned responses (lower is better)
+  consistency/top1              % of next-token argmaxes equal to the baseline's (alpaca responses)
+  consistency/kl                mean KL(baseline || variant) in nats (lower is better)
+  consistency/greedy_prefix     mean tokens of greedy continuation shared with the baseline (of 32)
+The baseline's scores are cached under <output.dir>/.llmship/eval-baseline/<key>/, key = model files
+fingerprint + model/eval config + data fingerprints + library versions (eval.baseline_cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmship.calib_data import templates
+from llmship.config import Config
+from llmship.errors import UserError
+from llmship.eval import ceval as ceval_mod
+from llmship.eval import consistency, data, perplexity
+from llmship.eval.ceval import _counter
+from llmship.eval.gate import check_metrics_known, evaluate_goals, log_failures, write_junit
+from llmship.eval.summary import write_json, write_tables
+
+__all__ = ["BASELINE_NAME", "run_eval"]
+
+log = logging.getLogger("llmship")
+
+BASELINE_NAME = "pytorch"
+CACHE_VERSION = 2  # bump when scoring code changes what a cached baseline holds
+
+
+@dataclass
+class Tasks:
+    """Everything engine-independent, tokenized once per run."""
+
+    ceval: ceval_mod.CevalSet | None
+    c4: list[list[int]] | None
+    alpaca: list[dict[str, Any]] | None
+    consistency: list[dict[str, Any]] | None
+
+    def metric_names(self) -> set[str]:
+        names = set(ceval_mod.metric_names(self.ceval)) if self.ceval else set()
+        if self.c4 is not None:
+            names.add("ppl/c4")
+        if self.alpaca is not None:
+            names.add("ppl/alpaca")
+        if self.consistency:
+            names.update(consistency.METRICS)
+        return names
+
+
+# --------------------------------------------------------------------------- progress
+class Progress:
+    """Adapts `progress` (None, a callable taking one status line, or a rich Progress) to one call."""
+
+    def __init__(self, target: Any):
+        self.target = target
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, description: str, done: int, total: int) -> None:
+        if self.target is None:
+            return
+        if hasattr(self.target, "add_task"):
+            if description not in self.tasks:
+                self.tasks[description] = self.target.add_task(description, total=total)
+            self.target.update(self.tasks[description], completed=done, total=total)
+        else:  # a plain callable gets one line, as the export stage's progress does
+            self.target(f"{description}: {done}/{total}")
+
+    def scoped(self, prefix: str) -> Callable[[str, int, int], None]:
+        return lambda description, done, total: self(f"eval {prefix}: {description}", done, total)
+
+
+# --------------------------------------------------------------------------- preparation
+def eval_tokenizer(cfg: Config) -> Any:
+    """The source model's tokenizer (the adapter's when it ships one), used for every engine."""
+    from llmship.export.source import load_tokenizer, resolve_model_path
+
+    for folder in (cfg.model.adapter, resolve_model_path(cfg.model.path)):
+        if folder and any((Path(folder).expanduser() / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+            return load_tokenizer(Path(folder).expanduser())
+    return load_tokenizer(resolve_model_path(cfg.model.path), cfg.model.revision)
+
+
+def max_positions(cfg: Config, variants: dict[str, Path]) -> int:
+    """Smallest max_position_embeddings among the source and the variant folders."""
+    from llmship.export.source import resolve_model_path
+
+    found = []
+    for folder in (Path(resolve_model_path(cfg.model.path)).expanduser(), *variants.values()):
+        config_file = Path(folder) / "config.json"
+        if config_file.is_file():
+            value = json.loads(config_file.read_text(encoding="utf-8")).get("max_position_embeddings")
+            if value:
+                found.append(int(value))
+    if not found:
+        from transformers import AutoConfig
+
+        found.append(int(AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision).max_position_embeddings))
+    return min(found)
+
+
+def prepare_tasks(cfg: Config, tokenizer: Any, positions: int) -> Tasks:
+    ev = cfg.eval
+    cset = None
+    if ev.ceval.enabled:
+        cset = ceval_mod.prepare(ev.ceval, data.read_ceval(ev.ceval.path), tokenizer, positions)
+    c4 = alpaca = None
+    records: list[dict[str, Any]] | None = None
+    if ev.perplexity.enabled:
+        pt = ev.perplexity
+        if pt.seq_len > positions:
+            raise UserError(f"seq_len {pt.seq_len} exceeds the model's {positions} positions", where="eval.perplexity.seq_len")
+        c4 = perplexity.c4_windows(data.read_c4_texts(pt.c4_path), tokenizer, pt.seq_len, pt.windows)
+        records = data.read_alpaca(pt.alpaca_path)
+        alpaca = perplexity.alpaca_examples(records, tokenizer, pt.alpaca_samples, positions)
+        if not alpaca:
+            raise UserError(f"no alpaca record fits in {positions} positions", where="eval.perplexity.alpaca_path")
+    cons = None
+    if ev.consistency_prompts > 0:
+        if records is None:
+            records = data.read_alpaca(ev.perplexity.alpaca_path)
+        cons = [e for e in perplexity.alpaca_examples(records, tokenizer, 10 * ev.consistency_prompts, positions)
+                if len(e["prompt_ids"]) + consistency.GREEDY_TOKENS <= positions][: ev.consistency_prompts]
+    return Tasks(ceval=cset, c4=c4, alpaca=alpaca, consistency=cons)
+
+
+# --------------------------------------------------------------------------- scoring one engine
+def score_engine(engine: Any, tasks: Tasks, cfg: Config, tokenizer: Any, progress: Callable[[str, int, int], None],
+                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Every task on one engine: (record with metrics and predictions, consistency reference or None)."""
+    start = time.perf_counter()
+    batch = cfg.eval.batch_size
+    rec: dict[str, Any] = {"info": engine.info(), "vocab_size": int(engine.vocab_size), "metrics": {}}
+    if tasks.ceval is not None:
+        scored = ceval_mod.score_engine(engine, tasks.ceval, tokenizer, batch, progress)
+        rec["metrics"].update(scored["metrics"])
+        rec["predictions"] = scored["predictions"]
+    if tasks.c4 is not None:
+        c4 = perplexity.c4_perplexity(engine, tasks.c4, batch, _counter(progress, "ppl c4", len(tasks.c4)))
+        rec["c4"] = c4
+        rec["metrics"]["ppl/c4"] = c4["ppl"]
+    if tasks.alpaca is not None:
+        al = perplexity.alpaca_perplexity(engine, tasks.alpaca, batch, _counter(progress, "ppl alpaca", len(tasks.alpaca)))
+        rec["alpaca"] = al
+        rec["metrics"]["ppl/alpaca"] = al["ppl"]
+    ref = None
+    if tasks.consistency:
+        ref = consistency.reference(engine, tasks.consistency, batch,
+                                    _counter(progress, "consistency", len(tasks.consistency)))
+    rec["wall_s"] = round(time.perf_counter() - start, 3)
+    return rec, ref
+
+
+# --------------------------------------------------------------------------- baseline cache
+def baseline_key(cfg: Config) -> str:
+    from llmship.export.source import resolve_model_path
+    from llmship.pipeline import folder_fingerprint, library_versions
+
+    ev = cfg.eval
+    parts = {
+        "version": CACHE_VERSION,
+        "model": folder_fingerprint(Path(resolve_model_path(cfg.model.path)).expanduser()),
+        "adapter": cfg.model.adapter and folder_fingerprint(Path(cfg.model.adapter).expanduser()),
+        "model_cfg": cfg.model.model_dump(),
+        "eval": ev.model_dump(exclude={"baseline_cache"}),
+        "data": {"ceval": data.fingerprint(ev.ceval.path, "ceval") if ev.ceval.enabled else None,
+                 "c4": data.fingerprint(ev.perplexity.c4_path, "c4") if ev.perplexity.enabled else None,
+                 "alpaca": data.fingerprint(ev.perplexity.alpaca_path, "alpaca")},
+        "libraries": library_versions(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_dir(cfg: Config) -> Path:
+    return Path(cfg.output.dir).expanduser() / ".llmship" / "eval-baseline"
+
+
+def load_cached_baseline(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    try:
+        rec = json.loads((folder / "baseline.json").read_text(encoding="utf-8"))
+        ref = None
+        if (folder / "consistency.npz").is_file():
+            with np.load(folder / "consistency.npz") as npz:
+                n = int(npz["count"])
+                ref = {"logprobs": [npz[f"lp{i}"] for i in range(n)], "greedy": rec.pop("consistency_greedy")}
+        return rec, ref
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def save_cached_baseline(folder: Path, rec: dict[str, Any], ref: dict[str, Any] | None) -> None:
+    """Write the cache entry into a temp folder, then rename it into place (all or nothing)."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    stored = dict(rec)
+    if ref is not None:
+        arrays = {f"lp{i}": lp for i, lp in enumerate(ref["logprobs"])}
+        np.savez(tmp / "consistency.npz", count=np.array(len(ref["logprobs"])), **arrays)
+        stored["consistency_greedy"] = ref["greedy"]
+    write_json(tmp / "baseline.json", stored)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def stored_baseline(path: str) -> dict[str, Any]:
+    """Baseline record from `gate.baseline_json`: an earlier results.json (or a cached baseline.json)."""
+    file = Path(path).expanduser()
+    try:
+        stored = json.loads(file.read_text(encoding="utf-8"))
+        rec = stored["engines"][stored["baseline"]] if "engines" in stored else stored
+        if not isinstance(rec.get("metrics"), dict):
+            raise KeyError("metrics")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"not an llmship eval results.json with baseline metrics ({exc})", where="gate.baseline_json") from None
+    return rec
+
+
+def baseline_record(cfg: Config, tasks: Tasks, tokenizer: Any, progress: Progress) -> tuple[dict[str, Any], Any, bool]:
+    """(record, consistency reference, from_cache): stored JSON, cache hit, or a fresh PyTorch run."""
+    if cfg.gate.baseline_json:
+        return stored_baseline(cfg.gate.baseline_json), None, True
+    folder = cache_dir(cfg) / baseline_key(cfg)
+    if cfg.eval.baseline_cache:
+        hit = load_cached_baseline(folder)
+        if hit is not None:
+            log.info("eval: baseline scores reused from %s", folder)
+            return hit[0], hit[1], True
+    from llmship.runtime import load_engine
+
+    engine = load_engine(cfg.model, cfg.runtime)
+    try:
+        rec, ref = score_engine(engine, tasks, cfg, tokenizer, progress.scoped(BASELINE_NAME))
+    finally:
+        engine.close()
+    rec["path"] = cfg.model.path
+    if cfg.eval.baseline_cache:
+        save_cached_baseline(folder, rec, ref)
+    return rec, ref, False
+
+
+# --------------------------------------------------------------------------- summary rows
+def _short_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def summary_rows(cfg: Config, tasks: Tasks) -> list[dict[str, Any]]:
+    rows = ceval_mod.summary_rows(tasks.ceval) if tasks.ceval else []
+    pt = cfg.eval.perplexity
+    if tasks.c4 is not None:
+        rows.append({"dataset": "c4", "version": _short_hash(["gptq-c4", pt.seq_len, pt.windows, perplexity.C4_EVAL_SEED]),
+                     "metric": "perplexity", "mode": "ppl", "name": "ppl/c4"})
+    if tasks.alpaca is not None:
+        rows.append({"dataset": "alpaca-cleaned", "version": _short_hash([templates.ALPACA_PROMPT_INPUT,
+                     templates.ALPACA_PROMPT_NO_INPUT, pt.alpaca_samples]), "metric": "response_perplexity", "mode": "ppl",
+                     "name": "ppl/alpaca"})
+    if tasks.consistency:
+        version = _short_hash(["consistency", cfg.eval.consistency_prompts, consistency.GREEDY_TOKENS])
+        for name, metric in zip(consistency.METRICS, ("top1_agreement", "kl_baseline_variant", "greedy_prefix_tokens"),
+                                strict=True):
+            rows.append({"dataset": "alpaca-consistency", "version": version, "metric": metric, "mode": "gen", "name": name})
+    return rows
+
+
+# --------------------------------------------------------------------------- entry point
+def run_eval(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: Any = None) -> dict[str, Any]:
+    """Score the PyTorch baseline and every variant folder, write the summaries, apply the gate."""
+    from llmship.runtime import load_engine
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    if BASELINE_NAME in variants:
+        raise UserError(f"a variant may not be named '{BASELINE_NAME}' (the baseline's column)", where="quantize")
+    bar = Progress(progress)
+    tokenizer = eval_tokenizer(cfg)
+    tasks = prepare_tasks(cfg, tokenizer, max_positions(cfg, variants))
+    check_metrics_known(cfg.gate.goals, tasks.metric_names())
+
+    base, base_ref, from_cache = baseline_record(cfg, tasks, tokenizer, bar)
+    engines: dict[str, dict[str, Any]] = {BASELINE_NAME: base}
+    if base_ref is not None:
+        base["metrics"].update(consistency.compare(base_ref, base_ref))
+    for name, folder in variants.items():
+        engine = load_engine(Path(folder), cfg.runtime)
+        try:
+            if "vocab_size" in base and int(engine.vocab_size) != int(base["vocab_size"]):
+                raise UserError(f"vocabulary of {engine.vocab_size} tokens, the baseline has {base['vocab_size']}",
+                                where=str(folder))
+            rec, ref = score_engine(engine, tasks, cfg, tokenizer, bar.scoped(name))
+        finally:
+            engine.close()
+        rec["path"] = str(folder)
+        if base_ref is not None and ref is not None:
+            rec["metrics"].update(consistency.compare(base_ref, ref))
+        engines[name] = rec
+    _agreements(engines, tasks)
+
+    metrics = {name: rec["metrics"] for name, rec in engines.items()}
+    rows = summary_rows(cfg, tasks)
+    for row in rows:
+        row["values"] = {name: _clean(metrics[name].get(row["name"])) for name in engines}
+    gate_rows = evaluate_goals(cfg.gate.goals, metrics, BASELINE_NAME)
+    log_failures(gate_rows)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(engines)
+    paths = write_tables(out_dir, rows, names)
+    paths["junit"] = str(write_junit(gate_rows, out_dir / "junit.xml"))
+    wall = round(time.perf_counter() - start, 3)
+    notes = _notes(tasks, from_cache, cfg)
+    results = {"baseline": BASELINE_NAME, "baseline_cached": from_cache, "engines": engines, "summary": rows,
+               "gate": gate_rows, "subjects": tasks.ceval.subjects if tasks.ceval else [],
+               "groups": ceval_mod.group_members(tasks.ceval.subjects) if tasks.ceval else {},
+               "versions": tasks.ceval.versions if tasks.ceval else {}, "config": cfg.eval.model_dump(mode="json"),
+               "notes": notes, "wall_s": wall}
+    paths["results"] = str(write_json(out_dir / "results.json", results))
+    log.info("eval: %d engine(s) scored in %.1f s (baseline %s); summary %s", len(engines), wall,
+             "cached" if from_cache else "scored", paths["summary_txt"])
+    return {"summary": rows, "gate": gate_rows, "baseline": BASELINE_NAME, "baseline_cached": from_cache,
+            "metrics": metrics, "paths": paths, "notes": notes, "wall_s": wall,
+            "engines": {n: {"path": str(r.get("path")), "info": r.get("info"), "wall_s": r.get("wall_s")}
+                        for n, r in engines.items()}}
+
+
+def _agreements(engines: dict[str, dict[str, Any]], tasks: Tasks) -> None:
+    """ceval/<mode>/agreement of each engine against the baseline's per-question predictions."""
+    if tasks.ceval is None:
+        return
+    base_preds = engines[BASELINE_NAME].get("predictions") or {}
+    for rec in engines.values():
+        for mode, records in (rec.get("predictions") or {}).items():
+            base = base_preds.get(mode)
+            if base is not None and [(r["subject"], r["idx"]) for r in base] == [(r["subject"], r["idx"]) for r in records]:
+                rec["metrics"][f"ceval/{mode}/agreement"] = ceval_mod.agreement(base, records)
+
+
+def _clean(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def _notes(tasks: Tasks, from_cache: bool, cfg: Config) -> list[str]:
+    notes = []
+    if tasks.ceval is not None:
+        truncated = sum(q.truncated for q in tasks.ceval.questions)
+        if truncated:
+            notes.append(f"{truncated} C-Eval question(s) had prompts longer than the model's positions (left-truncated)")
+    if tasks.alpaca is not None and len(tasks.alpaca) < cfg.eval.perplexity.alpaca_samples:
+        notes.append(f"alpaca perplexity over {len(tasks.alpaca)} records (fewer fit than asked)")
+    if cfg.gate.baseline_json:
+        notes.append(f"baseline from {cfg.gate.baseline_json} (not re-scored; no consistency figures)")
+    elif from_cache:
+        notes.append("baseline scores reused from the cache")
+    return notes

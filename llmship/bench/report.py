@@ -1,0 +1,118 @@
+"""bench.md (tables) and PNG plots from the bench result dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+MIB = 1 << 20
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _ratio(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    engines = result["engines"]
+    baseline = result.get("baseline")
+    s = result["sampling"]
+    lines = [
+        "# llmship bench",
+        "",
+        f"{s['used']} ShareGPT requests ({s['read']} conversations read, {s['examined']} examined, {s['kept']} kept, "
+        f"{s['oversampled']} oversampled); batch size {result['config']['bench']['batch_size']}, "
+        f"threads {result['config']['runtime']['threads'] or 'default'}, provider {result['config']['runtime']['provider']}; "
+        "generation ignores EOS, every request produced exactly its output length.",
+        "",
+        "Dropped: " + (", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s["dropped"].items() if v) or "none") + ".",
+        f"Padding overhead: prompt {result['padding']['prompt_padding']:.1%}, decode slots {result['padding']['decode_padding']:.1%}.",
+        "",
+        "## Throughput and latency (median, ms)",
+        "",
+        "| engine | output tok/s | vs baseline | req/s | total tok/s | TTFT | TPOT | ITL | E2EL | TTFT p99 | TPOT p99 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, e in engines.items():
+        m, lat = e["metrics"], e["metrics"]["latency"]
+        label = f"{name} (baseline)" if name == baseline else name
+        lines.append(
+            f"| {label} | {_f(m['output_throughput'], 1)} | {_ratio(e.get('ratios', {}).get('output_throughput'))} "
+            f"| {_f(m['request_throughput'], 3)} | {_f(m['total_token_throughput'], 1)} | {_f(lat['ttft']['median_ms'], 1)} "
+            f"| {_f(lat['tpot']['median_ms'], 1)} | {_f(lat['itl']['median_ms'], 1)} | {_f(lat['e2el']['median_ms'], 1)} "
+            f"| {_f(lat['ttft']['p99_ms'], 1)} | {_f(lat['tpot']['p99_ms'], 1)} |")
+    bw = result["bandwidth"]
+    lines += [
+        "",
+        f"## Resources and roofline (read bandwidth {bw['gb_per_s']:.1f} GB/s, {bw['threads']} threads)",
+        "",
+        "| engine | load s | peak RSS MiB | size MiB | size vs baseline | prefill tok/s | decode tok/s | weights read/step MB "
+        "| limit tok/s (batch 1) | decode steps/s | % of limit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, e in engines.items():
+        r = e["roofline"]
+        lines.append(
+            f"| {name} | {_f(e['load_s'])} | {_f(e['memory']['peak_rss_bytes'] / MIB, 0)} | {_f(e['size_bytes'] / MIB, 1)} "
+            f"| {_ratio(e.get('ratios', {}).get('size_bytes'))} | {_f(e['prefill']['tokens_per_s'], 1)} "
+            f"| {_f(e['decode']['tokens_per_s'], 1)} | {_f(r['bytes_per_step'] / 1e6, 1)} "
+            f"| {_f(r['limit_steps_per_s'], 1)} | {_f(r['decode_steps_per_s'], 1)} | {r['fraction_of_limit']:.0%} |")
+    lines += [
+        "",
+        "TTFT/TPOT/ITL/E2EL as vLLM's benchmark defines them (a request starts when its batch starts). Ratios divide the "
+        "engine's figure by the baseline's. Weights read per step: every weight once, one row of gathered tables "
+        "(embedding); KV cache not counted. % of limit = weight bytes streamed per second / measured read bandwidth. "
+        "Prefill tok/s = prompt tokens / time to the first token of each batch; decode tok/s = tokens after the first / "
+        "time after the first token.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plots(result: dict[str, Any], folder: Path) -> list[str]:
+    """throughput.png (output tok/s per engine) and latency.png (TTFT and TPOT distributions)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = result["engines"]
+    names = list(engines)
+    baseline = result.get("baseline")
+    written = []
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(names) + 2), 3.6))
+    values = [engines[n]["metrics"]["output_throughput"] for n in names]
+    colors = ["#888888" if n == baseline else "#3b75af" for n in names]
+    bars = ax.bar(names, values, color=colors)
+    for bar, n in zip(bars, names, strict=True):
+        ratio = engines[n].get("ratios", {}).get("output_throughput")
+        label = f"{bar.get_height():.1f}" + (f"\n{ratio:.2f}x" if ratio is not None and n != baseline else "")
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"Output throughput, batch {result['config']['bench']['batch_size']} (grey: PyTorch baseline)")
+    ax.margins(y=0.2)
+    fig.tight_layout()
+    fig.savefig(folder / "throughput.png", dpi=110)
+    plt.close(fig)
+    written.append("throughput.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 1.6 * len(names) + 4), 3.6))
+    for ax, metric, title in ((axes[0], "ttft", "TTFT (ms)"), (axes[1], "tpot", "TPOT (ms)")):
+        data = [[r[metric] * 1000 for r in engines[n]["records"] if r[metric] is not None] or [0.0] for n in names]
+        ax.boxplot(data, showfliers=True)
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=20, fontsize=8)
+        ax.set_title(title)
+        ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(folder / "latency.png", dpi=110)
+    plt.close(fig)
+    written.append("latency.png")
+    return written

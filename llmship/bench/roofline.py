@@ -1,0 +1,141 @@
+"""Memory-bandwidth roofline of decoding: how close each engine gets to the limit of streaming its weights.
+
+Decoding one token (one step of a batch) reads every weight of the decoder once, so a step cannot be faster than
+weight bytes / read bandwidth. The figures here are:
+- `measure_read_bandwidth`: best of a few timed numpy sums over an array far larger than the CPU caches, split across
+  the engine's thread count (numpy releases the GIL in reductions). A sum is a pure streaming read; where the sum
+  itself is compute-bound (a busy or slow core) this is a lower bound of the bandwidth.
+- `onnx_weight_bytes` / `torch_weight_bytes`: bytes of weights read per decode step. Approximation: every initializer
+  (and Constant tensor >= 1 KiB) counts in full, except tables used only through Gather/GatherBlockQuantized
+  (the token embedding) or as RotaryEmbedding/GroupQueryAttention cos/sin caches, of which one row per
+  step is counted. The KV cache and activations
+  are not counted (small next to the weights for ShareGPT-length contexts on a 200M+ model), nor are ORT's
+  pre-packed copies (same size as the originals).
+- limit decode tokens/s at batch 1 = bandwidth / bytes per step; fraction achieved = (bytes per step x measured
+  decode steps per second) / bandwidth, which holds for any batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BANDWIDTH_ARRAY_BYTES = 256 << 20  # far above any CPU's last-level cache
+BANDWIDTH_REPEATS = 5
+# Inputs read one row per looked-up index (token id or position): embedding tables, rotary cos/sin caches.
+ROW_READ_OPS = {"Gather": (0,), "GatherBlockQuantized": (0, 2, 3), "RotaryEmbedding": (2, 3), "GroupQueryAttention": (7, 8)}
+SUB_BYTE_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2}
+CONSTANT_MIN_BYTES = 1024
+
+
+def measure_read_bandwidth(threads: int = 0, array_bytes: int = BANDWIDTH_ARRAY_BYTES,
+                           repeats: int = BANDWIDTH_REPEATS) -> dict[str, Any]:
+    """Best read bandwidth (bytes/s) over `repeats` sums of a large float64 array split over `threads` threads."""
+    threads = threads if threads > 0 else (os.cpu_count() or 1)
+    data = np.ones(array_bytes // 8, dtype=np.float64)
+    parts = np.array_split(data, threads)
+    data.sum()  # touch every page once so the first timed pass does not pay for page faults
+    results: list[float] = [0.0] * threads
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=_sum_into, args=(part, results, i)) for i, part in enumerate(parts)]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        elapsed = time.perf_counter() - start
+        best = max(best, data.nbytes / elapsed)
+    if not math.isclose(sum(results), data.size):  # the sums were really computed
+        raise RuntimeError("bandwidth probe summed wrongly")
+    return {"bytes_per_s": best, "gb_per_s": best / 1e9, "threads": threads, "array_bytes": int(data.nbytes),
+            "repeats": repeats, "method": "numpy float64 sum, best of repeats"}
+
+
+def _sum_into(part: np.ndarray, results: list[float], index: int) -> None:
+    results[index] = float(part.sum())
+
+
+def tensor_bytes(tensor: Any) -> int:
+    """Stored bytes of an onnx TensorProto from its dims and type (external data need not be loaded)."""
+    from onnx import TensorProto, helper
+
+    count = math.prod(tensor.dims) if len(tensor.dims) else 1
+    name = TensorProto.DataType.Name(tensor.data_type)
+    if name in SUB_BYTE_BITS:
+        return (count * SUB_BYTE_BITS[name] + 7) // 8
+    return count * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
+def onnx_weight_bytes(onnx_path: str | Path) -> dict[str, Any]:
+    """Bytes of weights read per decode step of an ONNX decoder (see the module docstring for the approximation)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    graph = model.graph
+    consumers: dict[str, list[tuple[str, int]]] = {}
+    for node in _all_nodes(graph):
+        for slot, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node.op_type, slot))
+    total = full = rows = 0
+    for init in graph.initializer:
+        size = tensor_bytes(init)
+        total += size
+        uses = consumers.get(init.name, [])
+        if uses and len(init.dims) >= 1 and init.dims[0] > 0 and all(slot in ROW_READ_OPS.get(op, ()) for op, slot in uses):
+            rows += size // init.dims[0]
+        else:
+            full += size
+    for node in _all_nodes(graph):
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t is not None:
+                    size = tensor_bytes(attr.t)
+                    if size >= CONSTANT_MIN_BYTES:
+                        total += size
+                        full += size
+    return {"bytes_per_step": full + rows, "weight_bytes": total, "row_read_bytes": rows, "source": "onnx initializers"}
+
+
+def _all_nodes(graph: Any) -> list[Any]:
+    nodes = list(graph.node)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                nodes.extend(_all_nodes(attr.g))
+    return nodes
+
+
+def torch_weight_bytes(model: Any) -> dict[str, Any]:
+    """Bytes of weights read per decode step of a PyTorch causal LM: all parameters, one row of an untied embedding."""
+    params = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embedding.data_ptr()
+    rows = 0
+    full = total
+    if not tied:
+        table = embedding.numel() * embedding.element_size()
+        rows = table // embedding.shape[0]
+        full = total - table
+    return {"bytes_per_step": full + rows, "weight_bytes": total, "row_read_bytes": rows, "source": "torch parameters"}
+
+
+def roofline(bytes_per_step: int, bandwidth: float, decode_steps: int, decode_seconds: float) -> dict[str, Any]:
+    """Limit and achieved figures for one engine (bandwidth in bytes/s)."""
+    steps_per_s = decode_steps / decode_seconds if decode_seconds > 0 else 0.0
+    achieved = bytes_per_step * steps_per_s
+    return {
+        "bytes_per_step": bytes_per_step,
+        "limit_steps_per_s": bandwidth / bytes_per_step,  # = decode tokens/s at batch 1
+        "decode_steps_per_s": steps_per_s,
+        "achieved_bytes_per_s": achieved,
+        "fraction_of_limit": achieved / bandwidth,
+    }

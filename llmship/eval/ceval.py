@@ -1,0 +1,321 @@
+"""C-Eval scored as OpenCompass scores a Hugging Face base model (METHODS.md (a)).
+
+PPL mode: one prompt per candidate letter, score = sum of token cross-entropies / number of tokens
+(BOS included in the count, `get_ppl`), prediction = the letter with the lowest score (first of A-D on
+ties). GEN mode: greedy generation of `max_out_len` tokens, prediction = first upper-case character
+(`first_capital_postprocess`). Accuracy x100 per subject; categories, the hard set and the average are
+unweighted means of the subjects present.
+
+Deviations from OpenCompass, all without effect on predictions in exact arithmetic:
+- Shared prefix: the four PPL prompts of a question differ only in the last token (the letter), so the
+  common prefix is run once and each letter's last-token loss is read from the prefix's last logits
+  (`SHARED_PREFIX`). Prompts whose candidates differ in more than the last token are scored in full.
+- Padding: batches are left-padded but pad positions never enter a loss. OpenCompass adds the loss of
+  predicting BOS after the pads of a padded row (a quirk that depends on the batch's pad count, <= 0.04
+  nats, same predictions per METHODS.md); scores here equal OpenCompass with batch size 1.
+- Over-long prompts (no `max_seq_len` configured, as OpenCompass's base configs): BOS + the last
+  max_positions - 1 tokens are kept (OpenCompass's left truncation at the model's max length); in GEN
+  mode room for `max_out_len` new tokens is kept too, since the engines cannot run past max_positions.
+- Groups over a subset: OpenCompass marks a group with a missing subject as an error; here a group is the
+  mean of its subjects that are present, and `results.json` records how many that was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from llmship.calib_data import templates
+from llmship.config import CevalTask
+from llmship.errors import UserError
+from llmship.eval.lm import sequence_logprobs
+from llmship.runtime.base import Engine
+
+LABELS = templates.CEVAL_LABELS
+# opencompass/configs/summarizers/groups/ceval.py: the 8-subject hard set.
+HARD_SUBJECTS = ("advanced_mathematics", "discrete_mathematics", "probability_and_statistics", "college_chemistry",
+                 "college_physics", "high_school_mathematics", "high_school_chemistry", "high_school_physics")
+# Summary row order of the groups (OpenCompass summarizer order), keyed by our metric suffix.
+GROUP_ROWS = (("stem", "ceval-stem"), ("social-science", "ceval-social-science"), ("humanities", "ceval-humanities"),
+              ("other", "ceval-other"), ("hard", "ceval-hard"), ("average", "ceval"))
+SHARED_PREFIX = True
+
+
+def category_slug(category: str) -> str:
+    """'Social Science' -> 'social-science' (OpenCompass group abbreviations)."""
+    return re.sub(r"[^a-z0-9]+", "-", category.strip().lower()).strip("-")
+
+
+def first_capital_postprocess(text: str) -> str | None:
+    """opencompass/utils/text_postprocessors.py: the first character with str.isupper(), else None."""
+    for char in text:
+        if char.isupper():
+            return char
+    return None
+
+
+def truncate_left(ids: list[int], max_len: int) -> list[int]:
+    """BOS + the last max_len - 1 tokens (left truncation keeps the special first token)."""
+    if len(ids) <= max_len:
+        return ids
+    return [ids[0], *ids[len(ids) - max_len + 1:]]
+
+
+@dataclass
+class Question:
+    subject: str
+    idx: int
+    gold: str
+    ppl_ids: dict[str, list[int]] = field(default_factory=dict)
+    gen_ids: list[int] = field(default_factory=list)
+    truncated: bool = False
+
+
+@dataclass
+class CevalSet:
+    """Tokenized prompts of every scored question, shared by all engines of a run."""
+
+    subjects: list[dict[str, Any]]  # name, name_zh, category, slug, questions (count)
+    questions: list[Question]
+    versions: dict[str, str]
+    modes: list[str]
+    max_out_len: int
+
+    @property
+    def subject_names(self) -> list[str]:
+        return [s["name"] for s in self.subjects]
+
+
+def prompt_version(mode: str, task: CevalTask) -> str:
+    """First 6 hex of a SHA-256 over the prompt template and its inference settings (as OpenCompass's
+    `get_prompt_hash`, but of llmship's own description of the template, so the digits differ)."""
+    placeholder = {"question": "{question}", "A": "{A}", "B": "{B}", "C": "{C}", "D": "{D}", "answer": "{answer}"}
+    examples = [dict(placeholder, answer=label) for label in LABELS[: task.shots]] if task.shots else []
+    if mode == "ppl":
+        template: Any = {label: templates.ceval_ppl_prompt("{subject_zh}", examples, placeholder, label) for label in LABELS}
+        infer: dict[str, Any] = {"inferencer": "PPLInferencer", "score": "sum_ce_over_tokens_incl_bos"}
+    else:
+        template = templates.ceval_gen_prompt("{subject_zh}", examples, placeholder)
+        infer = {"inferencer": "GenInferencer", "max_out_len": task.max_out_len, "postprocess": "first_capital"}
+    blob = json.dumps({"template": template, "shots": task.shots, "retriever": "FixKRetriever", **infer}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:6]
+
+
+def prepare(task: CevalTask, data: Any, tokenizer: Any, max_positions: int) -> CevalSet:
+    """Pick subjects and questions, build and tokenize every prompt once."""
+    subjects_in = data.subjects.values() if isinstance(data.subjects, dict) else data.subjects
+    available = {s.name: s for s in subjects_in if s.val}
+    if task.subjects is not None:
+        unknown = [s for s in task.subjects if s not in available]
+        if unknown:
+            raise UserError(f"subject(s) {', '.join(unknown)} not in the C-Eval data (val split); present: "
+                            f"{', '.join(sorted(available)) or 'none'}", where="eval.ceval.subjects")
+        chosen = [available[s] for s in task.subjects]
+    else:
+        chosen = sorted(available.values(), key=lambda s: s.name)
+    if not chosen:
+        raise UserError("the C-Eval data has no subject with val questions", where="eval.ceval.path")
+    gen_room = max_positions - task.max_out_len
+    if "gen" in task.modes and gen_room < 2:
+        raise UserError(f"max_out_len {task.max_out_len} leaves no room for a prompt in {max_positions} positions",
+                        where="eval.ceval.max_out_len")
+    subjects, questions = [], []
+    for subject in chosen:
+        examples = list(subject.dev[: task.shots])
+        if len(examples) < task.shots:
+            raise UserError(f"subject {subject.name} has {len(examples)} dev rows, {task.shots} shots asked",
+                            where="eval.ceval.shots")
+        rows = list(subject.val[: task.max_questions] if task.max_questions else subject.val)
+        for idx, row in enumerate(rows):
+            q = Question(subject=subject.name, idx=idx, gold=str(row.get("answer", "")).strip())
+            if "ppl" in task.modes:
+                for label in LABELS:
+                    ids = encode(tokenizer, templates.ceval_ppl_prompt(subject.name_zh, examples, row, label))
+                    q.truncated |= len(ids) > max_positions
+                    q.ppl_ids[label] = truncate_left(ids, max_positions)
+            if "gen" in task.modes:
+                ids = encode(tokenizer, templates.ceval_gen_prompt(subject.name_zh, examples, row))
+                q.truncated |= len(ids) > gen_room
+                q.gen_ids = truncate_left(ids, gen_room)
+            questions.append(q)
+        subjects.append({"name": subject.name, "name_zh": subject.name_zh, "category": subject.category,
+                         "slug": category_slug(subject.category), "questions": len(rows)})
+    versions = {mode: prompt_version(mode, task) for mode in task.modes}
+    return CevalSet(subjects=subjects, questions=questions, versions=versions, modes=list(task.modes),
+                    max_out_len=task.max_out_len)
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """add_special_tokens=True as OpenCompass's HuggingFaceBaseModel: the BOS is fed, scored and counted."""
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+# --------------------------------------------------------------------------- PPL mode
+def ppl_scores(engine: Engine, questions: Sequence[Question], batch_size: int,
+               on_batch: Callable[[int], None] | None = None) -> list[dict[str, float]]:
+    """Per question, letter -> mean cross-entropy over the prompt's tokens (BOS counted in the divisor)."""
+    sequences: list[list[int]] = []
+    tails: list[list[int]] = []
+    plans: list[tuple[str, Any]] = []
+    for q in questions:
+        cands = [q.ppl_ids[label] for label in LABELS]
+        prefix = _common_prefix(cands)
+        if SHARED_PREFIX and prefix >= 1 and all(len(c) == prefix + 1 for c in cands):
+            plans.append(("shared", len(sequences)))
+            sequences.append(cands[0][:prefix])
+            tails.append([c[-1] for c in cands])
+        else:
+            plans.append(("full", len(sequences)))
+            for c in cands:
+                sequences.append(c)
+                tails.append([])
+    own, tail = sequence_logprobs(engine, sequences, batch_size, tails, on_batch=on_batch)
+    scores = []
+    for q, (kind, first) in zip(questions, plans, strict=True):
+        if kind == "shared":
+            prefix_sum = float(own[first].sum())
+            n = len(sequences[first]) + 1
+            scores.append({label: -(prefix_sum + float(tail[first][k])) / n for k, label in enumerate(LABELS)})
+        else:
+            scores.append({label: -float(own[first + k].sum()) / len(q.ppl_ids[label]) for k, label in enumerate(LABELS)})
+    return scores
+
+
+def ppl_units(questions: Sequence[Question]) -> int:
+    """Sequences `ppl_scores` runs (for progress bars)."""
+    total = 0
+    for q in questions:
+        cands = [q.ppl_ids[label] for label in LABELS]
+        prefix = _common_prefix(cands)
+        total += 1 if SHARED_PREFIX and prefix >= 1 and all(len(c) == prefix + 1 for c in cands) else len(cands)
+    return total
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        tok = seqs[0][i]
+        if any(s[i] != tok for s in seqs[1:]):
+            return i
+    return n
+
+
+def argmin_label(scores: dict[str, float]) -> str:
+    """Lowest score; ties go to the first of A-D (np.argmin / list.index order in OpenCompass)."""
+    values = [scores[label] for label in LABELS]
+    return LABELS[int(np.argmin(values))]
+
+
+# --------------------------------------------------------------------------- GEN mode
+def gen_outputs(engine: Engine, questions: Sequence[Question], max_out_len: int, batch_size: int, tokenizer: Any,
+                on_batch: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy continuation of each GEN prompt, decoded with skip_special_tokens=True."""
+    from llmship.eval.lm import batches
+
+    texts = [""] * len(questions)
+    for group in batches([len(q.gen_ids) for q in questions], batch_size):
+        outs = engine.generate([questions[i].gen_ids for i in group], max_out_len)
+        for i, out in zip(group, outs, strict=True):
+            texts[i] = tokenizer.decode(out, skip_special_tokens=True)
+        if on_batch is not None:
+            on_batch(len(group))
+    return texts
+
+
+# --------------------------------------------------------------------------- scoring
+def score_engine(engine: Engine, cset: CevalSet, tokenizer: Any, batch_size: int,
+                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Predictions and accuracies of one engine in every configured mode."""
+    out: dict[str, Any] = {"metrics": {}, "predictions": {}}
+    for mode in cset.modes:
+        total = ppl_units(cset.questions) if mode == "ppl" else len(cset.questions)
+        step = _counter(progress, f"ceval {mode}", total)
+        if mode == "ppl":
+            scores = ppl_scores(engine, cset.questions, batch_size, on_batch=step)
+            preds: list[dict[str, Any]] = [{"pred": argmin_label(s), "scores": {k: round(v, 6) for k, v in s.items()}}
+                                           for s in scores]
+        else:
+            texts = gen_outputs(engine, cset.questions, cset.max_out_len, batch_size, tokenizer, on_batch=step)
+            preds = [{"pred": first_capital_postprocess(t), "output": t} for t in texts]
+        records = []
+        for q, p in zip(cset.questions, preds, strict=True):
+            records.append({"subject": q.subject, "idx": q.idx, "gold": q.gold, **p,
+                            "correct": str(p["pred"]) == q.gold, **({"truncated": True} if q.truncated else {})})
+        out["predictions"][mode] = records
+        out["metrics"].update(accuracy_metrics(mode, cset.subjects, records))
+    return out
+
+
+def _counter(progress: Callable[[str, int, int], None] | None, description: str, total: int) -> Callable[[int], None]:
+    done = [0]
+
+    def step(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress(description, done[0], total)
+
+    return step
+
+
+def accuracy_metrics(mode: str, subjects: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """ceval/<mode>/<subject> (x100) and the groups as unweighted means of the subjects present."""
+    per_subject: dict[str, list[bool]] = {s["name"]: [] for s in subjects}
+    for r in records:
+        per_subject[r["subject"]].append(bool(r["correct"]))
+    acc = {name: 100.0 * float(np.mean(hits)) for name, hits in per_subject.items() if hits}
+    metrics = {f"ceval/{mode}/{name}": value for name, value in acc.items()}
+    for slug, members in group_members(subjects).items():
+        present = [acc[m] for m in members if m in acc]
+        if present:
+            metrics[f"ceval/{mode}/{slug}"] = float(np.mean(present))
+    return metrics
+
+
+def group_members(subjects: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """Category slug -> subjects, plus 'hard' and 'average' (all subjects), from the data's own categories."""
+    groups: dict[str, list[str]] = {}
+    for s in subjects:
+        groups.setdefault(s["slug"], []).append(s["name"])
+    groups["hard"] = [s["name"] for s in subjects if s["name"] in HARD_SUBJECTS]
+    groups["average"] = [s["name"] for s in subjects]
+    return {k: v for k, v in groups.items() if v}
+
+
+def agreement(base_records: Sequence[dict], records: Sequence[dict]) -> float:
+    """% of questions where the variant predicts what the baseline predicts."""
+    same = [a["pred"] == b["pred"] for a, b in zip(base_records, records, strict=True)]
+    return 100.0 * float(np.mean(same)) if same else float("nan")
+
+
+def metric_names(cset: CevalSet) -> list[str]:
+    names = []
+    for mode in cset.modes:
+        names += [f"ceval/{mode}/{s}" for s in cset.subject_names]
+        names += [f"ceval/{mode}/{g}" for g in group_members(cset.subjects)]
+        names.append(f"ceval/{mode}/agreement")
+    return names
+
+
+def summary_rows(cset: CevalSet) -> list[dict[str, Any]]:
+    """OpenCompass summary rows: each subject (accuracy), then the groups (naive_average, version '-')."""
+    rows = []
+    groups = group_members(cset.subjects)
+    for mode in cset.modes:
+        for name in cset.subject_names:
+            rows.append({"dataset": f"ceval-{name}", "version": cset.versions[mode], "metric": "accuracy", "mode": mode,
+                         "name": f"ceval/{mode}/{name}"})
+        known = {slug for slug, _ in GROUP_ROWS}
+        extra = [(slug, f"ceval-{slug}") for slug in groups if slug not in known]
+        for slug, dataset in (*GROUP_ROWS[:4], *extra, *GROUP_ROWS[4:]):
+            if slug in groups:
+                rows.append({"dataset": dataset, "version": "-", "metric": "naive_average", "mode": mode,
+                             "name": f"ceval/{mode}/{slug}"})
+        rows.append({"dataset": "ceval-agreement", "version": "-", "metric": "same_prediction_as_baseline", "mode": mode,
+                     "name": f"ceval/{mode}/agreement"})
+    return rows

@@ -1,0 +1,123 @@
+"""Scheme registry: scheme name -> a small class with typed options, its methods, default parity tolerances,
+and one `quantize` method. Adding a scheme means adding a module that calls `register`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from llmship.config import ParityConfig, VariantConfig
+from llmship.errors import UserError
+
+log = logging.getLogger("llmship")
+
+
+class SchemeOptions(BaseModel):
+    """Options block of a scheme (`quantize.options` in YAML); unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class QuantizeJob:
+    """Everything a scheme needs besides its options: the fp32 folder, the calibration set, exclusions."""
+
+    source: Path                        # fp32 model.onnx
+    folder: Path                        # fp32 artifact folder (config.json etc.)
+    target: Path                        # folder the scheme writes model.onnx into (a temp sibling of the variant)
+    samples: list[list[int]] | None     # calibration token lists, None when no calibration set was built
+    exclude: list[str]
+    external_data: str = "auto"
+    progress: Callable[[str], None] = field(default=lambda message: None)
+
+
+class Scheme:
+    """Base class: subclasses set `name`, `Options`, `methods` (first = default), `parity`, `needs_calibration`."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[SchemeOptions]] = SchemeOptions
+    methods: ClassVar[tuple[str, ...]] = ()
+    parity: ClassVar[ParityConfig] = ParityConfig()
+    needs_calibration: ClassVar[bool | tuple[str, ...]] = False  # True, or the methods that need it
+
+    def __init__(self, method: str | None, options: SchemeOptions):
+        self.method = method
+        self.options = options
+
+    def uses_calibration(self) -> bool:
+        if isinstance(self.needs_calibration, tuple):
+            return self.method in self.needs_calibration
+        return bool(self.needs_calibration)
+
+    def quantize(self, job: QuantizeJob) -> dict[str, Any]:
+        """Write `job.target/model.onnx`; return the report (quantized nodes, kept nodes, counts)."""
+        raise NotImplementedError
+
+    def check(self, where: str) -> None:
+        """Cross-field checks of the options (UserError naming `where.options.<field>`): every block size is a power
+        of two >= 16 (MatMulNBits, GatherBlockQuantized); subclasses add their own and call this."""
+        for name, value in self.options.model_dump().items():
+            if name.endswith(("block_size", "embedding_block")) and value is not None and (value < 16 or value & (value - 1)):
+                raise UserError(f"{name} must be a power of two >= 16 (got {value})", where=f"{where}.options.{name}")
+
+    def describe(self) -> dict[str, Any]:
+        return {"scheme": self.name, "method": self.method, "options": self.options.model_dump()}
+
+
+SCHEMES: dict[str, type[Scheme]] = {}
+
+
+def register(cls: type[Scheme]) -> type[Scheme]:
+    SCHEMES[cls.name] = cls
+    return cls
+
+
+def build_scheme(variant: VariantConfig, where: str = "quantize") -> Scheme:
+    """The scheme object of a variant; UserError names the field of an unknown method or option."""
+    cls = SCHEMES.get(variant.scheme)
+    if cls is None:
+        raise UserError(f"scheme '{variant.scheme}' has no quantizer; known: {', '.join(sorted(SCHEMES))}", where=f"{where}.scheme")
+    method = variant.method
+    if cls.methods:
+        method = method or cls.methods[0]
+        if method not in cls.methods:
+            raise UserError(f"unknown method '{method}' for scheme {cls.name}; choose one of: {', '.join(cls.methods)}",
+                            where=f"{where}.method")
+    elif method is not None:
+        raise UserError(f"scheme {cls.name} has no methods (got '{method}'); remove `method`", where=f"{where}.method")
+    try:
+        options = cls.Options.model_validate(variant.options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        known = ", ".join(cls.Options.model_fields)
+        if err["type"] == "extra_forbidden":
+            raise UserError(f"unknown option '{key}' for scheme {cls.name}; known options: {known}",
+                            where=f"{where}.options.{key}") from None
+        raise UserError(f"option '{key}' of scheme {cls.name}: {err['msg']} (got {err.get('input')!r})",
+                        where=f"{where}.options.{key}") from None
+    scheme = cls(method, options)
+    scheme.check(where)
+    return scheme
+
+
+def validate_variant(variant: VariantConfig, where: str = "quantize") -> None:
+    """Raise UserError for an unknown method or option of the variant's scheme (scheme 'none' is the fp32 export)."""
+    if variant.scheme == "none":
+        if variant.method or variant.options:
+            raise UserError("scheme 'none' (the fp32 export) takes no method or options", where=where)
+        return
+    build_scheme(variant, where)
+
+
+def default_parity(variant: VariantConfig) -> ParityConfig:
+    """The variant's parity tolerances: its own `parity` block, else its scheme's defaults."""
+    if variant.parity is not None:
+        return variant.parity
+    cls = SCHEMES.get(variant.scheme)
+    return cls.parity if cls is not None else ParityConfig()

@@ -1,0 +1,143 @@
+"""`quantize_variant`: fp32 artifact + variant config (+ calibration set) -> a new variant folder, checked against
+PyTorch, with a manifest (scheme, options, calibration fingerprint, quantization report, size, parity). Atomic."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from llmship.artifact import Artifact, atomic_folder, model_size, new_manifest, write_manifest
+from llmship.config import Config, ParityConfig, VariantConfig
+from llmship.errors import CheckFailed, UserError
+from llmship.quantize.graph import initializers, load_model, node_names
+from llmship.quantize.registry import QuantizeJob, Scheme, build_scheme, default_parity
+
+log = logging.getLogger("llmship")
+
+# Files of the fp32 folder that a variant carries over unchanged (the graph is rewritten, the manifest new).
+SKIP_FILES = ("model.onnx", "model.onnx.data", "manifest.json")
+
+_reference_cache: dict[str, Any] = {}
+
+
+class _Steps:
+    """Progress messages to a rich Progress, a callable, or the log."""
+
+    def __init__(self, progress: Any, title: str):
+        self.progress = progress
+        self.task = progress.add_task(title, total=None) if hasattr(progress, "add_task") else None
+
+    def __call__(self, message: str) -> None:
+        log.info("%s", message)
+        if self.task is not None:
+            self.progress.update(self.task, description=message)
+        elif callable(self.progress):
+            self.progress(message)
+
+    def done(self) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+
+
+def reference_engine(cfg: Config) -> Any:
+    """The PyTorch baseline, loaded once per model config and reused by every variant of a run."""
+    from llmship.runtime import load_engine
+
+    key = cfg.model.model_dump_json() + cfg.runtime.model_dump_json()
+    if key not in _reference_cache:
+        _reference_cache.clear()  # one baseline at a time: a 7B in fp32 is 28 GB
+        _reference_cache[key] = load_engine(cfg.model, cfg.runtime)
+    return _reference_cache[key]
+
+
+def unmatched_patterns(fp32_onnx: Path, patterns: list[str]) -> list[str]:
+    """Exclusion patterns that name no node, weight or module of the graph (almost always a typo)."""
+    if not patterns:
+        return []
+    model = load_model(fp32_onnx)
+    inits = initializers(model)
+    names = {n for node in model.graph.node for n in node_names(node, inits)}
+    return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+
+def quantize_variant(fp32: Artifact, variant: VariantConfig, calib: Any, target: Path, cfg: Config,
+                     progress: Any = None) -> Artifact:
+    """Build `variant` from the fp32 artifact into `target` (atomic); CheckFailed when parity fails."""
+    scheme = build_scheme(variant)
+    if scheme.uses_calibration() and calib is None:
+        raise UserError(f"{variant.scheme} ({scheme.method}) needs a calibration set", where="calibration")
+    missing = unmatched_patterns(fp32.onnx_path, variant.exclude)
+    if missing:
+        raise UserError(f"exclude pattern(s) {', '.join(repr(p) for p in missing)} match no node, weight or module "
+                        "of the model", where="quantize.exclude")
+    parity = default_parity(variant)
+    steps = _Steps(progress, variant.variant_name)
+    started = time.perf_counter()
+    target = Path(target)
+    with atomic_folder(target) as folder:
+        for item in fp32.path.iterdir():
+            if item.is_file() and item.name not in SKIP_FILES:
+                shutil.copy2(item, folder / item.name)
+        job = QuantizeJob(source=fp32.onnx_path, folder=fp32.path, target=folder,
+                          samples=list(calib.samples) if calib is not None else None, exclude=list(variant.exclude),
+                          external_data=cfg.export.external_data, progress=steps)
+        report = scheme.quantize(job)
+        quantize_seconds = time.perf_counter() - started
+        steps(f"{variant.variant_name}: checking parity against PyTorch")
+        figures = check_against_reference(cfg, fp32, folder, parity)
+        figures["candidate"]["path"] = str(target)
+        from llmship.export.parity import parity_failures
+
+        failures = parity_failures(figures, parity)
+        manifest = variant_manifest(fp32, variant, scheme, calib, report, folder, parity, figures, failures,
+                                    {"quantize_s": round(quantize_seconds, 2), "total_s": round(time.perf_counter() - started, 2)})
+        if failures:
+            raise CheckFailed(f"variant {variant.variant_name} failed parity against PyTorch: " + "; ".join(failures))
+        write_manifest(folder, manifest)
+    steps.done()
+    return Artifact.load(target)
+
+
+def check_against_reference(cfg: Config, fp32: Artifact, folder: Path, parity: ParityConfig) -> dict[str, Any]:
+    from llmship.export.parity import check_parity, default_prompts
+    from llmship.export.source import load_tokenizer
+    from llmship.runtime.ort_engine import OrtEngine
+
+    reference = reference_engine(cfg)
+    candidate = OrtEngine(folder, provider=cfg.runtime.provider, threads=cfg.runtime.threads)
+    try:
+        prompts = default_prompts(load_tokenizer(fp32.path), reference.max_positions)
+        return check_parity(reference, candidate, parity, prompts)
+    finally:
+        candidate.close()
+
+
+def variant_manifest(fp32: Artifact, variant: VariantConfig, scheme: Scheme, calib: Any, report: dict[str, Any],
+                     folder: Path, parity: ParityConfig, figures: dict[str, Any], failures: list[str],
+                     timings: dict[str, float]) -> dict[str, Any]:
+    size = model_size(folder)
+    fp32_size = model_size(fp32.path)
+    onnx_info = dict(fp32.manifest.get("onnx", {}))
+    onnx_info.update({"file": "model.onnx", "external_data": (folder / "model.onnx.data").exists()})
+    return new_manifest(
+        "variant",
+        scheme=variant.scheme,
+        variant=variant.variant_name,
+        method=scheme.method,
+        options=scheme.options.model_dump(),
+        exclude=list(variant.exclude),
+        source=fp32.manifest.get("source", {}),
+        fp32={"path": str(fp32.path), "model_bytes": fp32_size},
+        model=fp32.manifest.get("model", {}),
+        onnx=onnx_info,
+        tokenizer_files=fp32.manifest.get("tokenizer_files", []),
+        calibration=getattr(calib, "fingerprint", None) if scheme.uses_calibration() or variant.scheme == "fp16" else None,
+        quantization=report,
+        size={"model_bytes": size, "fp32_model_bytes": fp32_size, "ratio": round(size / fp32_size, 4) if fp32_size else None},
+        parity={"passed": not failures, "failures": failures, "tolerances": parity.model_dump(), **figures},
+        timings=timings,
+    )

@@ -1,0 +1,65 @@
+"""w4a16: weight-only int4 (MatMulNBits), methods rtn (blockwise round-to-nearest), hqq (half-quadratic
+optimization of scales/zeros, no data) and gptq (second-order error compensation fed by the calibration set)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from llmship.config import ParityConfig
+from llmship.errors import UserError
+from llmship.quantize.graph import load_model, save_model
+from llmship.quantize.registry import QuantizeJob, Scheme, SchemeOptions, register
+from llmship.quantize.weight_only import quantize_weight_only
+
+
+class W4A16Options(SchemeOptions):
+    block_size: int | None = Field(None, description="Weights per scale along K (power of two >= 16); default rtn/gptq 32, hqq 64.")
+    accuracy_level: int = Field(4, ge=0, le=4, description="MatMulNBits compute type: 4 = int8 (fast on CPU), 0 = unset.")
+    symmetric: bool = Field(False, description="Symmetric blocks (no zero points); rtn and gptq only.")
+    embedding_block: int = Field(32, description="Embedding values per scale (power of two >= 16).")
+    quantize_embeddings: bool = Field(True, description="Also store the token embedding table blockwise (GatherBlockQuantized).")
+    # 4 by default, as the linears (llama.cpp's Q4 formats do the same); 8 costs +0.5 byte per embedding weight, which
+    # on the embedded model (half its weights are the two vocabulary tables) puts the file over 0.2x of fp32.
+    embedding_bits: Literal[4, 8] = Field(4, description="Bits of the quantized embedding table.")
+    percdamp: float = Field(0.01, gt=0, description="gptq: dampening, fraction of the mean Hessian diagonal (GPTQ default).")
+    actorder: bool = Field(False, description="gptq: quantize columns in order of decreasing Hessian diagonal.")
+
+
+@register
+class W4A16(Scheme):
+    name = "w4a16"
+    Options = W4A16Options
+    methods = ("rtn", "hqq", "gptq")
+    needs_calibration = ("gptq",)
+    # int4 weights move logits visibly; a collapse shows as a large NLL increase.
+    parity = ParityConfig(max_logits_diff=8.0, min_top1_agreement=0.75, min_greedy_match=0.0, max_nll_increase=0.08)
+    bits = 4
+    # HQQ keeps float zero points (8 bytes per block instead of 4.5), so at 64 it costs what rtn/gptq cost at 32:
+    # 0.625 vs 0.64 bytes per weight, which keeps every method under 0.2x of fp32 and compares them at equal size.
+    default_block = {"rtn": 32, "gptq": 32, "hqq": 64}
+
+    @property
+    def block_size(self) -> int:
+        return self.options.block_size or self.default_block[self.method]
+
+    def check(self, where: str) -> None:
+        opts: W4A16Options = self.options
+        super().check(where)
+        if opts.symmetric and self.method == "hqq":
+            raise UserError("hqq is asymmetric by construction; remove `symmetric`", where=f"{where}.options.symmetric")
+
+    def quantize(self, job: QuantizeJob) -> dict[str, Any]:
+        opts: W4A16Options = self.options
+        if self.method == "gptq" and not job.samples:
+            raise UserError("gptq needs a calibration set (calibration.sources is empty)", where="calibration.sources")
+        job.progress(f"{self.name}: quantizing weights ({self.method})")
+        model, report = quantize_weight_only(
+            load_model(job.source), bits=self.bits, block_size=self.block_size, symmetric=opts.symmetric,
+            accuracy_level=opts.accuracy_level, method=self.method, exclude=job.exclude,
+            embeddings=opts.quantize_embeddings, embedding_bits=opts.embedding_bits, embedding_block=opts.embedding_block,
+            samples=job.samples, folder=job.folder,
+            gptq={"percdamp": opts.percdamp, "actorder": opts.actorder}, scratch=job.target)
+        save_model(model, job.target, job.external_data)
+        return {**report, "block_size": self.block_size}

@@ -1,0 +1,115 @@
+"""w8a8-static: QDQ int8 with activation ranges calibrated on the calibration set (minmax, entropy or
+percentile), per-channel int8 weights, optional SmoothQuant folded in first. Only the linear layers (MatMuls with
+constant weights) get Q/DQ pairs; the attention products over the KV cache stay float."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from pydantic import Field
+
+from llmship.config import ParityConfig
+from llmship.errors import UserError
+from llmship.quantize.embedding import quantize_embeddings
+from llmship.quantize.feeds import FeedReader, calibration_feeds, decoder_inputs, packed_feeds
+from llmship.quantize.graph import (
+    MODEL_FILE,
+    describe_node,
+    ensure_node_names,
+    excluded,
+    initializers,
+    linear_nodes,
+    load_model,
+    save_model,
+)
+from llmship.quantize.registry import QuantizeJob, Scheme, SchemeOptions, register
+from llmship.quantize.smoothquant import DEFAULT_ALPHA, smooth_model
+
+# Packed calibration rows per ONNX Runtime run.
+CALIBRATION_BATCH = 8
+CALIBRATORS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+
+
+class W8A8StaticOptions(SchemeOptions):
+    per_channel: bool = Field(True, description="One weight scale per output channel.")
+    activation_type: Literal["int8", "uint8"] = Field("int8", description="Activation type (ORT QDQ default: int8).")
+    symmetric_activations: bool = Field(False, description="Zero point 0 for activations.")
+    smoothquant: bool = Field(False, description="Fold SmoothQuant scales into the RMSNorm weights and q/k/v, gate/up first.")
+    alpha: float = Field(DEFAULT_ALPHA, ge=0, le=1, description="SmoothQuant migration strength (library default 0.5).")
+    percentile: float = Field(99.999, gt=0, le=100, description="percentile: the kept percentile of |activation| (ORT default).")
+    num_bins: int | None = Field(None, ge=16, description="entropy/percentile: histogram bins (ORT default per method).")
+    calib_samples: int | None = Field(None, ge=1, description="Calibration samples used (default: all of the set).")
+    quantize_embeddings: bool = Field(True, description="Also store the token embedding table as int8 (GatherBlockQuantized).")
+    embedding_block: int = Field(128, description="Embedding values per scale (power of two >= 16).")
+
+
+@register
+class W8A8Static(Scheme):
+    name = "w8a8-static"
+    Options = W8A8StaticOptions
+    methods = ("minmax", "entropy", "percentile")
+    needs_calibration = True
+    # Static activation ranges cost more than dynamic ones; the NLL bound is what catches a calibration collapse.
+    parity = ParityConfig(max_logits_diff=8.0, min_top1_agreement=0.75, min_greedy_match=0.0, max_nll_increase=0.05)
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        opts: W8A8StaticOptions = self.options
+        if not opts.smoothquant and "alpha" in opts.model_fields_set:
+            raise UserError("alpha is only used with smoothquant: true", where=f"{where}.options.alpha")
+        if self.method != "percentile" and "percentile" in opts.model_fields_set:
+            raise UserError(f"percentile is only used by method percentile (method is {self.method})",
+                            where=f"{where}.options.percentile")
+
+    def quantize(self, job: QuantizeJob) -> dict[str, Any]:
+        opts: W8A8StaticOptions = self.options
+        if not job.samples:
+            raise UserError("w8a8-static needs a calibration set (calibration.sources is empty)", where="calibration.sources")
+        model = load_model(job.source)
+        ensure_node_names(model)
+        spec = decoder_inputs(model, job.folder)
+        feeds = calibration_feeds(job.samples, spec, limit=opts.calib_samples)
+        # One shape for every run (the histogram calibrators stack them): the samples packed into equal rows.
+        packed = packed_feeds(job.samples, spec, limit=opts.calib_samples, batch=CALIBRATION_BATCH)
+        report: dict[str, Any] = {"calibration_samples": len(feeds), "calibration_rows": len(packed)}
+        if opts.smoothquant:
+            job.progress(f"{self.name}: SmoothQuant (alpha {opts.alpha}) on {len(feeds)} samples")
+            report["smoothquant"] = smooth_model(model, packed, opts.alpha, job.target)
+        inits = initializers(model)
+        linears = linear_nodes(model)
+        todo = [n for n in linears if not excluded(n, job.exclude, inits)]
+        report["kept_float"] = [{"node": n.name, "name": describe_node(n, inits), "reason": "excluded"}
+                                for n in linears if n not in todo]
+        rows = [{"node": n.name, "name": describe_node(n, inits), "weight": n.input[1], "shape": list(inits[n.input[1]].dims),
+                 "op": "MatMul", "as": f"QDQ int8 ({self.method})"} for n in todo]
+        staged = job.target / "_float"
+        save_model(model, staged, job.external_data)
+        big = (staged / (MODEL_FILE + ".data")).exists()
+        extra: dict[str, Any] = {"MatMulConstBOnly": True, "ActivationSymmetric": opts.symmetric_activations}
+        if self.method == "percentile":
+            extra["CalibPercentile"] = opts.percentile
+        if opts.num_bins is not None:
+            extra["CalibNumBins"] = opts.num_bins
+        job.progress(f"{self.name}: calibrating {len(todo)} linear layers ({self.method}, {len(feeds)} samples)")
+        quantize_static(staged / MODEL_FILE, job.target / MODEL_FILE, FeedReader(packed), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul"], per_channel=opts.per_channel,
+                        activation_type=QuantType.QInt8 if opts.activation_type == "int8" else QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, nodes_to_quantize=[n.name for n in todo],
+                        use_external_data_format=big, calibrate_method=CALIBRATORS[self.method], extra_options=extra)
+        quantized = load_model(job.target / MODEL_FILE)
+        for path in sorted(staged.iterdir()):
+            path.unlink()
+        staged.rmdir()
+        emb_rows = quantize_embeddings(quantized, 8, opts.embedding_block, job.exclude) if opts.quantize_embeddings else []
+        save_model(quantized, job.target, job.external_data)
+        for leftover in job.target.glob("augmented_model*"):
+            leftover.unlink()
+        report.update({
+            "summary": f"{len(rows)} MatMul -> QDQ int8 ({self.method}{', SmoothQuant' if opts.smoothquant else ''}), "
+                       f"{len(report['kept_float'])} kept float, {len(emb_rows)} embedding table(s) int8",
+            "quantized": rows + emb_rows,
+            "embeddings_quantized": bool(emb_rows),
+        })
+        return report

@@ -1,0 +1,238 @@
+"""Quantize building blocks on small graphs: option validation, fp16 overflow fallback, SmoothQuant equivalence,
+block-quantized embeddings, GPTQ, exclusions. The quality bar on the embedded model is in test_quantize_embedded.py."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from llmship.config import VariantConfig
+from llmship.errors import UserError
+from llmship.quantize import SCHEMES, build_scheme, validate_variant
+from llmship.quantize.embedding import dequantize_blocks, quantize_blocks, quantize_embeddings
+from llmship.quantize.feeds import calibration_feeds, decoder_inputs
+from llmship.quantize.graph import linear_nodes, load_model, module_name, save_model
+from llmship.quantize.registry import QuantizeJob
+from llmship.quantize.smoothquant import activation_maxima, find_groups, smooth_model
+
+
+def session(model: onnx.ModelProto | Path, optimize: bool = True) -> ort.InferenceSession:
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+# --------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(("variant", "field", "text"), [
+    ({"scheme": "w4a16", "method": "awq"}, "quantize.method", "rtn, hqq, gptq"),
+    ({"scheme": "w8a8-static", "method": "mse"}, "quantize.method", "minmax, entropy, percentile"),
+    ({"scheme": "w4a16", "options": {"blocksize": 32}}, "quantize.options.blocksize", "block_size"),
+    ({"scheme": "w4a16", "options": {"block_size": 24}}, "quantize.options.block_size", "power of two"),
+    ({"scheme": "w8a16", "options": {"accuracy_level": 7}}, "quantize.options.accuracy_level", "less than or equal"),
+    ({"scheme": "fp16", "method": "fast"}, "quantize.method", "no methods"),
+    ({"scheme": "w8a8-static", "options": {"alpha": 0.8}}, "quantize.options.alpha", "smoothquant"),
+    ({"scheme": "w8a8-dynamic", "options": {"per_chanel": True}}, "quantize.options.per_chanel", "per_channel"),
+])
+def test_validate_variant_names_the_field(variant, field, text):
+    with pytest.raises(UserError) as err:
+        validate_variant(VariantConfig(**variant), where="quantize")
+    assert err.value.where == field
+    assert text in str(err.value)
+
+
+def test_every_scheme_of_the_config_has_a_quantizer_with_defaults():
+    assert set(SCHEMES) == {"fp16", "w8a8-dynamic", "w8a8-static", "w8a16", "w4a16"}
+    assert build_scheme(VariantConfig(scheme="w4a16")).method == "rtn"
+    assert build_scheme(VariantConfig(scheme="w8a8-static")).method == "minmax"
+    assert build_scheme(VariantConfig(scheme="w8a16")).options.accuracy_level == 4
+    validate_variant(VariantConfig(scheme="none"))
+    with pytest.raises(UserError):
+        validate_variant(VariantConfig(scheme="none", method="rtn"))
+
+
+# --------------------------------------------------------------------------- fp16 overflow fallback
+def overflow_graph() -> tuple[onnx.ModelProto, np.ndarray]:
+    """ids -> embedding -> x*3000 (up to ~1e5: overflows fp16) -> Transpose x2 -> *1/3000 -> MatMul -> logits.
+
+    Run with graph optimizations off, every node computes in its declared type (as fp16 kernels on a GPU do);
+    ORT's CPU optimizer would otherwise fold the transposes and casts of this small graph away."""
+    rng = np.random.default_rng(0)
+    table = rng.uniform(5, 30, size=(16, 8)).astype(np.float32)
+    head = rng.normal(size=(8, 16)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["embed", "input_ids"], ["h"], name="embed_gather"),
+        helper.make_node("Mul", ["h", "big"], ["h_big"], name="scale_up"),
+        helper.make_node("Transpose", ["h_big"], ["h_t"], name="transpose", perm=[0, 2, 1]),
+        helper.make_node("Transpose", ["h_t"], ["h_tt"], name="transpose_back", perm=[0, 2, 1]),
+        helper.make_node("Mul", ["h_tt", "small"], ["h_back"], name="scale_down"),
+        helper.make_node("MatMul", ["h_back", "head"], ["logits"], name="lm_head"),
+    ]
+    inits = [numpy_helper.from_array(table, "embed"), numpy_helper.from_array(np.array(3000.0, np.float32), "big"),
+             numpy_helper.from_array(np.array(1 / 3000.0, np.float32), "small"), numpy_helper.from_array(head, "head")]
+    graph = helper.make_graph(nodes, "overflow", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, None, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), table @ head
+
+
+def run_fp16(tmp_path: Path, options: dict) -> tuple[np.ndarray, dict]:
+    model, _ = overflow_graph()
+    save_model(model, tmp_path / "fp32")
+    scheme = build_scheme(VariantConfig(scheme="fp16", options=options))
+    job = QuantizeJob(source=tmp_path / "fp32" / "model.onnx", folder=tmp_path / "fp32", target=tmp_path / "fp16",
+                      samples=[[0, 3, 7, 15], [2, 9]], exclude=[])
+    report = scheme.quantize(job)
+    out = session(tmp_path / "fp16" / "model.onnx", optimize=False).run(None, {"input_ids": np.array([[0, 3, 7, 15]])})[0]
+    return out, report
+
+
+def test_fp16_keeps_overflowing_nodes_in_fp32(tmp_path):
+    _, reference = overflow_graph()
+    out, report = run_fp16(tmp_path / "scan", {})
+    kept = {row["node"]: row for row in report["kept_fp32"]}
+    assert set(kept) == {"scale_up", "transpose", "transpose_back", "scale_down"}  # all that touch the 1e5 values
+    assert kept["scale_up"]["max_abs"] > 65504
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[0], reference[[0, 3, 7, 15]], rtol=2e-2, atol=2e-2)
+
+
+def test_fp16_without_the_scan_overflows(tmp_path):
+    out, report = run_fp16(tmp_path / "plain", {"overflow_scan": False, "max_rounds": 0})
+    assert report["kept_fp32"] == []
+    assert not np.isfinite(out).all()  # the graph really overflows: the fallback above is what fixes it
+
+
+# --------------------------------------------------------------------------- embeddings
+@pytest.mark.parametrize(("bits", "cols", "block"), [(8, 64, 32), (8, 48, 128), (4, 64, 16), (4, 40, 32)])
+def test_block_quantized_embeddings_match_numpy_dequantization(bits, cols, block):
+    rng = np.random.default_rng(1)
+    table = rng.normal(size=(50, cols)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gather", ["embed", "ids"], ["out"], name="g")], "t",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, None])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(table, "embed")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    rows = quantize_embeddings(model, bits, block, exclude=[])
+    assert [n.op_type for n in model.graph.node] == ["GatherBlockQuantized"]
+    ids = np.array([[0, 3, 49, 7]])
+    out = session(model).run(None, {"ids": ids})[0]
+    q, scale, zero = quantize_blocks(table, bits, block)
+    np.testing.assert_array_equal(out, dequantize_blocks(q, scale, zero, block)[ids])
+    step = (table.max() - table.min()) / ((1 << bits) - 1)
+    assert rows[0]["max_abs_error"] <= step  # half a step per block, at most
+    assert np.abs(out - table[ids]).max() > 0  # really quantized
+
+
+# --------------------------------------------------------------------------- a tiny exported LLaMA
+@pytest.fixture(scope="module")
+def tiny_decoder(tmp_path_factory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmship.export.onnx_export import export_decoder
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.1)
+        # Outlier channels in the norm weights, as trained LLMs have: what SmoothQuant exists for.
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:4] = 20.0
+            layer.post_attention_layernorm.weight[5:7] = 15.0
+    folder = tmp_path_factory.mktemp("tiny")
+    export_decoder(model, folder)
+    config.to_json_file(str(folder / "config.json"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fused_decoder(tiny_decoder, tmp_path_factory) -> Path:
+    """The same decoder after llmship's ORT fusions (what export_fp32 ships): fused RMSNorms, packed q/k/v, gate/up."""
+    import shutil
+
+    from llmship.export.fusion import fuse_decoder
+
+    folder = tmp_path_factory.mktemp("fused")
+    fuse_decoder(tiny_decoder / "model.onnx", folder / "model.onnx", 4, 2, 64, max_positions=128)
+    shutil.copy2(tiny_decoder / "config.json", folder / "config.json")
+    return folder
+
+
+def tiny_samples(count: int = 6, length: int = 24, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, 128) for _ in range(length - 1)] for _ in range(count)]
+
+
+@pytest.mark.parametrize("graph", ["exported", "fused"])
+def test_smoothquant_folding_keeps_the_float_model_output(graph, tiny_decoder, fused_decoder, tmp_path):
+    folder = tiny_decoder if graph == "exported" else fused_decoder
+    model = load_model(folder / "model.onnx")
+    feeds = calibration_feeds(tiny_samples(), decoder_inputs(model, folder))
+    groups = find_groups(model)
+    # q/k/v after input_layernorm and gate/up after post_attention_layernorm, per layer; not the final norm -> lm_head.
+    assert len(groups) == 4  # 2 layers x (input_layernorm, post_attention_layernorm)
+    if graph == "exported":
+        assert sorted(len(g.linears) for g in groups) == [2, 2, 3, 3]
+    else:  # fused RMSNorm ops; the fusion packs projections that read one activation
+        assert {n.op_type for g in groups for n in model.graph.node if n.name == g.norm_node} <= {
+            "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
+    assert {n.op_type for g in groups for n in g.linears} == {"MatMul"}
+    assert all(module_name(n) != "lm_head" for g in groups for n in g.linears)
+    before = activation_maxima(model, [g.activation for g in groups], feeds, tmp_path)
+    report = smooth_model(model, feeds, alpha=0.5, scratch=tmp_path)
+    assert report["groups"] == 4 and min(r["scale_max"] / r["scale_min"] for r in report["smoothed"]) > 3
+    after = activation_maxima(model, [g.activation for g in groups], feeds, tmp_path)
+    for name in before:  # outlier channels are flattened: max/median of the per-channel maxima drops
+        assert after[name].max() / np.median(after[name]) < 0.5 * before[name].max() / np.median(before[name])
+    original = session(folder / "model.onnx")
+    smoothed = session(model)
+    for feed in feeds[:3]:
+        ref = original.run(["logits"], feed)[0]
+        got = smoothed.run(["logits"], feed)[0]
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+def test_gptq_uses_the_calibration_set_and_beats_rtn_on_it(tiny_decoder, tmp_path):
+    samples = tiny_samples(8, 32)
+
+    def quantized_logits(method: str) -> np.ndarray:
+        scheme = build_scheme(VariantConfig(scheme="w4a16", method=method, options={"block_size": 16, "quantize_embeddings": False}))
+        job = QuantizeJob(source=tiny_decoder / "model.onnx", folder=tiny_decoder, target=tmp_path / method,
+                          samples=samples, exclude=[])
+        report = scheme.quantize(job)
+        assert len(report["quantized"]) == 15  # 7 linears x 2 layers + lm_head
+        model = onnx.load(str(tmp_path / method / "model.onnx"))
+        assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 15
+        feeds = calibration_feeds(samples, decoder_inputs(model, tiny_decoder))
+        sess = session(model)
+        return np.concatenate([sess.run(["logits"], f)[0] for f in feeds], axis=1)
+
+    reference = session(tiny_decoder / "model.onnx")
+    ref = np.concatenate([reference.run(["logits"], f)[0]
+                          for f in calibration_feeds(samples, decoder_inputs(load_model(tiny_decoder / "model.onnx"), tiny_decoder))], axis=1)
+    err = {m: float(np.mean((quantized_logits(m) - ref) ** 2)) for m in ("rtn", "gptq")}
+    assert err["gptq"] < err["rtn"]
+
+
+def test_exclusions_keep_lm_head_float_and_report_it(tiny_decoder, tmp_path):
+    scheme = build_scheme(VariantConfig(scheme="w8a16", exclude=["lm_head", "*layers.1.mlp.down_proj*"],
+                                        options={"quantize_embeddings": False}))
+    job = QuantizeJob(source=tiny_decoder / "model.onnx", folder=tiny_decoder, target=tmp_path / "w8",
+                      samples=None, exclude=["lm_head", "*layers.1.mlp.down_proj*"])
+    report = scheme.quantize(job)
+    kept = sorted(row["name"].split(" ")[0] for row in report["kept_float"])
+    assert kept == ["lm_head", "model.layers.1.mlp.down_proj"]
+    model = onnx.load(str(tmp_path / "w8" / "model.onnx"))
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 13
+    assert len(linear_nodes(model)) == 2 and not report["embeddings_quantized"]
