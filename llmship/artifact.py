@@ -143,6 +143,16 @@ def _recover(target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def recover_interrupted(folder: str | Path) -> None:
+    """Repair every output under `folder` that a killed writer left half-swapped or half-built."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    targets = {p.name.rpartition(marker)[0] for p in folder.iterdir() for marker in (".tmp-", ".old-") if marker in p.name}
+    for name in sorted(targets):
+        _recover(folder / name)
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())

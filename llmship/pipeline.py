@@ -141,6 +141,9 @@ def output_dir(cfg: Config) -> Path:
         probe.unlink()
     except OSError as exc:
         raise UserError(f"output directory is not writable: {exc.strerror or exc}", where=f"output.dir ({out})") from None
+    from llmship.artifact import recover_interrupted
+
+    recover_interrupted(out)  # a run killed earlier may have left temp folders or a parked output
     return out
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,21 +23,16 @@ PARITY_COLUMNS = ("max_logits_diff", "top1_agreement", "decode_top1_agreement", 
 def write_report(cfg: Config, folders: dict[str, Path], eval_result: dict | None, bench_result: dict | None,
                  report_dir: Path) -> Path:
     """Write the report folder atomically (a sibling temp folder swapped in) and return its path."""
+    from llmship.artifact import atomic_folder
+
     report_dir = Path(report_dir)
-    tmp = report_dir.with_name(f"{report_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     summary = build_summary(cfg, folders, eval_result or {}, bench_result or {})
-    images = _copy_plots(bench_result or {}, tmp)
-    doc = build_document(summary, images)
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
-    (tmp / "report.md").write_text(to_markdown(doc, tmp))
-    (tmp / "report.html").write_text(to_html(doc))
-    old = report_dir.with_name(f"{report_dir.name}.old-{os.getpid()}")
-    if report_dir.exists():
-        report_dir.rename(old)
-    tmp.rename(report_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(report_dir) as tmp:
+        images = _copy_plots(bench_result or {}, tmp)
+        doc = build_document(summary, images)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+        (tmp / "report.md").write_text(to_markdown(doc, tmp), encoding="utf-8")
+        (tmp / "report.html").write_text(to_html(doc), encoding="utf-8")
     return report_dir
 
 
