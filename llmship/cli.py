@@ -45,7 +45,10 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
 
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     handler = RichHandler(console=stderr, show_path=False, show_time=False, markup=False)
-    logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
+    # Libraries log to the root logger at INFO (onnxruntime's quantizer: one line per tensor); only llmship's own
+    # logger speaks at INFO, everything else at WARNING (DEBUG everywhere with --debug).
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    log.setLevel(level)
     # torch resets the level of its "torch" logger on import, so the exporter's chatty child is named too.
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "onnxscript", "torch", "onnx_ir",
                   "torch.onnx._internal.exporter._registration", "torch.onnx"):

@@ -17,7 +17,8 @@ from llmship.config import Config
 from llmship.report.environment import environment
 from llmship.report.render import Document, to_html, to_markdown
 
-PARITY_COLUMNS = ("max_logits_diff", "top1_agreement", "decode_top1_agreement", "greedy_match", "nll_delta")
+# Keys of the manifest's parity figures (llmship.export.parity.check_parity).
+PARITY_COLUMNS = ("max_logits_diff", "prefill_top1", "decode_top1", "batch_top1", "greedy_match", "nll_increase")
 
 
 def write_report(cfg: Config, folders: dict[str, Path], eval_result: dict | None, bench_result: dict | None,
@@ -57,8 +58,7 @@ def variant_rows(folders: dict[str, Path]) -> list[dict[str, Any]]:
             "options": manifest.get("options") or {},
             "size_bytes": size,
             "parity": manifest.get("parity") or {},
-            "quantized": manifest.get("quantized_summary") or manifest.get("quantized"),
-            "fp16_kept_fp32": manifest.get("fp16_kept_fp32"),
+            "quantized": (manifest.get("quantization") or {}).get("summary"),
             "folder": str(folder),
         })
     for row in rows:
@@ -111,23 +111,11 @@ def _variants_section(doc: Document, variants: list[dict]) -> None:
     for v in variants:
         options = ", ".join(f"{k}={val}" for k, val in v["options"].items()) or "-"
         size_mb = v["size_bytes"] / 1e6 if v["size_bytes"] else None
-        rows.append([v["variant"], v["scheme"], v["method"], options, size_mb, v["size_ratio"],
+        rows.append([v["variant"], v["scheme"], v["method"], options, size_mb, v["size_ratio"], v["parity"].get("passed"),
                      *(v["parity"].get(c) for c in PARITY_COLUMNS)])
-    doc.table(["variant", "scheme", "method", "options", "size MB", "size / fp32", *PARITY_COLUMNS], rows,
+    doc.table(["variant", "scheme", "method", "options", "size MB", "size / fp32", "parity", *PARITY_COLUMNS], rows,
               "Parity against PyTorch fp32, measured at compile time")
-    notes = [f"{v['variant']}: {_describe_quantized(v)}" for v in variants if v["quantized"] or v["fp16_kept_fp32"]]
-    if notes:
-        doc.text(" ".join(notes))
-
-
-def _describe_quantized(v: dict) -> str:
-    if v["fp16_kept_fp32"] is not None:
-        kept = v["fp16_kept_fp32"]
-        return f"{len(kept)} node(s) kept in fp32 for fp16 range." if isinstance(kept, list) else f"kept in fp32: {kept}."
-    q = v["quantized"]
-    if isinstance(q, dict):
-        return ", ".join(f"{k}: {val}" for k, val in q.items()) + "."
-    return f"{q}."
+    doc.table(["variant", "what was quantized"], [[v["variant"], v["quantized"]] for v in variants if v["quantized"]])
 
 
 def _accuracy_section(doc: Document, summary: dict) -> None:
