@@ -24,6 +24,7 @@ from llmship.bench import metrics, roofline, runner
 from llmship.bench.sharegpt import Limits, load_conversations, sample_requests
 from llmship.config import Config
 from llmship.errors import CheckFailed, UserError
+from llmship.progress import Counter
 
 log = logging.getLogger("llmship")
 
@@ -33,30 +34,6 @@ BASELINE_NAME = "pytorch"
 # Figures divided by the baseline's in `ratios` (higher is better for throughputs, lower for the rest).
 RATIO_FIGURES = ("output_throughput", "request_throughput", "total_token_throughput", "ttft_median", "tpot_median",
                  "e2el_median", "load_s", "peak_rss_bytes", "size_bytes")
-
-
-# --------------------------------------------------------------------------- progress
-class _Progress:
-    """Adapts `progress` (None, a callable taking one status line, or a rich Progress) to (description, done, total)."""
-
-    def __init__(self, target: Any):
-        self.target = target
-        self.tasks: dict[str, Any] = {}
-
-    def __call__(self, description: str, done: int, total: int) -> None:
-        if self.target is None:
-            return
-        if hasattr(self.target, "add_task"):
-            if description not in self.tasks:
-                self.tasks[description] = self.target.add_task(description, total=total)
-            self.target.update(self.tasks[description], completed=done, total=total)
-        else:
-            self.target(f"{description}: {done}/{total}")
-
-    def finish(self) -> None:
-        if hasattr(self.target, "remove_task"):
-            for task in self.tasks.values():
-                self.target.remove_task(task)
 
 
 # --------------------------------------------------------------------------- model facts
@@ -111,7 +88,7 @@ def engine_specs(cfg: Config, variants: dict[str, Path]) -> dict[str, dict[str, 
     return specs
 
 
-def _measure_isolated(job: dict[str, Any], bar: _Progress, label: str) -> dict[str, Any]:
+def _measure_isolated(job: dict[str, Any], bar: Counter, label: str) -> dict[str, Any]:
     """runner.measure in a fresh Python process (clean load time and peak RSS)."""
     with tempfile.TemporaryDirectory(prefix="llmship-bench-") as tmp:
         job_file, result_file, err_file = Path(tmp) / "job.json", Path(tmp) / "result.json", Path(tmp) / "stderr.txt"
@@ -147,7 +124,7 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def measure_engine(job: dict[str, Any], isolate: bool, bar: _Progress, label: str) -> dict[str, Any]:
+def measure_engine(job: dict[str, Any], isolate: bool, bar: Counter, label: str) -> dict[str, Any]:
     if isolate:
         return _measure_isolated(job, bar, label)
     return runner.measure(job, lambda done, total: bar(label, done, total), isolated=False)
@@ -200,7 +177,7 @@ def run_bench(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: A
         "warmup_batches": [warm[i : i + bc.batch_size] for i in range(0, len(warm), bc.batch_size)],
         "runtime": cfg.runtime.model_dump(),
     }
-    bar = _Progress(progress)
+    bar = Counter(progress)
     bandwidth = roofline.measure_read_bandwidth(cfg.runtime.threads)
     engines: dict[str, dict[str, Any]] = {}
     try:

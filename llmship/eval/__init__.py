@@ -48,6 +48,7 @@ from llmship.eval import consistency, data, perplexity
 from llmship.eval.ceval import _counter
 from llmship.eval.gate import check_metrics_known, evaluate_goals, log_failures, write_junit
 from llmship.eval.summary import write_json, write_tables
+from llmship.progress import Counter
 
 __all__ = ["BASELINE_NAME", "run_eval"]
 
@@ -75,28 +76,6 @@ class Tasks:
         if self.consistency:
             names.update(consistency.METRICS)
         return names
-
-
-# --------------------------------------------------------------------------- progress
-class Progress:
-    """Adapts `progress` (None, a callable taking one status line, or a rich Progress) to one call."""
-
-    def __init__(self, target: Any):
-        self.target = target
-        self.tasks: dict[str, Any] = {}
-
-    def __call__(self, description: str, done: int, total: int) -> None:
-        if self.target is None:
-            return
-        if hasattr(self.target, "add_task"):
-            if description not in self.tasks:
-                self.tasks[description] = self.target.add_task(description, total=total)
-            self.target.update(self.tasks[description], completed=done, total=total)
-        else:  # a plain callable gets one line, as the export stage's progress does
-            self.target(f"{description}: {done}/{total}")
-
-    def scoped(self, prefix: str) -> Callable[[str, int, int], None]:
-        return lambda description, done, total: self(f"eval {prefix}: {description}", done, total)
 
 
 # --------------------------------------------------------------------------- preparation
@@ -245,7 +224,7 @@ def stored_baseline(path: str) -> dict[str, Any]:
     return rec
 
 
-def baseline_record(cfg: Config, tasks: Tasks, tokenizer: Any, progress: Progress) -> tuple[dict[str, Any], Any, bool]:
+def baseline_record(cfg: Config, tasks: Tasks, tokenizer: Any, progress: Counter) -> tuple[dict[str, Any], Any, bool]:
     """(record, consistency reference, from_cache): stored JSON, cache hit, or a fresh PyTorch run."""
     if cfg.gate.baseline_json:
         return stored_baseline(cfg.gate.baseline_json), None, True
@@ -259,7 +238,7 @@ def baseline_record(cfg: Config, tasks: Tasks, tokenizer: Any, progress: Progres
 
     engine = load_engine(cfg.model, cfg.runtime)
     try:
-        rec, ref = score_engine(engine, tasks, cfg, tokenizer, progress.scoped(BASELINE_NAME))
+        rec, ref = score_engine(engine, tasks, cfg, tokenizer, progress.scoped(f"eval {BASELINE_NAME}"))
     finally:
         engine.close()
     rec["path"] = cfg.model.path
@@ -300,7 +279,7 @@ def run_eval(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: An
     out_dir = Path(out_dir)
     if BASELINE_NAME in variants:
         raise UserError(f"a variant may not be named '{BASELINE_NAME}' (the baseline's column)", where="quantize")
-    bar = Progress(progress)
+    bar = Counter(progress)
     tokenizer = eval_tokenizer(cfg)
     tasks = prepare_tasks(cfg, tokenizer, max_positions(cfg, variants))
     check_metrics_known(cfg.gate.goals, tasks.metric_names())
@@ -315,7 +294,7 @@ def run_eval(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: An
             if "vocab_size" in base and int(engine.vocab_size) != int(base["vocab_size"]):
                 raise UserError(f"vocabulary of {engine.vocab_size} tokens, the baseline has {base['vocab_size']}",
                                 where=str(folder))
-            rec, ref = score_engine(engine, tasks, cfg, tokenizer, bar.scoped(name))
+            rec, ref = score_engine(engine, tasks, cfg, tokenizer, bar.scoped(f"eval {name}"))
         finally:
             engine.close()
         rec["path"] = str(folder)

@@ -19,33 +19,11 @@ import torch
 from llmship.artifact import Artifact, atomic_folder, new_manifest, write_manifest
 from llmship.config import Config
 from llmship.errors import CheckFailed, UserError
+from llmship.progress import Steps
 
 log = logging.getLogger("llmship")
 
 __all__ = ["export_fp32"]
-
-
-class _Steps:
-    """Reports stage steps to a rich Progress, a callable, or the log."""
-
-    def __init__(self, progress: Any, title: str, total: int):
-        self.progress = progress
-        self.task = progress.add_task(title, total=total) if hasattr(progress, "add_task") else None
-
-    def __call__(self, message: str) -> None:
-        log.info("%s", message)
-        if self.task is not None:
-            self.progress.update(self.task, description=message)
-        elif callable(self.progress):
-            self.progress(message)
-
-    def advance(self) -> None:
-        if self.task is not None:
-            self.progress.advance(self.task)
-
-    def done(self) -> None:
-        if self.task is not None:
-            self.progress.remove_task(self.task)
 
 
 def peak_rss_mb() -> float:
@@ -206,7 +184,7 @@ def export_fp32(cfg: Config, target: Path, progress: Any = None) -> Artifact:
 
     if cfg.export.slim and importlib.util.find_spec("onnxslim") is None:
         raise UserError("export.slim needs the onnxslim package (pip install onnxslim)", where="export.slim")
-    steps = _Steps(progress, "export", 5)
+    steps = Steps(progress, "export", 5)
     started = time.perf_counter()
     steps("loading the source model")
     source = load_source(cfg.model)

@@ -13,6 +13,7 @@ from typing import Any
 from llmship.artifact import Artifact, atomic_folder, model_size, new_manifest, write_manifest
 from llmship.config import Config, ParityConfig, VariantConfig
 from llmship.errors import CheckFailed, UserError
+from llmship.progress import Steps
 from llmship.quantize.graph import initializers, load_model, node_names
 from llmship.quantize.registry import QuantizeJob, Scheme, build_scheme, default_parity
 
@@ -22,25 +23,6 @@ log = logging.getLogger("llmship")
 SKIP_FILES = ("model.onnx", "model.onnx.data", "manifest.json")
 
 _reference_cache: dict[str, Any] = {}
-
-
-class _Steps:
-    """Progress messages to a rich Progress, a callable, or the log."""
-
-    def __init__(self, progress: Any, title: str):
-        self.progress = progress
-        self.task = progress.add_task(title, total=None) if hasattr(progress, "add_task") else None
-
-    def __call__(self, message: str) -> None:
-        log.info("%s", message)
-        if self.task is not None:
-            self.progress.update(self.task, description=message)
-        elif callable(self.progress):
-            self.progress(message)
-
-    def done(self) -> None:
-        if self.task is not None:
-            self.progress.remove_task(self.task)
 
 
 def reference_engine(cfg: Config) -> Any:
@@ -75,7 +57,7 @@ def quantize_variant(fp32: Artifact, variant: VariantConfig, calib: Any, target:
         raise UserError(f"exclude pattern(s) {', '.join(repr(p) for p in missing)} match no node, weight or module "
                         "of the model", where="quantize.exclude")
     parity = default_parity(variant)
-    steps = _Steps(progress, variant.variant_name)
+    steps = Steps(progress, variant.variant_name)
     started = time.perf_counter()
     target = Path(target)
     with atomic_folder(target) as folder:
