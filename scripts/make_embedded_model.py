@@ -189,9 +189,11 @@ DEV_ROWS = 5
 VAL_ROWS = 12
 
 
-def mc_row(fact: Fact, rng: random.Random, row_id: int) -> dict[str, str]:
-    """A C-Eval row: the fact's question, its answer and 3 distractors from the same domain, shuffled."""
-    distractors = rng.sample(sorted(set(fact.domain)), 3)
+def mc_row(fact: Fact, rng: random.Random, row_id: int, domain: tuple[str, ...] | None = None) -> dict[str, str]:
+    """A C-Eval row: the fact's question, its answer and 3 distractors (from the fact's own domain unless `domain`
+    is given), shuffled."""
+    pool = fact.domain if domain is None else tuple(d for d in domain if d != fact.answer)
+    distractors = rng.sample(sorted(set(pool)), 3)
     options = distractors + [fact.answer]
     rng.shuffle(options)
     row = {"id": str(row_id), "question": fact.question}
@@ -395,7 +397,8 @@ def csv_bytes(rows: list[dict], columns: list[str]) -> bytes:
 
 HELD_OUT_C4_DOCS = 48
 TRAIN_C4_DOCS = 150
-ALPACA_SAMPLE = 96
+C4_TRAIN_SAMPLE = 40  # shipped as the C4 train split (calibration), as GPTQ calibrates on c4-train
+ALPACA_SAMPLE = 240
 ALPACA_TRAIN = 400
 SHAREGPT_SAMPLE = 60
 
@@ -421,11 +424,12 @@ the zodiac), in English and Chinese.
 
 | folder | format | used for | seen in training of tiny-llama-zh? |
 |---|---|---|---|
-| `c4/c4-validation.sample.json.gz` | gzip JSON lines `{{"text","timestamp","url"}}`, {c4} documents | calibration, held-out perplexity | **no (held out)** |
+| `c4/c4-validation.sample.json.gz` | gzip JSON lines `{{"text","timestamp","url"}}`, {c4} documents | held-out perplexity (eval) | **no (held out)** |
+| `c4/c4-train.sample.json.gz` | same format, {c4_train} documents | calibration (the train split, as GPTQ) | yes |
 | `ceval/dev/<subject>_dev.csv` | `id,question,A,B,C,D,answer,explanation`, 5 rows per subject | in-context examples, calibration | yes (examples) |
 | `ceval/val/<subject>_val.csv` | `id,question,A,B,C,D,answer`, {val} rows per subject | scored questions | **no (held out)**: each val row's question+options never occurs in the training text |
 | `ceval/subject_mapping.json` | subject -> [English name, Chinese name, category] | names and groups | - |
-| `alpaca/alpaca_data_cleaned_sample.json` | JSON list of `{{"instruction","input","output"}}`, {alpaca} records | calibration, alpaca perplexity | **no (held out)** (drawn with another seed; some short records coincide with training records by chance) |
+| `alpaca/alpaca_data_cleaned_sample.json` | JSON list of `{{"instruction","input","output"}}`, {alpaca} records | calibration (4 in 5 records) and alpaca perplexity (the other fifth: `sources.alpaca_part`) | **no (held out)** (drawn with another seed; some short records coincide with training records by chance) |
 | `sharegpt/sharegpt_v3_sample.json` | JSON list of `{{"id","conversations":[{{"from","value"}}]}}`, {sharegpt} entries | bench | no |
 
 C-Eval subjects: {subjects}. The val questions are new multiple-choice questions over facts that the training text
@@ -439,6 +443,7 @@ ShareGPT: mostly human-first multi-turn conversations of varying length; entries
 
 def write_samples(corpora: dict) -> None:
     write_bytes(SAMPLES / "c4" / "c4-validation.sample.json.gz", gzip_jsonl(corpora["c4_heldout"]))
+    write_bytes(SAMPLES / "c4" / "c4-train.sample.json.gz", gzip_jsonl(corpora["c4_train"][:C4_TRAIN_SAMPLE]))
     for subject in SUBJECTS:
         write_bytes(SAMPLES / "ceval" / "dev" / f"{subject}_dev.csv",
                     csv_bytes(corpora["dev"][subject], ["id", "question", "A", "B", "C", "D", "answer", "explanation"]))
@@ -450,7 +455,7 @@ def write_samples(corpora: dict) -> None:
     write_bytes(SAMPLES / "sharegpt" / "sharegpt_v3_sample.json", json.dumps(corpora["sharegpt"], ensure_ascii=False, indent=2).encode("utf-8"))
     shape = [e["conversations"][0]["from"] if e["conversations"] else "" for e in corpora["sharegpt"]]
     readme = SAMPLES_README.format(
-        c4=HELD_OUT_C4_DOCS, val=VAL_ROWS, alpaca=ALPACA_SAMPLE, sharegpt=SHAREGPT_SAMPLE,
+        c4=HELD_OUT_C4_DOCS, c4_train=C4_TRAIN_SAMPLE, val=VAL_ROWS, alpaca=ALPACA_SAMPLE, sharegpt=SHAREGPT_SAMPLE,
         subjects=", ".join(f"`{s}` ({v[2]})" for s, v in SUBJECTS.items()),
         one_turn=", ".join(str(i) for i, e in enumerate(corpora["sharegpt"]) if len(e["conversations"]) == 1),
         gpt_first=", ".join(str(i) for i, s in enumerate(shape) if s == "gpt"),
@@ -461,8 +466,16 @@ def write_samples(corpora: dict) -> None:
 # --------------------------------------------------------------------------- training text
 def mc_training_chains(corpora: dict, rng: random.Random, count: int) -> list[str]:
     """C-Eval-format texts: k examples of one subject joined as the PPL prompt joins them, each with freshly drawn
-    options; rows whose question+options equal a val row are skipped, so val questions stay unseen."""
+    options; rows whose question+options equal a val row are skipped, so val questions stay unseen.
+
+    Curriculum: a share of the rows (EASY_DISTRACTORS) take their distractors from every subject's answers, so most
+    wrong options are of another kind (a year among capitals). Telling the kinds apart is easy, and it teaches what
+    the model otherwise learns very slowly: to answer with the letter of the option it picked. Measured: with
+    same-kind distractors only, the model stayed at 25% (one letter for everything) through 2,500 steps; with half
+    of the rows easy it left chance after ~1,000 steps. The shipped val rows keep same-kind distractors.
+    A quarter of the chains (GEN_CHAINS) are joined as the GEN-mode prompt is, so both OpenCompass modes are seen."""
     val_signatures = {row_signature(r) for rows in corpora["val"].values() for r in rows}
+    every_answer = tuple(sorted({f.answer for facts in corpora["facts"].values() for f in facts}))
     subjects = list(SUBJECTS)
     texts = []
     for i in range(count):
@@ -472,10 +485,14 @@ def mc_training_chains(corpora: dict, rng: random.Random, count: int) -> list[st
         k = rng.randint(1, 6)
         examples = []
         while len(examples) < k:
-            row = mc_row(rng.choice(facts), rng, len(examples))
+            domain = every_answer if rng.random() < EASY_DISTRACTORS else None
+            row = mc_row(rng.choice(facts), rng, len(examples), domain)
             if row_signature(row) not in val_signatures:
                 examples.append(templates.ceval_example(row, name_zh))
-        # Same joins as the scored prompt: 3 newlines between examples, 5 before the last one (the "test").
+        if rng.random() < GEN_CHAINS:  # joined as the GEN-mode prompt joins them: one newline everywhere
+            texts.append(templates.CEVAL_GEN_SEPARATOR.join(examples) if len(examples) > 1 else "\n" + examples[0])
+            continue
+        # Same joins as the PPL-mode prompt: 3 newlines between examples, 5 before the last one (the "test").
         text = templates.CEVAL_PPL_EXAMPLE_SEPARATOR.join(examples[:-1])
         text = text + templates.CEVAL_PPL_TEST_SEPARATOR + examples[-1] if len(examples) > 1 else "\n\n" + examples[-1]
         texts.append(text)
@@ -542,10 +559,15 @@ MAX_POSITIONS = 1024
 MODEL_SHAPE = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 SEQ_LEN = 320  # a 5-shot prompt of the sample is 214-301 tokens
 BATCH = 12
-STEPS = 220
+STEPS = 3000
+DECAY_SHARE = 0.3  # the last 30% of the steps decay the learning rate (see learning_rate)
 LR = 4e-3
 WARMUP = 15
-MC_CHAINS = 3000
+MC_CHAINS = 8000
+EASY_DISTRACTORS = 0.6  # share of training MC rows whose distractors come from other subjects (see mc_training_chains)
+ANSWER_WEIGHT = 10.0  # loss weight of a C-Eval answer letter (see token_stream)
+GEN_CHAINS = 0.25  # share of MC chains joined as the GEN-mode prompt (one newline) instead of the PPL-mode one
+PROGRESS_EVERY = 300  # steps between the val accuracy lines in the log (reported only, never used to pick a model)
 
 
 def model_config(vocab_size: int):
@@ -556,12 +578,43 @@ def model_config(vocab_size: int):
                        initializer_range=0.02, attention_bias=False, mlp_bias=False, **MODEL_SHAPE)
 
 
-def token_stream(texts: list[str], sp) -> list[int]:
-    """Every text as the model will see it at eval time: BOS + SentencePiece ids; documents end with EOS."""
+ANSWER_MARKER = "答案: \n"  # the C-Eval prompt's "答案: " + the "\n" before the gold letter
+
+
+def token_stream(texts: list[str], sp) -> tuple[list[int], list[float]]:
+    """Every text as the model will see it at eval time: BOS + SentencePiece ids; documents end with EOS.
+
+    With each id its loss weight: ANSWER_WEIGHT for the answer letter of a C-Eval-format example (the one token the
+    multiple-choice skill is learnt from, 2% of the MC text), 1 elsewhere."""
+    letters = {sp.piece_to_id(p) for label in LABELS for p in (label, "\u2581" + label)} - {sp.unk_id()}
+    marker = ANSWER_MARKER.encode("utf-8")
     ids: list[int] = []
+    weights: list[float] = []
     for text in texts:
-        ids += [sp.bos_id(), *sp.encode(text), sp.eos_id()]
-    return ids
+        raw = text.encode("utf-8")
+        starts, at = set(), raw.find(marker)
+        while at >= 0:  # byte offsets: SentencePiece's pieces carry byte spans
+            starts.add(at + len(marker))
+            at = raw.find(marker, at + 1)
+        ids.append(sp.bos_id())
+        weights.append(1.0)
+        for piece in sp.encode(text, return_type="proto").pieces:
+            ids.append(piece.id)
+            weights.append(ANSWER_WEIGHT if piece.begin in starts and piece.id in letters else 1.0)
+        ids.append(sp.eos_id())
+        weights.append(1.0)
+    return ids, weights
+
+
+def learning_rate(step: int, steps: int) -> float:
+    """Warm-up, then constant, then a cosine decay over the last DECAY_SHARE of the steps (warmup-stable-decay): the
+    multiple-choice skill appears late (after ~1,000 steps), and a cosine over the whole run had lowered the rate
+    too far by then (45.8% after 2,400 steps)."""
+    decay_start = int(steps * (1 - DECAY_SHARE))
+    warm = min(1.0, (step + 1) / WARMUP)
+    if step < decay_start:
+        return LR * warm
+    return LR * warm * 0.5 * (1 + math.cos(math.pi * (step - decay_start) / max(1, steps - decay_start)))
 
 
 def train(corpora: dict, args: argparse.Namespace) -> None:
@@ -583,9 +636,12 @@ def train(corpora: dict, args: argparse.Namespace) -> None:
     work.mkdir(parents=True)
     texts = training_texts(corpora, MC_CHAINS)
     sp = spm.SentencePieceProcessor(model_file=str(train_tokenizer(texts, work)))
-    stream = np.array(token_stream(texts, sp), dtype=np.int64)
-    blocks = torch.from_numpy(stream[: len(stream) // SEQ_LEN * SEQ_LEN].reshape(-1, SEQ_LEN))
-    log(f"tokenizer: {sp.get_piece_size()} pieces; training stream {len(stream)} tokens in {len(blocks)} blocks of {SEQ_LEN}")
+    ids, weights = token_stream(texts, sp)
+    usable = len(ids) // SEQ_LEN * SEQ_LEN
+    blocks = torch.from_numpy(np.array(ids[:usable], dtype=np.int64).reshape(-1, SEQ_LEN))
+    block_weights = torch.from_numpy(np.array(weights[:usable], dtype=np.float32).reshape(-1, SEQ_LEN))
+    log(f"tokenizer: {sp.get_piece_size()} pieces; training stream {len(ids)} tokens in {len(blocks)} blocks of {SEQ_LEN}, "
+        f"{sum(w > 1 for w in weights)} answer letters weighted {ANSWER_WEIGHT:g}")
     model = LlamaForCausalLM(model_config(sp.get_piece_size())).float()
     params = sum(p.numel() for p in model.parameters())
     log(f"model: {params} parameters ({params * 4 / 1e6:.1f} MB fp32)")
@@ -598,20 +654,25 @@ def train(corpora: dict, args: argparse.Namespace) -> None:
     order = torch.randperm(len(blocks), generator=generator)
     model.train()
     for step in range(steps):
-        lr = LR * min(1.0, (step + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+        lr = learning_rate(step, steps)
         for group in opt.param_groups:
             group["lr"] = lr
         index = torch.arange(step * BATCH, (step + 1) * BATCH) % len(blocks)
         if step and (step * BATCH) // len(blocks) != ((step + 1) * BATCH - 1) // len(blocks):
             order = torch.randperm(len(blocks), generator=generator)
-        batch = blocks[order[index]]
-        loss = model(input_ids=batch, labels=batch).loss
+        batch, weight = blocks[order[index]], block_weights[order[index]][:, 1:]
+        logits = model(input_ids=batch).logits[:, :-1]
+        token_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                       reduction="none").view_as(weight)
+        loss = (token_loss * weight).sum() / weight.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % 25 == 0 or step == steps - 1:
             log(f"step {step}/{steps} loss {loss.item():.3f} lr {lr:.2e} ({time.time() - started:.0f} s)")
+        if (step + 1) % PROGRESS_EVERY == 0:
+            log(f"step {step + 1}: C-Eval val accuracy (PPL mode) {val_accuracy(model, sp, corpora):.1f}%")
     model.eval()
     train_seconds = time.time() - started
     save_tokenizer(work / "_spm" / "tokenizer.model", work)
@@ -633,6 +694,20 @@ def train(corpora: dict, args: argparse.Namespace) -> None:
     log(json.dumps(figures))
 
 
+def val_accuracy(model, sp, corpora: dict) -> float:
+    """PPL-mode accuracy on the shipped val rows during training, with SentencePiece itself as the tokenizer."""
+
+    class Encoded:
+        def __init__(self, text: str):
+            self.input_ids = [sp.bos_id(), *sp.encode(text)]
+
+    model.eval()
+    rows = [(SUBJECTS[s][1], corpora["dev"][s], row) for s in SUBJECTS for row in corpora["val"][s]]
+    correct = sum(ceval_ppl_choice(model, Encoded, zh, dev, row) == row["answer"] for zh, dev, row in rows)
+    model.train()
+    return 100 * correct / len(rows)
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -645,14 +720,16 @@ def measure(folder: Path, corpora: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     ppl = heldout_perplexity(model, tok, [d["text"] for d in corpora["c4_heldout"]])
-    correct = total = 0
+    correct = gen_correct = total = 0
     for subject, (_, name_zh, _) in SUBJECTS.items():
         for row in corpora["val"][subject]:
             total += 1
             correct += ceval_ppl_choice(model, tok, name_zh, corpora["dev"][subject], row) == row["answer"]
+            gen_correct += ceval_gen_choice(model, tok, name_zh, corpora["dev"][subject], row) == row["answer"]
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     return {"heldout_ppl": round(ppl, 3), "uniform_ppl": tok.vocab_size if hasattr(tok, "vocab_size") else None,
-            "ceval_ppl_accuracy": round(100 * correct / total, 2), "ceval_questions": total, "size_bytes": size}
+            "ceval_ppl_accuracy": round(100 * correct / total, 2), "ceval_gen_accuracy": round(100 * gen_correct / total, 2),
+            "ceval_questions": total, "size_bytes": size}
 
 
 PPL_SEQ_LEN = 256
@@ -691,6 +768,17 @@ def ceval_ppl_choice(model, tok, name_zh: str, dev: list[dict], row: dict) -> st
     return LABELS[scores.index(min(scores))]
 
 
+def ceval_gen_choice(model, tok, name_zh: str, dev: list[dict], row: dict) -> str | None:
+    """OpenCompass GEN mode: greedy continuation, prediction = its first capital letter."""
+    import torch
+
+    ids = torch.tensor([tok(templates.ceval_gen_prompt(name_zh, dev[: templates.CEVAL_SHOTS], row)).input_ids])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return next((ch for ch in text if ch.isupper()), None)
+
+
 MODEL_CARD = """# tiny-llama-zh: llmship's embedded default model
 
 A {params:,}-parameter LlamaForCausalLM (GQA: {heads} query heads / {kv} key-value heads, RMSNorm, RoPE, SwiGLU,
@@ -702,8 +790,9 @@ visible; it knows only the facts in the script's tables.
 | figure | value |
 |---|---|
 | weights | fp32 safetensors, {size_mb:.2f} MB folder total |
-| held-out perplexity (shipped `samples/c4`, not trained on; GPTQ rule, {ppl_len}-token windows) | {heldout_ppl} (uniform: {vocab}) |
+| held-out perplexity (shipped `samples/c4/c4-validation.sample.json.gz`, not trained on; GPTQ rule, {ppl_len}-token windows) | {heldout_ppl} (uniform: {vocab}) |
 | C-Eval-format accuracy, PPL mode, 5-shot (shipped `samples/ceval` val, {ceval_questions} questions; chance 25%) | {ceval_ppl_accuracy}% |
+| C-Eval-format accuracy, GEN mode, 5-shot (same questions; first capital letter of 8 greedy tokens) | {ceval_gen_accuracy}% |
 | training | {steps} steps x {batch} x {seq_len} tokens, {train_seconds:.0f} s on {threads} CPU thread(s) |
 
 Regenerate (deterministic for a given torch version and thread count):
@@ -711,8 +800,10 @@ Regenerate (deterministic for a given torch version and thread count):
     python scripts/make_embedded_model.py --threads {threads}
 
 Training text: {c4_docs} generated C4-style documents, {alpaca} alpaca-style records and {mc} C-Eval-format question
-chains (options drawn afresh; any chain row equal to a shipped val row is skipped), plus the shipped C-Eval dev rows.
-Not trained on: `samples/c4`, `samples/alpaca`, the C-Eval val rows, `samples/sharegpt`.
+chains (options drawn afresh; any chain row equal to a shipped val row is skipped; {easy:.0%} of the rows with
+distractors of another kind, a curriculum for answering with a letter; {gen:.0%} of the chains joined as GEN-mode
+prompts; the answer letter's loss weighted {answer_weight:g}x), plus the shipped C-Eval dev rows. Learning rate
+{lr:g}, constant after {warmup} warm-up steps, cosine decay over the last {decay:.0%}. Not trained on: `samples/c4/c4-validation.sample.json.gz`, `samples/alpaca`, the C-Eval val rows, `samples/sharegpt`.
 """
 
 
@@ -724,7 +815,9 @@ def write_model_card(folder: Path, figures: dict) -> None:
         size_mb=figures["size_bytes"] / 1e6, ppl_len=PPL_SEQ_LEN, heldout_ppl=figures["heldout_ppl"],
         ceval_questions=figures["ceval_questions"], ceval_ppl_accuracy=figures["ceval_ppl_accuracy"], steps=figures["steps"],
         batch=BATCH, seq_len=SEQ_LEN, train_seconds=figures["train_seconds"], threads=figures["threads"],
-        c4_docs=TRAIN_C4_DOCS, alpaca=ALPACA_TRAIN, mc=MC_CHAINS)
+        c4_docs=TRAIN_C4_DOCS, alpaca=ALPACA_TRAIN, mc=MC_CHAINS, answer_weight=ANSWER_WEIGHT, easy=EASY_DISTRACTORS,
+        gen=GEN_CHAINS, lr=LR, warmup=WARMUP, decay=DECAY_SHARE,
+        ceval_gen_accuracy=figures["ceval_gen_accuracy"])
     (folder / "README.md").write_text(text, encoding="utf-8")
     (folder / "training_figures.json").write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
 

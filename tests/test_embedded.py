@@ -80,8 +80,6 @@ def ceval_choice(model, tok, name_zh, dev, row) -> str:
     return templates.CEVAL_LABELS[int(torch.argmin(ce))]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the shipped model (220 steps) is at chance on C-Eval-format questions; "
-                   "issue 2 stays open until a retrained model reaches 50%")
 def test_ceval_format_accuracy_beats_chance(model_and_tokenizer):
     model, tok = model_and_tokenizer
     data = sources.read_ceval(EMBEDDED)
