@@ -74,6 +74,38 @@ def folder_fingerprint(path: str | Path) -> str:
     return fingerprint(path)
 
 
+def read_config_json(folder: str | Path) -> dict[str, Any]:
+    """A model or compiled folder's config.json ({} when absent); an unreadable one is a UserError naming it."""
+    return read_json_object(Path(folder) / "config.json")
+
+
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON object file ({} when absent); an unreadable one, or one that is not an object, is a UserError naming it."""
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"unreadable JSON ({exc})", where=str(file)) from None
+    if not isinstance(data, dict):
+        raise UserError(f"expected a JSON object, got {type(data).__name__}", where=str(file))
+    return data
+
+
+def max_positions(model: Any, folders: Any) -> int:
+    """Smallest max_position_embeddings among the source model (`model`: a ModelConfig) and the compiled folders;
+    the hub's config when none of them is local."""
+    from llmship.export.source import resolve_model_path
+
+    source = Path(resolve_model_path(model.path)).expanduser()
+    found = [int(v) for folder in (source, *folders) if (v := read_config_json(folder).get("max_position_embeddings"))]
+    if not found:
+        from transformers import AutoConfig
+
+        found.append(int(AutoConfig.from_pretrained(model.path, revision=model.revision).max_position_embeddings))
+    return min(found)
+
+
 def folder_size(path: str | Path) -> int:
     """Bytes of every file under `path` (the manifest included)."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

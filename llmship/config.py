@@ -58,7 +58,10 @@ class ExportConfig(Section):
     external_data: Literal["auto", "always", "never"] = Field(
         "auto", description="Store weights in model.onnx.data: 'auto' does so when the model is over 2 GB."
     )
-    optimize: bool = Field(True, description="Run ONNX Runtime's transformer optimizer (fused ops) when it passes parity.")
+    optimize: bool = Field(True, description="Fuse the graph for ONNX Runtime (onnxscript's ORT fusions) when it passes parity.")
+    attention: Literal["mha", "gqa"] = Field(
+        "mha", description="Fused attention op: mha (MultiHeadAttention) or gqa (GroupQueryAttention, right-padded prompts)."
+    )
     slim: bool = Field(False, description="Run onnxslim graph clean-up after export.")
     parity: ParityConfig = Field(default_factory=ParityConfig, description="Tolerances of the fp32 export's parity check.")
 
@@ -303,17 +306,43 @@ def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
             node = node[key]
 
 
+def _field_annotation(dotted: str) -> Any:
+    """Annotation of the field a dotted override names (None when the path is not a field)."""
+    model: type[BaseModel] = Config
+    ann: Any = None
+    for part in dotted.split("."):
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else _item_model(ann)
+    return ann
+
+
+def _is_text_field(ann: Any) -> bool:
+    return ann is str or (getattr(ann, "__args__", None) is not None and str in ann.__args__
+                          and not any(a in (int, float, bool) for a in ann.__args__))
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`key=value` pairs; the value is read as YAML, except for text fields, which take it verbatim (so
+    `output.dir=2024` or `model.revision=0123` stay strings); `null` still clears an optional text field."""
     parsed = []
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key or any(not p for p in key.split(".")):
             raise UserError(f"override '{item}' is not of the form section.field=value", where="command line")
+        if _is_text_field(_field_annotation(key)) and raw not in ("null", "~"):
+            parsed.append((key, raw))
+            continue
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        parsed.append((key.strip(), value))
+        parsed.append((key, value))
     return parsed
 
 

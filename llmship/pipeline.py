@@ -8,6 +8,7 @@ reads, the keys of the stages it consumes, and the library versions. The key is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -69,6 +70,14 @@ def folder_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def data_fingerprint(path: str, kind: str) -> str:
+    """Fingerprint of a dataset's local files ('@embedded' = the bundled sample; a hub id hashes as its name)."""
+    from llmship.calib_data.sources import resolve
+
+    source = resolve(path, kind)
+    return folder_fingerprint(source) if isinstance(source, Path) and source.exists() else f"hub:{path}"
+
+
 def model_path(cfg: Config) -> str:
     return str(EMBEDDED_MODEL_DIR) if cfg.model.path == EMBEDDED else cfg.model.path
 
@@ -100,6 +109,41 @@ def cached(out: Path, stage: str, key: str, artifact: Path) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return record.get("key") == key and record.get("artifact") == str(artifact)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Inode and change time: an atomic swap puts a different folder in place; a failed build touches neither."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_ctime_ns
+
+
+@contextmanager
+def rebuilding(out: Path, stage: str):
+    """Drop a stage's record while its output is rebuilt: a run killed between the swap of the new folder and the
+    new record must not leave the old key pointing at the new folder. A build that fails with an exception before
+    its swap leaves the earlier folder in place (atomic writes; same inode), so its record is put back."""
+    index = _index_path(out, stage)
+    try:
+        saved = index.read_bytes()
+        artifact = Path(json.loads(saved)["artifact"])
+        before = _identity(artifact)
+    except (OSError, ValueError, KeyError, TypeError):
+        saved, artifact, before = None, None, None
+    with contextlib.suppress(FileNotFoundError):
+        index.unlink()
+    try:
+        yield
+    except BaseException:
+        untouched = artifact is not None and before is not None and _identity(artifact) == before
+        if saved is not None and untouched and not index.exists():
+            index.parent.mkdir(parents=True, exist_ok=True)
+            tmp = index.with_name(f".{index.name}.tmp")
+            tmp.write_bytes(saved)
+            tmp.replace(index)
+        raise
 
 
 def record(out: Path, stage: str, key: str, artifact: Path, result: Any = None) -> None:
@@ -155,19 +199,21 @@ def compile_stage(cfg: Config, out: Path, progress: Any, force: bool) -> dict[st
     fp32_key = stage_key("export", source_fp, cfg.model.model_dump(), cfg.export.model_dump())
     if force or not cached(out, "export", fp32_key, fp32_dir):
         log.info("exporting %s to %s", model_path(cfg), fp32_dir)
-        export_fp32(cfg, fp32_dir, progress=progress)
+        with rebuilding(out, "export"):
+            export_fp32(cfg, fp32_dir, progress=progress)
         record(out, "export", fp32_key, fp32_dir)
     else:
         log.info("fp32 export is up to date: %s", fp32_dir)
     folders: dict[str, Path] = {}
     calib = None
+    calibration_data = [data_fingerprint(s.path, s.kind) for s in cfg.calibration.sources]
     for variant in cfg.quantize.all_variants():
         name = variant.variant_name
         if variant.scheme == "none":
             folders[name] = fp32_dir
             continue
         target = out / name
-        key = stage_key("quantize", fp32_key, variant.model_dump(), cfg.calibration.model_dump())
+        key = stage_key("quantize", fp32_key, variant.model_dump(), cfg.calibration.model_dump(), calibration_data)
         if not force and cached(out, f"variant-{name}", key, target):
             log.info("variant %s is up to date: %s", name, target)
             folders[name] = target
@@ -178,7 +224,8 @@ def compile_stage(cfg: Config, out: Path, progress: Any, force: bool) -> dict[st
         if calib is None:
             calib = _calibration_set(cfg, fp32_dir)
         log.info("building variant %s (%s)", name, variant.scheme)
-        quantize_variant(Artifact.load(fp32_dir), variant, calib, target, cfg, progress=progress)
+        with rebuilding(out, f"variant-{name}"):
+            quantize_variant(Artifact.load(fp32_dir), variant, calib, target, cfg, progress=progress)
         record(out, f"variant-{name}", key, target)
         folders[name] = target
     return folders
@@ -194,13 +241,16 @@ def _calibration_set(cfg: Config, fp32_dir: Path) -> Any:
 
 
 def _variant_keys(out: Path, folders: dict[str, Path]) -> dict[str, str]:
+    """Per variant: its compile record's key and a fingerprint of the folder's files, so a folder changed on disk
+    after its compile (replaced, edited, corrupted) is scored again rather than served from the cache."""
     keys = {}
     for name, folder in folders.items():
         stage = "export" if folder.name == "fp32" else f"variant-{name}"
         try:
-            keys[name] = load_record(out, stage)["key"]
+            compiled = load_record(out, stage)["key"]
         except (OSError, json.JSONDecodeError, KeyError):
-            keys[name] = folder_fingerprint(folder)
+            compiled = None
+        keys[name] = f"{compiled}:{folder_fingerprint(folder)}"
     return keys
 
 
@@ -219,13 +269,23 @@ def compiled_variants(cfg: Config, out: Path) -> dict[str, Path]:
 def eval_stage(cfg: Config, out: Path, folders: dict[str, Path], progress: Any, force: bool) -> dict:
     run_eval = _entry("llmship.eval", "run_eval", "eval")
     eval_dir = out / "eval"
-    key = stage_key("eval", _variant_keys(out, folders), folder_fingerprint(model_path(cfg)),
-                    cfg.eval.model_dump(), cfg.gate.model_dump(), cfg.runtime.model_dump())
+    ev, gate = cfg.eval, cfg.gate
+    # The goals are left out of the key: a changed gate re-gates the stored scores instead of re-scoring.
+    key = stage_key("eval", _variant_keys(out, folders), folder_fingerprint(model_path(cfg)), cfg.model.model_dump(),
+                    ev.model_dump(), gate.baseline_json, gate.baseline_json and folder_fingerprint(gate.baseline_json),
+                    cfg.runtime.model_dump(), data_fingerprint(ev.ceval.path, "ceval"),
+                    data_fingerprint(ev.perplexity.c4_path, "c4"), data_fingerprint(ev.perplexity.alpaca_path, "alpaca"))
     if not force and cached(out, "eval", key, eval_dir):
-        log.info("eval results are up to date: %s", eval_dir)
-        result = load_record(out, "eval")["result"]
+        log.info("eval scores are up to date: %s", eval_dir)
+        from llmship.eval import regate
+
+        stored = load_record(out, "eval")["result"]
+        result = regate(cfg, stored, eval_dir)
+        if result is not stored:  # the goals changed: the record keeps the new verdicts
+            record(out, "eval", key, eval_dir, result)
     else:
-        result = run_eval(cfg, folders, eval_dir, progress=progress)
+        with rebuilding(out, "eval"):
+            result = run_eval(cfg, folders, eval_dir, progress=progress)
         record(out, "eval", key, eval_dir, result)
     failures = [row for row in result.get("gate", []) if not row.get("passed", True)]
     if failures:
@@ -236,12 +296,13 @@ def eval_stage(cfg: Config, out: Path, folders: dict[str, Path], progress: Any, 
 def bench_stage(cfg: Config, out: Path, folders: dict[str, Path], progress: Any, force: bool) -> dict:
     run_bench = _entry("llmship.bench", "run_bench", "bench")
     bench_dir = out / "bench"
-    key = stage_key("bench", _variant_keys(out, folders), folder_fingerprint(model_path(cfg)),
-                    cfg.bench.model_dump(), cfg.runtime.model_dump())
+    key = stage_key("bench", _variant_keys(out, folders), folder_fingerprint(model_path(cfg)), cfg.model.model_dump(),
+                    cfg.bench.model_dump(), cfg.runtime.model_dump(), data_fingerprint(cfg.bench.dataset, "sharegpt"))
     if not force and cached(out, "bench", key, bench_dir):
         log.info("bench results are up to date: %s", bench_dir)
         return load_record(out, "bench")["result"]
-    result = run_bench(cfg, folders, bench_dir, progress=progress)
+    with rebuilding(out, "bench"):
+        result = run_bench(cfg, folders, bench_dir, progress=progress)
     record(out, "bench", key, bench_dir, result)
     return result
 

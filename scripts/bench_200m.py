@@ -5,6 +5,9 @@ fp32 export plus w8a8-dynamic and w4a16 (rtn, MatMulNBits) variants with llmship
 `llmship.bench.run_bench` at each batch size (default 1 and 4) with 2 threads, and prints each bench.md.
 
     python scripts/bench_200m.py [--dir /tmp/llmship-200m] [--threads 2] [--batch-sizes 1 4] [--genai] [--builder]
+                                 [--attention gqa|mha] [--prefill-tokens 256]
+
+It also times one 256-token prefill at batch 1 for PyTorch and every variant (issue 8's prefill bar).
 
 --genai also drives the compiled variants through onnxruntime-genai; --builder also builds onnxruntime-genai's own
 int4 model (its model builder) from the same checkpoint and runs it in onnxruntime-genai, side by side.
@@ -115,6 +118,30 @@ def build_with_genai_builder(model: Path, target: Path, threads: int) -> Path | 
     return target
 
 
+def prefill_speed(cfg, folders: dict[str, Path], tokens: int, repeats: int) -> dict[str, float]:
+    """Prompt tokens/s of one `tokens`-long prefill at batch 1 (median of `repeats` after a warm-up), PyTorch first."""
+    import numpy as np
+
+    from llmship.runtime import load_engine
+
+    prompt = np.random.default_rng(0).integers(3, 30000, size=(1, tokens)).astype(np.int64)
+    mask = np.ones_like(prompt)
+    speeds = {}
+    for name, spec in {"pytorch": cfg.model, **folders}.items():
+        engine = load_engine(spec, cfg.runtime)
+        prompt = np.minimum(prompt, engine.vocab_size - 1)
+        engine.prefill(prompt, mask)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            engine.prefill(prompt, mask)
+            times.append(time.perf_counter() - start)
+        engine.close()
+        speeds[name] = tokens / float(np.median(times))
+        log(f"prefill {tokens}: {name} {speeds[name]:.0f} tokens/s")
+    return speeds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/llmship-200m"), help="scratch folder (model, variants, results)")
@@ -130,6 +157,8 @@ def main() -> int:
     parser.add_argument("--params", type=float, default=TARGET_PARAMS, help="parameter count the layer count aims at")
     parser.add_argument("--genai", action="store_true", help="also run the llmship variants in onnxruntime-genai")
     parser.add_argument("--builder", action="store_true", help="also build and run onnxruntime-genai's own int4 model")
+    parser.add_argument("--attention", choices=("mha", "gqa"), default="gqa", help="export.attention of llmship's graphs")
+    parser.add_argument("--prefill-tokens", type=int, default=256, help="prompt length of the prefill measurement")
     args = parser.parse_args()
 
     from llmship.bench import run_bench
@@ -139,19 +168,21 @@ def main() -> int:
     model = build_model(args.dir / "model", args.max_positions, args.hidden, args.intermediate, args.heads, args.params)
     out = args.dir / "out"
     cfg = make_config(model, out, args)
+    cfg.export.attention = args.attention
     started = time.perf_counter()
     folders = compile_stage(cfg, out, lambda line: log(line), force=False)
     log(f"compiled {', '.join(folders)} in {time.perf_counter() - started:.0f}s")
     builder = build_with_genai_builder(model, args.dir / "genai-builder-int4", args.threads) if args.builder else None
 
-    summary = {}
+    summary = {"prefill_tokens_per_s": prefill_speed(cfg, folders, args.prefill_tokens, repeats=5)}
     for batch in args.batch_sizes:
         cfg.bench.batch_size = batch
         cfg.bench.engine = "ort"
         cfg.bench.baseline = True
         result = run_bench(cfg, folders, out / f"bench-b{batch}", progress=lambda line: log(line))
         print((out / f"bench-b{batch}" / "bench.md").read_text(encoding="utf-8"))
-        summary[f"ort-b{batch}"] = {e["name"]: e["metrics"]["output_throughput"] for e in result["engines"]}
+        summary[f"ort-b{batch}"] = {e["name"]: {"output": e["metrics"]["output_throughput"], "decode": e["decode_tokens_per_s"],
+                                              "of_limit": e["roofline_fraction"]} for e in result["engines"]}
         genai_folders = dict(folders) if args.genai else {}
         if builder is not None:
             genai_folders["genai-builder-int4"] = builder
@@ -160,8 +191,11 @@ def main() -> int:
             cfg.bench.baseline = False
             result = run_bench(cfg, genai_folders, out / f"bench-genai-b{batch}", progress=lambda line: log(line))
             print((out / f"bench-genai-b{batch}" / "bench.md").read_text(encoding="utf-8"))
-            summary[f"genai-b{batch}"] = {e["name"]: e["metrics"]["output_throughput"] for e in result["engines"]}
-    print("output tokens/s: " + json.dumps(summary, indent=1))
+            summary[f"genai-b{batch}"] = {e["name"]: {"output": e["metrics"]["output_throughput"], "decode": e["decode_tokens_per_s"],
+                                                    "of_limit": e["roofline_fraction"]} for e in result["engines"]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    print("tokens/s (output = all generated tokens / run time; decode = tokens after the first / their time): "
+          + json.dumps(summary, indent=1))
     return 0
 
 

@@ -113,7 +113,8 @@ def bad_override(c):
 
 
 def escaping_variant_name(c):
-    return ["compile", str(c.config(quantize={"scheme": "none", "variants": [{"scheme": "fp16", "name": "../x"}]}))], ["name"]
+    return ["compile", str(c.config(quantize={"scheme": "none", "variants": [{"scheme": "fp16", "name": "../x"}]}))], [
+        "quantize.variants.0.name", "plain folder name"]
 
 
 def missing_model_folder(c):
@@ -298,10 +299,24 @@ CASES: dict[str, Case] = {f.__name__: f for f in (
 )}
 
 
+def case_output_dir(args: list[str]) -> Path | None:
+    """The output.dir of the case's config file (None when the file is not a readable YAML mapping)."""
+    try:
+        tree = yaml.safe_load(Path(args[1]).read_text())
+        return Path(tree["output"]["dir"])
+    except (OSError, yaml.YAMLError, TypeError, KeyError, IndexError):
+        return None
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_exits_2_with_one_line(ctx, name):
     before = tree_digest(ctx.compiled / "fp32")
     args, fragments = CASES[name](ctx)
+    # Every case's output folder holds earlier results (a compiled variant, stage records) that must survive it.
+    out = case_output_dir(args)
+    if out is not None and not out.exists() and out.parent.is_dir():
+        shutil.copytree(ctx.compiled, out)
+    out_before = tree_digest(out) if out is not None and out.is_dir() else None
     result = CliRunner().invoke(app, args)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2, f"exit {result.exit_code}: {result.stderr[-2000:]}"
@@ -311,6 +326,8 @@ def test_bad_input_exits_2_with_one_line(ctx, name):
     for fragment in fragments:
         assert fragment.lower() in message.lower(), message
     assert tree_digest(ctx.compiled / "fp32") == before
+    if out_before is not None:
+        assert tree_digest(out) == out_before, f"{name} changed {out}"
 
 
 def test_failed_gate_exits_1_and_writes_junit(ctx):

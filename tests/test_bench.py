@@ -66,8 +66,15 @@ def vllm_order(entries: list[dict], seed: int) -> list[str]:
     return [e["id"] for e in data]
 
 
-def test_sampling_rules_exact_counts():
-    requests, report = sample_requests(CASES, WordTokenizer(), num_prompts=100, seed=0, limits=LIMITS, oversample=False)
+def test_sampling_rules_exact_counts(tmp_path):
+    # a hand-made ShareGPT V3 file with one conversation per rule, read by the loader the bench uses
+    from llmship.bench.sharegpt import load_conversations
+
+    file = tmp_path / "sharegpt_cases.json"
+    file.write_text(json.dumps(CASES, ensure_ascii=False), encoding="utf-8")
+    conversations = load_conversations(str(file))
+    requests, report = sample_requests(conversations, WordTokenizer(), num_prompts=100, seed=0, limits=LIMITS,
+                                       oversample=False)
     assert {r.conversation_id for r in requests} == KEPT
     assert report.read == 12 and report.examined == 11 and report.kept == 5 and report.used == 5
     assert report.dropped == {"fewer_than_2_turns": 1, "not_human_first": 2, "prompt_too_short": 1, "output_too_short": 1,

@@ -38,6 +38,14 @@ def llama_tokenizer():
     return load_tokenizer(TOKENIZER_DIR)
 
 
+@pytest.fixture(scope="module")
+def embedded_tokenizer():
+    from llmship.config import EMBEDDED_MODEL_DIR
+    from llmship.export.source import load_tokenizer
+
+    return load_tokenizer(EMBEDDED_MODEL_DIR)
+
+
 def gptq_get_c4(texts: list[str], tokenizer, nsamples: int, seed: int, seqlen: int) -> list[list[int]]:
     """IST-DASLab/gptq datautils.get_c4's sampling loop, transcribed (module-level `random`, inclusive randint)."""
     random.seed(seed)
@@ -95,7 +103,8 @@ needs_samples = pytest.mark.skipif(not SAMPLES_DIR.is_dir(), reason="bundled sam
 
 
 @needs_samples
-def test_embedded_mixture_is_deterministic_with_fingerprint(llama_tokenizer):
+def test_embedded_mixture_is_deterministic_with_fingerprint(embedded_tokenizer):
+    llama_tokenizer = embedded_tokenizer
     cfg = CalibrationConfig(seq_len=64, sources=[{"kind": "c4", "samples": 8}, {"kind": "ceval", "samples": 4},
                                                  {"kind": "alpaca", "samples": 4}])
     first = build_calibration_set(cfg, llama_tokenizer, 2048)
@@ -108,7 +117,8 @@ def test_embedded_mixture_is_deterministic_with_fingerprint(llama_tokenizer):
 
 
 @needs_samples
-def test_too_few_samples_fails_unless_partial_is_allowed(llama_tokenizer, caplog):
+def test_too_few_samples_fails_unless_partial_is_allowed(embedded_tokenizer, caplog):
+    llama_tokenizer = embedded_tokenizer
     cfg = CalibrationConfig(seq_len=64, sources=[{"kind": "ceval", "samples": 100000}])
     with pytest.raises(UserError, match="fewer calibration samples than asked"):
         build_calibration_set(cfg, llama_tokenizer, 2048)
@@ -132,3 +142,45 @@ def test_ceval_and_alpaca_samples_are_rendered_with_their_templates():
     alpaca = alpaca_texts("@embedded")
     assert all(t.startswith("Below is an instruction that describes a task") for t in alpaca)
     assert any("### Input:" in t for t in alpaca) and any("### Input:" not in t for t in alpaca)
+
+
+@needs_samples
+def test_calibration_and_eval_draw_disjoint_data():
+    """C4: calibration reads the train split, eval the validation split; alpaca: eval scores the held-out part only."""
+    from llmship.calib_data import sources
+    from llmship.calib_data.mixture import alpaca_texts
+    from llmship.eval import data
+
+    train, validation = sources.read_c4("@embedded", split="train"), data.read_c4_texts("@embedded")
+    assert train and validation and not set(train) & set(validation)
+    records = sources.read_alpaca("@embedded")
+    held_out, calibration = data.read_alpaca("@embedded"), sources.alpaca_part(records, "calibration")
+    assert held_out and calibration and len(held_out) + len(calibration) == len(records)
+    assert not {json.dumps(r) for r in held_out} & {json.dumps(r) for r in calibration}
+    assert len(alpaca_texts("@embedded")) == len(calibration)
+
+
+def test_c4_folder_with_one_split_refuses_the_other(tmp_path):
+    folder = tmp_path / "en"
+    folder.mkdir()
+    (folder / "c4-validation.00000-of-00008.json").write_text('{"text": "a b c"}\n', encoding="utf-8")
+    from llmship.calib_data import sources
+
+    assert sources.read_c4(str(folder), split="validation") == ["a b c"]
+    with pytest.raises(UserError, match="no c4-train") as err:
+        sources.read_c4(str(folder), split="train")
+    assert err.value.where == str(folder)
+
+
+@needs_shared
+def test_mixture_from_real_shared_data(llama_tokenizer):
+    """The three sources from ../shared/data (real C4, C-Eval, alpaca-cleaned), tokenized with the LLaMA 32k tokenizer."""
+    cfg = CalibrationConfig(seq_len=256, sources=[
+        {"kind": "c4", "path": str(C4_FILE), "samples": 16},
+        {"kind": "ceval", "path": str(SHARED / "ceval"), "samples": 16},
+        {"kind": "alpaca", "path": str(SHARED / "alpaca-cleaned" / "alpaca_data_cleaned_sample1000.json"), "samples": 16}])
+    calib = build_calibration_set(cfg, llama_tokenizer, 2048)
+    assert [s["taken"] for s in calib.fingerprint["sources"]] == [16, 16, 16]
+    assert all(len(s) == 256 for s in calib.samples[:16])  # GPTQ windows are exactly seq_len long
+    assert all(s[0] == llama_tokenizer.bos_token_id for s in calib.samples[16:])  # C-Eval/alpaca: whole texts, BOS first
+    assert calib.fingerprint == build_calibration_set(cfg, llama_tokenizer, 2048).fingerprint

@@ -47,8 +47,13 @@ def test_run_writes_report_with_every_section(demo_run):
     assert names == ["fp32", "w8a8-dynamic", "w4a16-rtn"]
     sizes = {v["variant"]: v["size_ratio"] for v in summary["variants"]}
     assert sizes["fp32"] == pytest.approx(1.0) and sizes["w8a8-dynamic"] < 0.5 and sizes["w4a16-rtn"] < 0.4
-    assert all(v["parity"] for v in summary["variants"])
+    assert all(v["parity"]["passed"] for v in summary["variants"])
     assert summary["accuracy"] and summary["gate"] and all(g["passed"] for g in summary["gate"])
+    # issue 5: the exported fp32 graph predicts what PyTorch predicts on >= 99.5% of the C-Eval questions, both modes
+    results = json.loads((out / "eval" / "results.json").read_text())
+    fp32 = results["engines"]["fp32"]["metrics"]
+    assert fp32["ceval/ppl/agreement"] >= 99.5 and fp32["ceval/gen/agreement"] >= 99.5
+    assert len(results["engines"]["pytorch"]["predictions"]["ppl"]) == 96  # every val question of the sample
     engines = summary["bench"]["engines"]
     assert len(engines) == 4  # PyTorch baseline + three variants
     assert all(e["metrics"]["output_throughput"] > 0 for e in engines)
@@ -100,30 +105,135 @@ def test_rerun_redoes_nothing_and_eval_change_reruns_only_eval(demo_run):
     changed = {name for name in after if after[name] != before.get(name)}
     assert changed == {"eval.json"}
 
+    # only the gate's goals change: the stored scores are re-gated, nothing is scored again
+    scored = json.loads((out / "eval" / "results.json").read_text())["wall_s"]
+    eval_args = [*QUICK[:1], "eval.ceval.max_questions=16", *QUICK[2:]]
+    proc = cli("run", "llmship/demo.yaml", f"output.dir={out}", *eval_args, "gate.goals.1.value=50.0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eval scores are up to date" in proc.stderr
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert results["wall_s"] == scored  # the scores are the stored ones
+    ppl_rows = [row for row in results["gate"] if row["metric"] == "ppl/c4"]
+    assert ppl_rows and all(row["limit"] == pytest.approx(row["baseline"] * 1.5) for row in ppl_rows)  # 50% allowed
+
+
+def _kill_when(args: list[str], ready, timeout: float = 900) -> None:
+    """Start the CLI in its own process group and SIGKILL the whole group once `ready(pid)` is true."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready(proc.pid):
+        time.sleep(0.02)
+    finished = proc.poll() is not None
+    if not finished:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not finished, "the run ended before the kill point; the test did not kill anything"
+
+
+def _trusted_records_are_complete(stages: Path) -> dict[str, str]:
+    """Every stage the index trusts points at a complete artifact; returns stage -> key."""
+    keys = {}
+    for file in stages.glob("*.json") if stages.is_dir() else []:
+        record = json.loads(file.read_text())
+        artifact = Path(record["artifact"])
+        assert artifact.is_dir() and not artifact.name.count(".tmp-")
+        assert (artifact / "manifest.json").is_file() or any(artifact.glob("*.json"))
+        keys[file.stem] = record["key"]
+    return keys
+
 
 def test_sigkill_then_rerun_loses_nothing(tmp_path):
+    """SIGKILL a real `llmship run` at four moments (mid fp32 export, mid variant build, mid eval, mid bench); after
+    each kill the index trusts only complete artifacts, finished stages are not redone, and the last rerun finishes."""
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "llmship.cli", "compile", "llmship/demo.yaml", f"output.dir={out}", "--quiet"]
+    args = [sys.executable, "-m", "llmship.cli", "run", "llmship/demo.yaml", f"output.dir={out}", "--quiet", *QUICK]
     stages = out / ".llmship" / "stages"
-    # Kill once while the fp32 export is being written, once while a variant is being built.
-    for wait_for in (None, "export.json"):
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None:
-            if wait_for is None and any(out.glob("fp32.tmp-*")):
-                break
-            if wait_for and (stages / wait_for).is_file() and any(out.glob("*.tmp-*")):
-                break
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        trusted = {p.stem for p in stages.glob("*.json")} if stages.is_dir() else set()
-        for stage in trusted:  # anything the index trusts is complete
-            record = json.loads((stages / f"{stage}.json").read_text())
-            assert (Path(record["artifact"]) / "manifest.json").is_file()
-    proc = cli("compile", "llmship/demo.yaml", f"output.dir={out}")
+
+    def building(prefix: str):
+        return lambda _pid: any(out.glob(f"{prefix}.tmp-*"))
+
+    def eval_scoring_variants(_pid: int) -> bool:  # the baseline is scored and cached, the variants are next
+        return any((out / ".llmship" / "eval-baseline").glob("*/baseline.json"))
+
+    def bench_worker_running(pid: int) -> bool:
+        import psutil
+
+        children = psutil.Process(pid).children(recursive=True)
+        return any("llmship.bench.runner" in " ".join(c.cmdline()) for c in children if c.is_running())
+
+    kill_points = [building("fp32"), building("w4a16-rtn"), eval_scoring_variants, bench_worker_running]
+    finished: dict[str, str] = {}
+    for ready in kill_points:
+        _kill_when(args, ready)
+        keys = _trusted_records_are_complete(stages)
+        assert all(keys.get(stage) == key for stage, key in finished.items())  # nothing finished was lost
+        finished = keys
+    assert {"export", "variant-w8a8-dynamic", "variant-w4a16-rtn", "eval"} <= set(finished)
+    fp32_manifest = (out / "fp32" / "manifest.json").stat().st_mtime_ns
+    proc = cli("run", "llmship/demo.yaml", f"output.dir={out}", *QUICK)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "fp32 export is up to date" in proc.stderr
-    for name in ("fp32", "w8a8-dynamic", "w4a16-rtn"):
-        assert (out / name / "manifest.json").is_file()
-    assert not list(out.glob("*.tmp-*"))
+    assert "fp32 export is up to date" in proc.stderr and "eval scores are up to date" in proc.stderr
+    assert (out / "fp32" / "manifest.json").stat().st_mtime_ns == fp32_manifest
+    assert (out / "report" / "report.html").is_file() and (out / "bench" / "bench.json").is_file()
+    assert not list(out.glob("*.tmp-*")) and not list(out.glob("*.old-*"))
+
+
+def test_rebuild_forgets_the_old_record(tmp_path, monkeypatch):
+    """A run stopped after a rebuilt folder was swapped in but before its new record was written must not leave the
+    old record trusting the new folder; a build that fails before its swap keeps the old record (and folder)."""
+    from llmship import pipeline
+    from llmship.config import load_config
+
+    cfg = load_config("llmship/demo.yaml", [f"output.dir={tmp_path}"])
+    index = tmp_path / ".llmship" / "stages" / "export.json"
+
+    def stopped_after_swap(cfg, target, progress=None):
+        from llmship.artifact import swap_in
+
+        built = target.with_name("fp32.tmp-built")
+        built.mkdir()
+        swap_in(built, target)  # a new folder in place of the old one, as the atomic write leaves it
+        raise KeyboardInterrupt  # stands for a stop between the swap and the record
+
+    def failed_before_swap(cfg, target, progress=None):
+        from llmship.errors import UserError
+
+        raise UserError("bad model folder", where="model.path")
+
+    for build, kept in ((failed_before_swap, True), (stopped_after_swap, False)):
+        (tmp_path / "fp32").mkdir(exist_ok=True)
+        pipeline.record(tmp_path, "export", "key-of-another-config", tmp_path / "fp32")
+        monkeypatch.setattr(pipeline, "_entry", lambda module, name, stage, build=build: build)
+        with pytest.raises((KeyboardInterrupt, Exception)):
+            pipeline.compile_stage(cfg, tmp_path, None, force=False)
+        assert index.exists() == kept, build.__name__
+
+
+def test_corrupted_variant_fails_the_demo_gate_with_exit_1(demo_run, tmp_path):
+    """`llmship eval` on a compiled folder whose weights were damaged after compile: the eval is not served from the
+    cache, the demo's gate fails, the CLI exits 1 with the failure table, and junit.xml reports the failure."""
+    import xml.etree.ElementTree as ET
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    out, _, _ = demo_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    # the stage records name the original folders; point them at the copy
+    for record_file in (copy / ".llmship" / "stages").glob("*.json"):
+        record_file.write_text(record_file.read_text().replace(str(out), str(copy)))
+    graph = copy / "w8a8-dynamic" / "model.onnx"
+    model = onnx.load(str(graph))
+    matmul_weights = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    for init in matmul_weights[:4]:
+        arr = numpy_helper.to_array(init)
+        noisy = np.random.default_rng(0).integers(-127, 128, size=arr.shape, dtype=np.int8)
+        init.CopyFrom(numpy_helper.from_array(noisy, init.name))
+    onnx.save(model, str(graph))
+    proc = cli("eval", "llmship/demo.yaml", f"output.dir={copy}", "--quiet", *QUICK)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "gate goal(s) failed" in proc.stderr and "w8a8-dynamic" in proc.stderr
+    failures = [tc for tc in ET.parse(copy / "eval" / "junit.xml").getroot().iter("testcase") if tc.find("failure") is not None]
+    assert failures and all("w8a8-dynamic" in (tc.get("name", "") + tc.get("classname", "")) for tc in failures)

@@ -29,6 +29,18 @@ def test_defaults_and_shipped_configs_load():
     assert [v.scheme for v in int8.quantize.all_variants()] == ["w8a8-dynamic", "w8a16"]
 
 
+def test_demo_config_in_configs_is_the_packaged_one():
+    # `llmship demo` runs the packaged llmship/demo.yaml; configs/demo.yaml is the copy users read and edit
+    assert (REPO / "configs" / "demo.yaml").read_text() == (REPO / "llmship" / "demo.yaml").read_text()
+
+
+def test_text_overrides_stay_text():
+    cfg = load_config(None, ["output.dir=2024", "model.revision=0123", "model.path=yes", "model.adapter=null",
+                             "bench.num_prompts=3", "export.opset=17"])
+    assert (cfg.output.dir, cfg.model.revision, cfg.model.path) == ("2024", "0123", "yes")
+    assert cfg.model.adapter is None and cfg.bench.num_prompts == 3 and cfg.export.opset == 17
+
+
 def test_overrides_apply_after_file(tmp_path):
     path = write(tmp_path, "model:\n  path: ./a\noutput:\n  dir: x\n")
     cfg = load_config(path, ["model.path=./m", "output.dir=./out", "calibration.seq_len=64",

@@ -52,7 +52,7 @@ def _write_c4(root: Path, rng: random.Random) -> Path:
 
 def _write_alpaca(root: Path, rng: random.Random) -> Path:
     records = [{"instruction": " ".join(rng.choices(WORDS_EN, k=6)) + "?", "input": "" if i % 2 else "今天天气很好",
-                "output": " ".join(rng.choices(WORDS_EN, k=rng.randint(5, 20))) + "."} for i in range(10)]
+                "output": " ".join(rng.choices(WORDS_EN, k=rng.randint(5, 20))) + "."} for i in range(60)]
     path = root / "alpaca.json"
     path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     return path

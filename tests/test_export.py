@@ -151,3 +151,31 @@ def test_half_precision_source_exports_fp32_checked_against_fp32(gqa_export, tmp
     assert json.loads((artifact.path / "config.json").read_text())["dtype"] == "float32"
     graph = onnx.load(str(artifact.onnx_path), load_external_data=False).graph
     assert graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_gqa_attention_export_passes_parity_through_the_runtime(tmp_path):
+    """export.attention=gqa: GroupQueryAttention (right-padded prompts inside OrtEngine, left-padded interface) passes
+    the same parity, the left-padded batch included, and writes a genai_config with the in-place cache."""
+    model = make_llama(tmp_path / "model", num_key_value_heads=2)
+    artifact = export_fp32(_config(model, attention="gqa"), tmp_path / "fp32")
+    parity = _assert_parity_passed(artifact)
+    assert artifact.manifest["optimize"]["applied"] and artifact.manifest["optimize"]["fusions"]["group_query_attention"] == 2
+    assert "com.microsoft::GroupQueryAttention" in _ops(artifact)
+    assert parity["batch_top1"] == 1.0
+    engine = OrtEngine(artifact.path)
+    assert engine.padding == "right"
+    # generation uses the in-place cache (one buffer per layer bound as past and present): same tokens as the grown
+    # (concatenated) cache and as PyTorch, on a batch of different lengths
+    from llmship.config import ModelConfig
+    from llmship.runtime import load_engine
+
+    prompts = [[1, 5, 6, 7, 8, 9, 10], [1, 11, 12], [1, 13, 14, 15, 16]]
+    in_place = engine.generate(prompts, 12, ignore_eos=True)
+    concat_engine = OrtEngine(artifact.path)
+    concat_engine.prefill_for_generation = lambda ids, mask, _n: concat_engine.prefill(ids, mask)
+    assert in_place == concat_engine.generate(prompts, 12, ignore_eos=True)
+    assert in_place == load_engine(ModelConfig(path=str(model))).generate(prompts, 12, ignore_eos=True)
+    assert "in-place" in engine.info()["kv_cache"]
+    genai = json.loads((artifact.path / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is True
+    assert genai["model"]["decoder"]["num_key_value_heads"] == 2

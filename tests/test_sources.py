@@ -95,7 +95,7 @@ def test_bad_files_name_the_file(tmp_path, name, content, reader, needle):
 
 def test_ceval_without_answer_column(tmp_path):
     (tmp_path / "val").mkdir()
-    bad = tmp_path / "val" / "physics_val.csv"
+    bad = tmp_path / "val" / "college_physics_val.csv"
     bad.write_text("id,question,A,B,C,D\n0,q,a,b,c,d\n", encoding="utf-8")
     with pytest.raises(UserError) as err:
         sources.read_ceval(str(tmp_path))
@@ -127,3 +127,22 @@ def test_readers_on_real_samples():
     assert len(alpaca) == 1000 and any(r["input"] for r in alpaca)
     share = sources.read_sharegpt(str(SHARED / "sharegpt" / "ShareGPT_V3_unfiltered_cleaned_split.sample300.json"))
     assert 250 <= len(share) <= 300 and any(e["conversations"][0]["from"] == "gpt" for e in share)
+
+
+def test_ceval_subject_names_answers_and_mapping(tmp_path):
+    """Without subject_mapping.json, C-Eval's own table names a known subject; an unknown subject or a gold answer
+    outside A-D is an error naming the file."""
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "college_physics_val.csv").write_text("id,question,A,B,C,D,answer\n0,q,a,b,c,d,B\n", encoding="utf-8")
+    data = sources.read_ceval(str(tmp_path))
+    subject = data.subjects["college_physics"]
+    assert (subject.name_zh, subject.category) == ("大学物理", "STEM")
+    (tmp_path / "val" / "knitting_val.csv").write_text("id,question,A,B,C,D,answer\n0,q,a,b,c,d,B\n", encoding="utf-8")
+    with pytest.raises(UserError, match="'knitting' is not a C-Eval subject"):
+        sources.read_ceval(str(tmp_path))
+    (tmp_path / "val" / "knitting_val.csv").unlink()
+    bad = tmp_path / "val" / "college_physics_val.csv"
+    bad.write_text("id,question,A,B,C,D,answer\n0,q,a,b,c,d,E\n", encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        sources.read_ceval(str(tmp_path))
+    assert str(bad) in str(err.value) and "'E'" in str(err.value)

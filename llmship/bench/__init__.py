@@ -57,18 +57,9 @@ def bench_tokenizer(cfg: Config, variants: dict[str, Path]) -> Any:
 
 def max_positions(cfg: Config, variants: dict[str, Path]) -> int:
     """Smallest max_position_embeddings among the source and the variants."""
-    found = []
-    for folder in (_source_folder(cfg), *variants.values()):
-        file = Path(folder) / "config.json" if folder is not None else None
-        if file is not None and file.is_file():
-            value = json.loads(file.read_text(encoding="utf-8")).get("max_position_embeddings")
-            if value:
-                found.append(int(value))
-    if not found:
-        from transformers import AutoConfig
+    from llmship.artifact import max_positions as smallest
 
-        found.append(int(AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision).max_position_embeddings))
-    return min(found)
+    return smallest(cfg.model, variants.values())
 
 
 # --------------------------------------------------------------------------- engines

@@ -48,6 +48,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_f(m['request_throughput'], 3)} | {_f(m['total_token_throughput'], 1)} | {_f(lat['ttft']['median_ms'], 1)} "
             f"| {_f(lat['tpot']['median_ms'], 1)} | {_f(lat['itl']['median_ms'], 1)} | {_f(lat['e2el']['median_ms'], 1)} "
             f"| {_f(lat['ttft']['p99_ms'], 1)} | {_f(lat['tpot']['p99_ms'], 1)} |")
+    lines += ["", "## Latency statistics (ms)", "", "| engine | metric | mean | median | p90 | p99 | vs baseline (median) |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for name, e in engines.items():
+        for metric, stats in e["metrics"]["latency"].items():
+            ratio = e.get("ratios", {}).get(f"{metric}_median")
+            lines.append(f"| {name} | {metric.upper()} | {_f(stats.get('mean_ms'), 1)} | {_f(stats.get('median_ms'), 1)} "
+                         f"| {_f(stats.get('p90_ms'), 1)} | {_f(stats.get('p99_ms'), 1)} | {_ratio(ratio)} |")
     bw = result["bandwidth"]
     lines += [
         "",

@@ -112,12 +112,13 @@ def load(spec: dict[str, Any], runtime: dict[str, Any]) -> Any:
 
 def preload_libraries(spec: dict[str, Any]) -> None:
     """Import the engine's libraries before the load timer starts: load time is the model's, not Python's imports."""
-    import llmship.runtime  # noqa: F401 - torch and onnxruntime
+    import llmship.runtime  # noqa: F401 - onnxruntime (torch only for the PyTorch engine, so RSS is the engine's own)
 
     if spec["kind"] == "torch":
         import transformers.models.llama.modeling_llama  # noqa: F401
 
         import llmship.export.source  # noqa: F401
+        import llmship.runtime.torch_engine  # noqa: F401
 
 
 def weight_bytes(engine: Any, spec: dict[str, Any]) -> dict[str, Any]:

@@ -1,12 +1,12 @@
 """The calibration set: a seeded mixture of C4, C-Eval and alpaca samples, tokenized with the model's tokenizer.
 
-- C4 follows GPTQ's `get_c4` (IST-DASLab/gptq datautils.py): `random.seed(seed)`; per sample, draw documents with
+- C4 (the train split: sources.read_c4) follows GPTQ's `get_c4` (IST-DASLab/gptq datautils.py): `random.seed(seed)`; per sample, draw documents with
   `randint(0, len - 1)` until one tokenizes (BOS included) to more than `seq_len` tokens, then take the window
   `ids[i:i + seq_len]` with `i = randint(0, n - seq_len - 1)`. (GPTQ accepts n == seq_len and then crashes in
   randint; llmship draws again instead.)
 - C-Eval: one sample per dev question, rendered as an OpenCompass in-context example (the C-Eval question
   template followed by its answer), subjects in sorted order, rows in file order, then a seeded shuffle.
-- alpaca: one sample per record, rendered with the Stanford Alpaca template (with or without input) followed by
+- alpaca: one sample per record of the calibration part (sources.alpaca_part: the records eval does not score), rendered with the Stanford Alpaca template (with or without input) followed by
   the response, seeded shuffle.
 ceval/alpaca samples keep their own length, cut to `seq_len` tokens. Every source draws from its own
 `random.Random(seed)`, so adding a source does not change another's samples.
@@ -88,13 +88,14 @@ def ceval_texts(path: str) -> list[str]:
 def alpaca_texts(path: str) -> list[str]:
     from llmship.calib_data import sources, templates
 
-    return [templates.alpaca_prompt(rec) + rec["output"] for rec in sources.read_alpaca(path)]
+    records = sources.alpaca_part(sources.read_alpaca(path), "calibration")
+    return [templates.alpaca_prompt(rec) + rec["output"] for rec in records]
 
 
 def c4_texts(path: str) -> list[str]:
     from llmship.calib_data import sources
 
-    return list(sources.read_c4(path))
+    return list(sources.read_c4(path, split="train"))
 
 
 READERS: dict[str, Callable[[str], list[str]]] = {"c4": c4_texts, "ceval": ceval_texts, "alpaca": alpaca_texts}

@@ -6,7 +6,7 @@ what was expected, never a bare KeyError/JSONDecodeError.
 
 - C4: gzip (or plain) JSON lines `{"text","timestamp","url"}` (allenai/c4 shards, e.g. en/c4-validation.00000-of-00008.json.gz).
 - alpaca-cleaned: one JSON list of `{"instruction","input","output"}` (yahma/alpaca-cleaned).
-- C-Eval: `{dir}/{split}/{subject}_{split}.csv` + optional `subject_mapping.json` (ceval/ceval-exam layout), read as
+- C-Eval: `{dir}/{split}/{subject}_{split}.csv` + optional `subject_mapping.json` (else C-Eval's table, ceval_subjects.py) (ceval/ceval-exam layout), read as
   OpenCompass's `opencompass/datasets/ceval.py` does: csv.reader, header row = keys, missing explanation/answer = ''.
 - ShareGPT V3: one JSON list of `{"id","conversations":[{"from","value"}]}`.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from llmship.errors import UserError
 CEVAL_HUB_ID = "ceval/ceval-exam"
 CEVAL_COLUMNS = ("id", "question", "A", "B", "C", "D")  # must be present; answer/explanation may be missing (test split)
 CEVAL_CATEGORIES = ("STEM", "Social Science", "Humanities", "Other")
+CEVAL_LABELS = ("A", "B", "C", "D")
 ALPACA_FIELDS = ("instruction", "input", "output")
 C4_SUFFIXES = (".json.gz", ".jsonl.gz", ".json", ".jsonl")
 
@@ -86,20 +88,35 @@ def read_json(path: Path, what: str) -> Any:
 
 
 # --------------------------------------------------------------------------- C4
-def read_c4(path: str | Path) -> list[str]:
-    """The `text` of every document of a C4 JSON-lines file (.json/.jsonl, optionally .gz) or of every such file in a folder."""
+# allenai/c4 shards GPTQ reads (IST-DASLab/gptq datautils.get_c4): calibration windows from the first train shard,
+# perplexity windows from the first validation shard, so a variant is never scored on text it was calibrated on.
+C4_HUB_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+
+
+def read_c4(path: str | Path, split: str = "validation") -> list[str]:
+    """The `text` of every document of a C4 JSON-lines file (.json/.jsonl, optionally .gz) or of every such file in a folder.
+
+    A folder holding both splits (file names with `c4-train` / `c4-validation`, as allenai/c4's `en/` and the bundled
+    sample do) gives the files of `split` only; any other folder gives all its files."""
     source = resolve(path, "c4")
     if is_hub_id(source):
-        # allenai/c4 is split into shards; GPTQ reads the first validation shard (METHODS.md (b)).
-        data = hub_dataset(str(source), str(path), data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
-                           split="validation")
+        data = hub_dataset(str(source), str(path), data_files={split: C4_HUB_SHARDS[split]}, split=split)
         return [str(t) for t in data["text"]]
     require_exists(source, "a C4 .json/.json.gz file of JSON lines, or a folder of them")
-    files = files_in(source, C4_SUFFIXES, "C4 JSON lines") if source.is_dir() else [source]
+    files = c4_split_files(files_in(source, C4_SUFFIXES, "C4 JSON lines"), split) if source.is_dir() else [source]
     texts: list[str] = []
     for file in files:
         texts.extend(c4_file_texts(file))
     return texts
+
+
+def c4_split_files(files: list[Path], split: str) -> list[Path]:
+    named = {name: [f for f in files if f"c4-{name}" in f.name] for name in C4_HUB_SHARDS}
+    if not any(named.values()):
+        return files
+    if not named[split]:
+        raise UserError(f"no c4-{split}* file in this folder (it holds another split only)", where=str(files[0].parent))
+    return named[split]
 
 
 def c4_file_texts(file: Path) -> list[str]:
@@ -142,6 +159,20 @@ def read_alpaca(path: str | Path) -> list[dict[str, str]]:
     if not data:
         raise UserError("empty list; expected alpaca records {instruction, input, output}", where=str(file))
     return [alpaca_record(rec, i, str(file)) for i, rec in enumerate(data)]
+
+
+# alpaca-cleaned has one split. llmship holds every ALPACA_EVAL_EVERY-th record out (chosen by a hash of its text, so
+# the choice survives reordering and duplicates land together): eval scores those, calibration draws from the rest.
+ALPACA_EVAL_EVERY = 5
+
+
+def alpaca_part(records: list[dict[str, str]], part: str) -> list[dict[str, str]]:
+    """The records of `part` ('eval' or 'calibration'), in file order."""
+    def held_out(rec: dict[str, str]) -> bool:
+        text = "\x00".join((rec["instruction"], rec["input"], rec["output"]))
+        return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) % ALPACA_EVAL_EVERY == 0
+
+    return [rec for rec in records if held_out(rec) == (part == "eval")]
 
 
 def alpaca_record(rec: Any, index: int, where: str) -> dict[str, str]:
@@ -191,7 +222,7 @@ def read_ceval(path: str | Path) -> CevalData:
         raise UserError("no dev/<subject>_dev.csv or val/<subject>_val.csv files; expected the C-Eval layout", where=str(source))
     subjects = {}
     for name in names:
-        english, name_zh, category = mapping.get(name, (name, name, "Other"))
+        english, name_zh, category = subject_names(mapping, name, source / "subject_mapping.json")
         subjects[name] = Subject(name=name, name_zh=name_zh, category=category,
                                  dev=read_ceval_csv(splits["dev"][name]) if name in splits["dev"] else [],
                                  val=read_ceval_csv(splits["val"][name]) if name in splits["val"] else [])
@@ -206,8 +237,21 @@ def ceval_split_files(root: Path, split: str) -> dict[str, Path]:
     return {p.name[: -len(suffix)]: p for p in sorted(folder.glob(f"*{suffix}"))}
 
 
+def subject_names(mapping: dict[str, tuple[str, str, str]], subject: str, where: Path | str) -> tuple[str, str, str]:
+    """(English name, Chinese name, category) of a subject: from subject_mapping.json, else C-Eval's own table (as
+    OpenCompass has it). The prompt needs the Chinese name and the summary the category, so a guess would change
+    the scores: a subject in neither is an error."""
+    from llmship.calib_data.ceval_subjects import CEVAL_SUBJECTS
+
+    names = mapping.get(subject) or CEVAL_SUBJECTS.get(subject)
+    if names is None:
+        raise UserError(f"subject {subject!r} is not a C-Eval subject; add it to subject_mapping.json as "
+                        "[English name, Chinese name, category]", where=str(where))
+    return names
+
+
 def read_subject_mapping(file: Path) -> dict[str, tuple[str, str, str]]:
-    """subject -> (English name, Chinese name, category); {} when the file is absent."""
+    """subject -> (English name, Chinese name, category); {} when the file is absent (C-Eval's table applies)."""
     if not file.exists():
         return {}
     data = read_json(file, "subject_mapping.json: {subject: [English name, Chinese name, category]}")
@@ -217,6 +261,9 @@ def read_subject_mapping(file: Path) -> dict[str, tuple[str, str, str]]:
     for name, value in data.items():
         if not (isinstance(value, list) and len(value) >= 3 and all(isinstance(v, str) for v in value[:3])):
             raise UserError(f"entry {name!r} is {value!r}; expected [English name, Chinese name, category]", where=str(file))
+        if value[2] not in CEVAL_CATEGORIES:
+            raise UserError(f"entry {name!r} has category {value[2]!r}; expected one of {', '.join(CEVAL_CATEGORIES)}",
+                            where=str(file))
         mapping[name] = (value[0], value[1], value[2])
     return mapping
 
@@ -246,6 +293,8 @@ def read_ceval_csv(file: Path) -> list[dict[str, str]]:
         row = dict(zip(header, values, strict=True))
         row.setdefault("explanation", "")
         row.setdefault("answer", "")
+        if row["answer"] and row["answer"].strip() not in CEVAL_LABELS:
+            raise UserError(f"row at line {number} has answer {row['answer']!r}; expected one of A, B, C, D", where=str(file))
         out.append(row)
     if not out:
         raise UserError("no rows after the header", where=str(file))
@@ -267,12 +316,12 @@ def read_ceval_hub(name: str) -> CevalData:
         from huggingface_hub import hf_hub_download
 
         mapping = read_subject_mapping(Path(hf_hub_download(name, "subject_mapping.json", repo_type="dataset")))
-    except Exception:  # noqa: BLE001 - mapping is optional; names fall back to the config name
+    except Exception:  # noqa: BLE001 - optional: C-Eval's own table (ceval_subjects) names the 52 subjects
         mapping = {}
     subjects = {}
     for config in sorted(configs):
         data = hub_dataset(name, f"{name}:{config}", name=config)
-        english, name_zh, category = mapping.get(config, (config, config, "Other"))
+        english, name_zh, category = subject_names(mapping, config, f"{name}: subject_mapping.json")
         split_rows = {}
         for split in ("dev", "val"):
             rows = [dict(r) for r in data[split]] if split in data else []

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from llmship.artifact import atomic_folder
 from llmship.calib_data import templates
 from llmship.config import Config
 from llmship.errors import UserError
@@ -91,20 +92,9 @@ def eval_tokenizer(cfg: Config) -> Any:
 
 def max_positions(cfg: Config, variants: dict[str, Path]) -> int:
     """Smallest max_position_embeddings among the source and the variant folders."""
-    from llmship.export.source import resolve_model_path
+    from llmship.artifact import max_positions as smallest
 
-    found = []
-    for folder in (Path(resolve_model_path(cfg.model.path)).expanduser(), *variants.values()):
-        config_file = Path(folder) / "config.json"
-        if config_file.is_file():
-            value = json.loads(config_file.read_text(encoding="utf-8")).get("max_position_embeddings")
-            if value:
-                found.append(int(value))
-    if not found:
-        from transformers import AutoConfig
-
-        found.append(int(AutoConfig.from_pretrained(cfg.model.path, revision=cfg.model.revision).max_position_embeddings))
-    return min(found)
+    return smallest(cfg.model, variants.values())
 
 
 def prepare_tasks(cfg: Config, tokenizer: Any, positions: int) -> Tasks:
@@ -283,6 +273,12 @@ def run_eval(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: An
     tokenizer = eval_tokenizer(cfg)
     tasks = prepare_tasks(cfg, tokenizer, max_positions(cfg, variants))
     check_metrics_known(cfg.gate.goals, tasks.metric_names())
+    if cfg.gate.baseline_json:
+        for i, goal in enumerate(cfg.gate.goals):
+            if goal.metric.startswith("consistency/"):
+                raise UserError("consistency metrics compare next-token distributions with the baseline model, which a "
+                                "stored baseline_json does not hold; drop the goal or gate.baseline_json",
+                                where=f"gate.goals.{i}.metric")
 
     base, base_ref, from_cache = baseline_record(cfg, tasks, tokenizer, bar)
     engines: dict[str, dict[str, Any]] = {BASELINE_NAME: base}
@@ -310,10 +306,7 @@ def run_eval(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: An
     gate_rows = evaluate_goals(cfg.gate.goals, metrics, BASELINE_NAME)
     log_failures(gate_rows)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     names = list(engines)
-    paths = write_tables(out_dir, rows, names)
-    paths["junit"] = str(write_junit(gate_rows, out_dir / "junit.xml"))
     wall = round(time.perf_counter() - start, 3)
     notes = _notes(tasks, from_cache, cfg)
     results = {"baseline": BASELINE_NAME, "baseline_cached": from_cache, "engines": engines, "summary": rows,
@@ -321,13 +314,37 @@ def run_eval(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: An
                "groups": ceval_mod.group_members(tasks.ceval.subjects) if tasks.ceval else {},
                "versions": tasks.ceval.versions if tasks.ceval else {}, "config": cfg.eval.model_dump(mode="json"),
                "notes": notes, "wall_s": wall}
-    paths["results"] = str(write_json(out_dir / "results.json", results))
+    # Built in a temp sibling and swapped in whole: a killed or failed eval leaves the earlier results as they were.
+    with atomic_folder(out_dir) as tmp:
+        built = write_tables(tmp, rows, names)
+        built["junit"] = str(write_junit(gate_rows, tmp / "junit.xml"))
+        built["results"] = str(write_json(tmp / "results.json", results))
+    paths = {key: str(out_dir / Path(value).relative_to(tmp)) for key, value in built.items()}
     log.info("eval: %d engine(s) scored in %.1f s (baseline %s); summary %s", len(engines), wall,
              "cached" if from_cache else "scored", paths["summary_txt"])
     return {"summary": rows, "gate": gate_rows, "baseline": BASELINE_NAME, "baseline_cached": from_cache,
             "metrics": metrics, "paths": paths, "notes": notes, "wall_s": wall,
             "engines": {n: {"path": str(r.get("path")), "info": r.get("info"), "wall_s": r.get("wall_s")}
                         for n, r in engines.items()}}
+
+
+def regate(cfg: Config, result: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Apply the current `gate.goals` to an earlier eval's metrics (the scores do not depend on the goals, so a
+    changed gate re-gates without re-scoring); rewrites junit.xml and the gate rows of results.json."""
+    metrics = result["metrics"]
+    check_metrics_known(cfg.gate.goals, {name for values in metrics.values() for name in values})
+    gate_rows = evaluate_goals(cfg.gate.goals, metrics, result["baseline"])
+    log_failures(gate_rows)
+    if gate_rows == result.get("gate"):
+        return result
+    out_dir = Path(out_dir)
+    write_junit(gate_rows, out_dir / "junit.xml")
+    results_file = out_dir / "results.json"
+    if results_file.is_file():
+        stored = json.loads(results_file.read_text(encoding="utf-8"))
+        stored["gate"] = gate_rows
+        write_json(results_file, stored)
+    return {**result, "gate": gate_rows}
 
 
 def _agreements(engines: dict[str, dict[str, Any]], tasks: Tasks) -> None:

@@ -18,6 +18,13 @@ Deviations from OpenCompass, all without effect on predictions in exact arithmet
   mode room for `max_out_len` new tokens is kept too, since the engines cannot run past max_positions.
 - Groups over a subset: OpenCompass marks a group with a missing subject as an error; here a group is the
   mean of its subjects that are present, and `results.json` records how many that was.
+
+Deviations that can change a GEN prediction:
+- Generated length: `eval.ceval.max_out_len` defaults to 8 new tokens (OpenCompass: 256 from its CLI, 1024 in
+  hf_llama2_7b.py); both stop at EOS. A prediction differs only when the first capital letter comes after the 8th
+  token; raise max_out_len to reproduce OpenCompass exactly.
+- "First capital letter" is OpenCompass's `first_capital_postprocess`: the first character for which str.isupper()
+  holds, in any script, not only A-D (an answer "Answer: B" is predicted as "A" there too).
 """
 
 from __future__ import annotations

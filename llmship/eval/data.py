@@ -3,7 +3,6 @@ fingerprints of the data files that key the baseline cache."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 
@@ -16,19 +15,19 @@ def read_ceval(path: str) -> Any:
 def read_c4_texts(path: str) -> list[str]:
     from llmship.calib_data.sources import read_c4
 
-    return read_c4(path)
+    return read_c4(path, split="validation")
 
 
 def read_alpaca(path: str) -> list[dict[str, Any]]:
+    """The held-out part of alpaca-cleaned (the records calibration never draws)."""
+    from llmship.calib_data.sources import alpaca_part
     from llmship.calib_data.sources import read_alpaca as reader
 
-    return reader(path)
+    return alpaca_part(reader(path), "eval")
 
 
 def fingerprint(path: str, kind: str) -> str:
     """Hash of the local data files (a hub dataset id hashes as its name)."""
-    from llmship.calib_data.sources import resolve
-    from llmship.pipeline import folder_fingerprint
+    from llmship.pipeline import data_fingerprint
 
-    source = resolve(path, kind)
-    return folder_fingerprint(source) if isinstance(source, Path) and source.exists() else f"hub:{path}"
+    return data_fingerprint(path, kind)

@@ -1,13 +1,14 @@
 """Perplexity on C4-format text (GPTQ convention, METHODS.md (b)) and on alpaca-cleaned responses.
 
-C4: `windows` windows of `seq_len` tokens drawn as GPTQ's `get_c4` draws its validation windows
+C4 (the validation split; calibration reads the train split): `windows` windows of `seq_len` tokens drawn as GPTQ's `get_c4` draws its validation windows
 (random.seed(0) whatever the calibration seed; per window pick a random document until one has enough
 tokens, then a random offset), concatenated and cut into non-overlapping seq_len windows (`llama_eval`):
 ppl = exp(mean over windows of the window's mean cross-entropy over its seq_len - 1 targets).
 Deviation: GPTQ's `randint(0, n - seq_len - 1)` raises when a document has exactly seq_len tokens; such a
 document is skipped here (the draw goes on as if it were too short).
 
-alpaca: Stanford Alpaca's supervised format (train.py): source = the prompt template, target = output +
+alpaca: the held-out part of the file (sources.alpaca_part; calibration never draws it), in Stanford Alpaca's
+supervised format (train.py): source = the prompt template, target = output +
 EOS; the loss covers the target tokens only; ppl = exp(total target NLL / target tokens).
 """
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +28,18 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
 
 
 def write_json(path: Path, data: Any) -> Path:
-    return write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False, default=str))
+    # NaN/inf are not JSON: a score that could not be computed is written as null.
+    return write_atomic(path, json.dumps(_finite(data), indent=1, ensure_ascii=False, default=str, allow_nan=False))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def cell(value: Any) -> str:

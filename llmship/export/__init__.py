@@ -133,7 +133,8 @@ def optimize_graph(folder: Path, source: Any, reference: Any, prompts: list[list
     work.mkdir()
     try:
         report = fuse_decoder(folder / ONNX_FILE, work / ONNX_FILE, config.num_attention_heads, kv_heads,
-                              config.hidden_size, max_positions=config.max_position_embeddings, attention="mha")
+                              config.hidden_size, max_positions=config.max_position_embeddings,
+                              attention=cfg.export.attention)
         figures, failures = _keep_if_parity(folder, work, reference, prompts, cfg)
     except Exception as exc:  # noqa: BLE001 - a fusion that fails must not fail the export: keep the plain graph
         shutil.rmtree(work, ignore_errors=True)
@@ -176,6 +177,7 @@ def slim_graph(folder: Path, reference: Any, prompts: list[list[int]], cfg: Conf
 
 def export_fp32(cfg: Config, target: Path, progress: Any = None) -> Artifact:
     """Load the source (+ adapter), export the fp32 decoder, run parity, optionally fuse, write the manifest; atomic."""
+    from llmship.export.genai_config import write_folder_genai_config
     from llmship.export.onnx_export import export_decoder, parameter_bytes
     from llmship.export.parity import check_parity, default_prompts, parity_failures
     from llmship.export.source import load_source
@@ -234,6 +236,7 @@ def export_fp32(cfg: Config, target: Path, progress: Any = None) -> Artifact:
         onnx_info["external_data"] = (folder / f"{onnx_info['file']}.data").exists()
         steps.advance()
         figures["candidate"]["path"] = str(target)  # it ran from the temp folder that becomes `target`
+        write_folder_genai_config(folder, cfg.runtime.provider)
         manifest = new_manifest(
             "fp32",
             scheme="none",

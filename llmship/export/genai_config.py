@@ -4,9 +4,12 @@ The layout follows what onnxruntime-genai's own model builder writes (`models/bu
 `make_genai_config`): a `model` block (special tokens, context length, decoder file, head layout and
 I/O names with `%d` standing for the layer index) and a `search` block (generation defaults).
 
-llmship's decoder keeps optimum's I/O names and a KV cache that grows by concatenation, so
-`past_present_share_buffer` is false: onnxruntime-genai then feeds `past_key_values.N.*` of the
-current length and reads back `present.N.*`, exactly as llmship's OrtEngine does.
+llmship's decoder keeps optimum's I/O names. With the default (MultiHeadAttention) fusion the KV cache grows by
+concatenation, so `past_present_share_buffer` is false: onnxruntime-genai then feeds `past_key_values.N.*` of the
+current length and reads back `present.N.*`, as llmship's OrtEngine does. A GroupQueryAttention graph updates a
+max-length cache in place, and gets `past_present_share_buffer: true`.
+
+Every compiled folder (fp32 and each variant) gets its genai_config.json written by `write_folder_genai_config`.
 """
 
 from __future__ import annotations
@@ -168,3 +171,18 @@ def write_genai_config(folder: Path, hf_config: Any, generation_config: Any = No
     tmp.write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
     os.replace(tmp, target)
     return target
+
+
+def write_folder_genai_config(folder: Path, provider: str = "cpu") -> Path:
+    """genai_config.json for a compiled folder from its own config.json, generation_config.json and graph, so the
+    folder also runs in onnxruntime-genai (`og.Model(folder)`) as it stands."""
+    folder = Path(folder)
+
+    def read(name: str) -> dict[str, Any]:
+        file = folder / name
+        try:
+            return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        except (OSError, ValueError) as exc:
+            raise UserError(f"unreadable: {exc}", where=str(file)) from None
+
+    return write_genai_config(folder, read("config.json"), read("generation_config.json"), {"provider": provider})

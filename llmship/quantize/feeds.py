@@ -10,6 +10,7 @@ dominated by single-token steps (a mixed prefill/decode set with percentile cali
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +116,7 @@ class FeedReader(CalibrationDataReader):
         return len(self.feeds)
 
 
-def probe_session(model: onnx.ModelProto, names: list[str], scratch: Path, exact: bool = True) -> ort.InferenceSession:
+def probe_session(model: onnx.ModelProto, names: list[str], scratch: Path | None, exact: bool = True) -> ort.InferenceSession:
     """A CPU session of `model` that also returns the intermediate tensors `names`; `exact` turns graph optimizations
     off, so every node computes in its declared type (the fp16 scan needs that; statistics of float tensors do not)."""
     probe = onnx.ModelProto()
@@ -129,6 +130,10 @@ def probe_session(model: onnx.ModelProto, names: list[str], scratch: Path, exact
     if exact:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if probe.ByteSize() > PROTO_LIMIT:
-        path = save_model(probe, scratch / "_probe", external_data="always")
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # Over protobuf's 2 GB limit the probe goes through a file; it is deleted as soon as the session holds the
+        # weights, so no copy of the model is left in the variant folder or the working directory.
+        base = scratch if scratch is not None and scratch.is_dir() else None
+        with tempfile.TemporaryDirectory(prefix=".llmship-probe-", dir=base) as tmp:
+            path = save_model(probe, Path(tmp), external_data="always")
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -12,6 +12,7 @@ The report lists every kept node with the reason and the value seen.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ FP16_MAX = 65504.0
 MASK_SENTINEL = 3.0e38
 # Ops whose math on positions produces the rotary angles.
 ROTARY_OPS = ("Cos", "Sin")
+
+log = logging.getLogger("llmship")
 
 
 class Fp16Options(SchemeOptions):
@@ -65,6 +68,9 @@ class Fp16(Scheme):
         scanned = 0
         fp32_stats: dict[str, tuple[float, bool]] = {}
         feeds = []
+        if opts.overflow_scan and not job.samples:
+            log.warning("fp16: no calibration samples (calibration.sources is empty): the overflow scan is skipped, "
+                        "only excluded and rotary nodes stay fp32")
         if opts.overflow_scan and job.samples:
             feeds = calibration_feeds(job.samples, decoder_inputs(model, job.folder), limit=opts.scan_samples)
             scanned = len(feeds)
@@ -124,7 +130,7 @@ class Fp16(Scheme):
 def float_tensors(model: onnx.ModelProto) -> set[str]:
     """Names of the float32 tensors of the fp32 graph, as ONNX Runtime types them (contrib ops included)."""
     names = [out for node in model.graph.node for out in node.output if out]
-    session = probe_session(model, names, Path("."))
+    session = probe_session(model, names, None)
     floats = {o.name for o in session.get_outputs() if o.type == "tensor(float)"}
     floats |= {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
     return floats

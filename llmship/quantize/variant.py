@@ -20,7 +20,8 @@ from llmship.quantize.registry import QuantizeJob, Scheme, build_scheme, default
 log = logging.getLogger("llmship")
 
 # Files of the fp32 folder that a variant carries over unchanged (the graph is rewritten, the manifest new).
-SKIP_FILES = ("model.onnx", "model.onnx.data", "manifest.json")
+# genai_config.json is written anew: it describes the variant's own graph.
+SKIP_FILES = ("model.onnx", "model.onnx.data", "manifest.json", "genai_config.json")
 
 _reference_cache: dict[str, Any] = {}
 
@@ -79,6 +80,9 @@ def quantize_variant(fp32: Artifact, variant: VariantConfig, calib: Any, target:
                                     {"quantize_s": round(quantize_seconds, 2), "total_s": round(time.perf_counter() - started, 2)})
         if failures:
             raise CheckFailed(f"variant {variant.variant_name} failed parity against PyTorch: " + "; ".join(failures))
+        from llmship.export.genai_config import write_folder_genai_config
+
+        write_folder_genai_config(folder, cfg.runtime.provider)
         write_manifest(folder, manifest)
     steps.done()
     return Artifact.load(target)

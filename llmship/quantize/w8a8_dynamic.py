@@ -24,9 +24,10 @@ from llmship.quantize.registry import QuantizeJob, Scheme, SchemeOptions, regist
 
 
 class W8A8DynamicOptions(SchemeOptions):
-    # Off by default: on the embedded model ORT's per-channel MatMulInteger path agreed on fewer top-1 tokens than
-    # per-tensor weights (96.4% vs 97.7%, same perplexity).
-    per_channel: bool = Field(False, description="One weight scale per output channel (else one per tensor).")
+    # On by default: on the embedded model (held-out C4, PyTorch fp32 reference) per-channel weights agree on 97.9% of
+    # top-1 tokens scored by prefill and 98.9% decoded token by token, per-tensor weights on 96.5% / 97.1%; perplexity
+    # ratio 1.0010 vs 1.0024.
+    per_channel: bool = Field(True, description="One weight scale per output channel (else one per tensor).")
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI where u8s8 products can saturate.")
     quantize_embeddings: bool = Field(True, description="Also store the token embedding table as int8 (GatherBlockQuantized).")
     embedding_block: int = Field(128, description="Embedding values per scale (power of two >= 16).")

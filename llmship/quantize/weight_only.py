@@ -118,7 +118,7 @@ def gptq_model(model: onnx.ModelProto, nodes: list[onnx.NodeProto], feeds: list[
         tensors = sorted({n.input[0] for n in members})
         hessians = {t: np.zeros((inits[next(n for n in members if n.input[0] == t).input[1]].dims[0],) * 2) for t in tensors}
         count = 0
-        session = probe_session(model, tensors, scratch or Path("."), exact=False)
+        session = probe_session(model, tensors, scratch, exact=False)
         for feed in feeds:
             values = session.run(tensors, feed)
             rows = values[0].reshape(-1, values[0].shape[-1]).shape[0]

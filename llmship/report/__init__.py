@@ -161,6 +161,18 @@ def _speed_section(doc: Document, bench: dict, images: list[tuple[Path, str]]) -
     doc.table(["engine", "output tok/s", "x baseline", "req/s", "TTFT mean ms", "TTFT p90 ms", "TPOT mean ms",
                "TPOT p90 ms", "E2EL mean ms", "load s", "peak RSS MB", "of bandwidth limit"], rows,
               bench.get("caption", ""))
+    latency = []
+    for e in engines:
+        r, roof = e.get("ratios") or {}, e.get("roofline") or {}
+        per_token = roof.get("bytes_per_step")
+        latency.append([e.get("name"), r.get("ttft_median"), r.get("tpot_median"), r.get("e2el_median"), r.get("peak_rss_bytes"),
+                        r.get("size_bytes"), e.get("prefill_tokens_per_s"), e.get("decode_tokens_per_s"),
+                        per_token / 1e6 if per_token else None, roof.get("limit_steps_per_s"), roof.get("fraction_of_limit")])
+    doc.table(["engine", "TTFT median / baseline", "TPOT median / baseline", "E2EL median / baseline", "peak RSS / baseline",
+               "size / baseline", "prefill tok/s", "decode tok/s", "weight MB read per step", "bandwidth limit steps/s",
+               "of bandwidth limit"], latency,
+              "Latency and memory ratios to the PyTorch baseline (below 1 is better); roofline: decode steps/s if every "
+              "step read its weights at the measured bandwidth")
     for path, caption in images:
         doc.image(path, caption)
 

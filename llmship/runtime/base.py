@@ -71,6 +71,11 @@ class Engine(ABC):
     def decode(self, tokens: np.ndarray, cache: Cache) -> tuple[np.ndarray, Cache]:
         """Feed one token per row (B,): logits (B, V) float32 and the grown cache."""
 
+    def prefill_for_generation(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int
+                               ) -> tuple[np.ndarray, Cache]:
+        """`prefill` when the number of tokens to come is known (engines may size an in-place cache by it)."""
+        return self.prefill(input_ids, attention_mask)
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -82,7 +87,7 @@ class Engine(ABC):
         """Greedy generation of a left-padded batch; each row stops at its own budget (or EOS)."""
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         ids, mask = left_pad(prompts, self.pad_token_id)
-        logits, cache = self.prefill(ids, mask)
+        logits, cache = self.prefill_for_generation(ids, mask, max(budgets, default=0))
         step_logits = logits[:, -1, :]
         outputs: list[list[int]] = [[] for _ in prompts]
         done = np.array([b <= 0 for b in budgets])
@@ -130,3 +135,20 @@ class Engine(ABC):
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def special_ids(tokenizer: Any, generation_config: Any, config: Any) -> tuple[int | None, int]:
+    """(eos, pad): pad = tokenizer's, else generation_config's, else eos, else 0 (OpenCompass convention)."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if isinstance(eos, list | tuple):
+        eos = eos[0] if eos else None
+    pad = tokenizer.pad_token_id if tokenizer is not None else None
+    if pad is None:
+        pad = getattr(generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = eos if eos is not None else 0
+    return eos, int(pad)

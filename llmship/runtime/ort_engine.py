@@ -7,25 +7,18 @@ are cast to whatever float type the graph declares, so fp32, fp16 and quantized 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from llmship.artifact import read_config_json, read_json_object
 from llmship.errors import UserError
-from llmship.runtime.base import Cache, Engine, positions_from_mask
+from llmship.runtime.base import Cache, Engine, positions_from_mask, special_ids
 
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
 
 
 class OrtEngine(Engine):
@@ -37,7 +30,7 @@ class OrtEngine(Engine):
         import onnxruntime as ort
 
         self.path = Path(folder)
-        manifest = _read_json(self.path / "manifest.json")
+        manifest = read_json_object(self.path / "manifest.json")
         onnx_path = self.path / (onnx_file or manifest.get("onnx", {}).get("file", "model.onnx"))
         if not onnx_path.is_file():
             raise UserError("no model.onnx in the folder (not a compiled llmship variant?)", where=str(self.path))
@@ -56,19 +49,22 @@ class OrtEngine(Engine):
             self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
         except Exception as exc:  # noqa: BLE001 - invalid graph, missing .data, unsupported op
             raise UserError(f"ONNX Runtime cannot load the graph: {str(exc).splitlines()[0][:300]}", where=str(onnx_path)) from None
+        from llmship.export.fusion import runtime_padding
+
+        # A GroupQueryAttention graph reads row lengths from position_ids and needs right-padded prompts
+        # (llmship.export.fusion.GQA_CONTRACT); the Engine interface stays left-padded for callers.
+        self.padding = runtime_padding(onnx_path)
         self.provider = self.session.get_providers()[0]
         self.threads = threads
         self.onnx_path = onnx_path
         self.manifest = manifest
         self._describe_io()
-        config = _read_json(self.path / "config.json")
-        generation = _read_json(self.path / "generation_config.json")
+        config = read_config_json(self.path)
+        generation = read_json_object(self.path / "generation_config.json")
         self.max_positions = int(config.get("max_position_embeddings", 2048))
         self.vocab_size = int(self._vocab or config.get("vocab_size", 0))
         self._tokenizer = None
         # The export writes the tokenizer's pad id into generation_config.json, so no tokenizer load is needed here.
-        from llmship.runtime.torch_engine import special_ids
-
         self.eos_token_id, self.pad_token_id = special_ids(None, _Obj(generation), _Obj(config))
 
     def _describe_io(self) -> None:
@@ -120,22 +116,74 @@ class OrtEngine(Engine):
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, Cache]:
         mask = np.asarray(attention_mask, dtype=np.int64)
-        logits, present = self._run(input_ids, mask, positions_from_mask(mask), self._empty_past(len(input_ids)))
+        empty = self._empty_past(len(input_ids))
+        if self.padding == "right":
+            from llmship.export.fusion import left_align, right_pad
+
+            ids, positions, _ = right_pad(np.asarray(input_ids, dtype=np.int64), mask)
+            logits, present = self._run(ids, mask, positions, empty)
+            return left_align(logits, mask), Cache(past=present, attention_mask=mask)
+        logits, present = self._run(input_ids, mask, positions_from_mask(mask), empty)
         return logits, Cache(past=present, attention_mask=mask)
 
     def decode(self, tokens: np.ndarray, cache: Cache) -> tuple[np.ndarray, Cache]:
         mask = np.concatenate([cache.attention_mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
         positions = (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64)
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        if cache.extra.get("inplace"):
+            logits = self._run_inplace(ids, _right_mask(positions[:, 0] + 1), positions, cache.past)
+            return logits[:, -1, :], Cache(past=cache.past, attention_mask=mask, extra=cache.extra)
         logits, present = self._run(ids, mask, positions, cache.past)
         return logits[:, -1, :], Cache(past=present, attention_mask=mask)
 
+    # ------------------------------------------------------------------ in-place KV cache (GroupQueryAttention)
+    def prefill_for_generation(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int
+                               ) -> tuple[np.ndarray, Cache]:
+        """For a GroupQueryAttention graph: one cache buffer per past input, sized for the prompt and every token to
+        come, bound as both the past input and the present output (I/O binding), so GQA writes each new key/value
+        into it in place instead of concatenating a grown copy of the whole cache on every step. Other graphs: prefill."""
+        if self.padding != "right" or not self.past_names:
+            return self.prefill(input_ids, attention_mask)
+        import onnxruntime as ort
+
+        from llmship.export.fusion import left_align, right_pad
+
+        mask = np.asarray(attention_mask, dtype=np.int64)
+        capacity = min(mask.shape[1] + max(max_new_tokens, 1), self.max_positions)
+        buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((len(mask), heads, capacity, size), dtype=self.input_types[n]))
+                   for n, (heads, size) in self.past_shapes.items()]
+        ids, positions, lengths = right_pad(np.asarray(input_ids, dtype=np.int64), mask)
+        logits = self._run_inplace(ids, _right_mask(lengths, mask.shape[1]), positions, buffers)
+        return left_align(logits, mask), Cache(past=buffers, attention_mask=mask, extra={"inplace": True, "capacity": capacity})
+
+    def _run_inplace(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, buffers: list) -> np.ndarray:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=self.input_types["input_ids"]))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=self.input_types["attention_mask"]))
+        if self.has_positions:
+            binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=self.input_types["position_ids"]))
+        binding.bind_output("logits")
+        for past, present, buffer in zip(self.past_names, self.present_names, buffers, strict=True):
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
+
     def info(self) -> dict[str, Any]:
+        kv_cache = "in-place (GroupQueryAttention, I/O binding)" if self.padding == "right" else "concatenated per step"
         return {"engine": self.name, "provider": self.provider, "threads": self.threads, "dtype": self.dtype,
+                "padding": self.padding, "kv_cache": kv_cache,
                 "path": str(self.path), "scheme": self.manifest.get("scheme", "none")}
 
     def close(self) -> None:
         self.session = None
+
+
+def _right_mask(lengths: np.ndarray, width: int | None = None) -> np.ndarray:
+    """Right-padded attention mask: row b's first lengths[b] positions are ones."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    width = int(lengths.max()) if width is None else width
+    return (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
 
 
 def _layer_order(name: str) -> tuple[int, int]:

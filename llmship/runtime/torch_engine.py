@@ -8,24 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmship.runtime.base import Cache, Engine, positions_from_mask
-
-
-def special_ids(tokenizer: Any, generation_config: Any, config: Any) -> tuple[int | None, int]:
-    """(eos, pad): pad = tokenizer's, else generation_config's, else eos, else 0 (OpenCompass convention)."""
-    eos = getattr(generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(config, "eos_token_id", None)
-    if eos is None and tokenizer is not None:
-        eos = tokenizer.eos_token_id
-    if isinstance(eos, list | tuple):
-        eos = eos[0] if eos else None
-    pad = tokenizer.pad_token_id if tokenizer is not None else None
-    if pad is None:
-        pad = getattr(generation_config, "pad_token_id", None)
-    if pad is None:
-        pad = eos if eos is not None else 0
-    return eos, int(pad)
+from llmship.runtime.base import Cache, Engine, positions_from_mask, special_ids
 
 
 def cache_kwarg(model: Any) -> str:
