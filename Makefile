@@ -10,8 +10,11 @@ setup: $(STAMP)
 
 # torch is installed first and pinned: `torch==2.13.0` resolves to the local CPU wheel on CPU machines;
 # an unpinned torch would pull a multi-GB CUDA build. GPU users: see README.
+# TORCH_INDEX: where a machine without the local CPU wheel gets a CPU build, e.g.
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml
-	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[dev]"
 	@touch $(STAMP)
 
