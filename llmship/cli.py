@@ -53,9 +53,19 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "onnxscript", "torch", "onnx_ir",
                   "torch.onnx._internal.exporter._registration", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    handler.addFilter(_drop_library_nags)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars, on stderr
+
+
+# Advice libraries log at WARNING on every call that is not about the user's run (onnxruntime's quantizer asks for its
+# shape-inference pre-processing, which llmship's exported graphs do not need: they carry their shapes).
+_LIBRARY_NAGS = ("Please consider to run pre-processing before quantization",)
+
+
+def _drop_library_nags(record: logging.LogRecord) -> bool:
+    return not any(record.getMessage().startswith(nag) for nag in _LIBRARY_NAGS)
 
 
 def _guarded(work: Callable[[], None], debug: bool) -> None:

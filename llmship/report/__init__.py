@@ -48,7 +48,7 @@ def variant_rows(folders: dict[str, Path]) -> list[dict[str, Any]]:
     fp32_size = None
     for name, folder in folders.items():
         manifest = _manifest(folder)
-        size = manifest.get("size_bytes")
+        size = manifest.get("model_bytes")  # graph + weights: what a size ratio compares (tokenizer files excluded)
         if manifest.get("scheme", "none") == "none":
             fp32_size = size
         rows.append({
@@ -56,13 +56,13 @@ def variant_rows(folders: dict[str, Path]) -> list[dict[str, Any]]:
             "scheme": manifest.get("scheme", "none"),
             "method": manifest.get("method"),
             "options": manifest.get("options") or {},
-            "size_bytes": size,
+            "model_bytes": size,
             "parity": manifest.get("parity") or {},
             "quantized": (manifest.get("quantization") or {}).get("summary"),
             "folder": str(folder),
         })
     for row in rows:
-        row["size_ratio"] = row["size_bytes"] / fp32_size if fp32_size and row["size_bytes"] else None
+        row["size_ratio"] = row["model_bytes"] / fp32_size if fp32_size and row["model_bytes"] else None
     return rows
 
 
@@ -110,11 +110,11 @@ def _variants_section(doc: Document, variants: list[dict]) -> None:
     rows = []
     for v in variants:
         options = ", ".join(f"{k}={val}" for k, val in v["options"].items()) or "-"
-        size_mb = v["size_bytes"] / 1e6 if v["size_bytes"] else None
+        size_mb = v["model_bytes"] / 1e6 if v["model_bytes"] else None
         rows.append([v["variant"], v["scheme"], v["method"], options, size_mb, v["size_ratio"], v["parity"].get("passed"),
                      *(v["parity"].get(c) for c in PARITY_COLUMNS)])
-    doc.table(["variant", "scheme", "method", "options", "size MB", "size / fp32", "parity", *PARITY_COLUMNS], rows,
-              "Parity against PyTorch fp32, measured at compile time")
+    doc.table(["variant", "scheme", "method", "options", "model MB", "size / fp32", "parity", *PARITY_COLUMNS], rows,
+              "Parity against PyTorch fp32, measured at compile time; sizes count the graph and its weights")
     doc.table(["variant", "what was quantized"], [[v["variant"], v["quantized"]] for v in variants if v["quantized"]])
 
 
@@ -157,7 +157,7 @@ def _speed_section(doc: Document, bench: dict, images: list[tuple[Path, str]]) -
         m = e.get("metrics", {})
         rows.append([e.get("name"), m.get("output_throughput"), e.get("ratio_output_throughput"), m.get("request_throughput"),
                      m.get("mean_ttft_ms"), m.get("p90_ttft_ms"), m.get("mean_tpot_ms"), m.get("p90_tpot_ms"),
-                     m.get("mean_e2el_ms"), e.get("load_time_s"), e.get("peak_rss_mb"), e.get("roofline_fraction")])
+                     m.get("mean_e2el_ms"), e.get("load_time_s"), e.get("peak_rss_mb"), _percent(e.get("roofline_fraction"))])
     doc.table(["engine", "output tok/s", "x baseline", "req/s", "TTFT mean ms", "TTFT p90 ms", "TPOT mean ms",
                "TPOT p90 ms", "E2EL mean ms", "load s", "peak RSS MB", "of bandwidth limit"], rows,
               bench.get("caption", ""))
@@ -167,7 +167,7 @@ def _speed_section(doc: Document, bench: dict, images: list[tuple[Path, str]]) -
         per_token = roof.get("bytes_per_step")
         latency.append([e.get("name"), r.get("ttft_median"), r.get("tpot_median"), r.get("e2el_median"), r.get("peak_rss_bytes"),
                         r.get("size_bytes"), e.get("prefill_tokens_per_s"), e.get("decode_tokens_per_s"),
-                        per_token / 1e6 if per_token else None, roof.get("limit_steps_per_s"), roof.get("fraction_of_limit")])
+                        per_token / 1e6 if per_token else None, roof.get("limit_steps_per_s"), _percent(roof.get("fraction_of_limit"))])
     doc.table(["engine", "TTFT median / baseline", "TPOT median / baseline", "E2EL median / baseline", "peak RSS / baseline",
                "size / baseline", "prefill tok/s", "decode tok/s", "weight MB read per step", "bandwidth limit steps/s",
                "of bandwidth limit"], latency,
@@ -175,6 +175,10 @@ def _speed_section(doc: Document, bench: dict, images: list[tuple[Path, str]]) -
               "step read its weights at the measured bandwidth")
     for path, caption in images:
         doc.image(path, caption)
+
+
+def _percent(value: float | None) -> str | None:
+    return None if value is None else f"{value:.0%}"
 
 
 def _environment_section(doc: Document, env: dict) -> None:

@@ -82,6 +82,7 @@ table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem}th,td{border:
 th{background:#f6f8fa}td:first-child,th:first-child{text-align:left}caption{caption-side:top;text-align:left;font-style:italic;padding:.2rem 0}
 figure{margin:1rem 0}img{max-width:100%;border:1px solid #d0d7de}figcaption{font-size:.85rem;color:#57606a}
 .fail{color:#cf222e;font-weight:600}.pass{color:#1a7f37;font-weight:600}
+.wide{overflow-x:auto;max-width:100%}
 """
 
 
@@ -104,7 +105,8 @@ def to_html(doc: Document) -> str:
             cap = f"<caption>{html.escape(block.caption)}</caption>" if block.caption else ""
             head = "".join(f"<th>{html.escape(c)}</th>" for c in block.columns)
             body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in block.rows)
-            parts.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            # wide tables scroll inside their own box instead of widening the page
+            parts.append(f"<div class='wide'><table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
         elif kind == "img":
             data = base64.b64encode(block.path.read_bytes()).decode()
             alt = html.escape(block.caption)
