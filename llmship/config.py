@@ -8,8 +8,9 @@ Dotted overrides (`model.path=./m`) are applied after the file is read, before v
 from __future__ import annotations
 
 import difflib
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -322,8 +323,10 @@ def _field_annotation(dotted: str) -> Any:
 
 
 def _is_text_field(ann: Any) -> bool:
-    return ann is str or (getattr(ann, "__args__", None) is not None and str in ann.__args__
-                          and not any(a in (int, float, bool) for a in ann.__args__))
+    """`str` or `str | None` (lists, dicts and literals are read as YAML)."""
+    if ann is str:
+        return True
+    return get_origin(ann) in (Union, types.UnionType) and set(get_args(ann)) == {str, type(None)}
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:

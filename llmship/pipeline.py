@@ -196,7 +196,8 @@ def compile_stage(cfg: Config, out: Path, progress: Any, force: bool) -> dict[st
     export_fp32 = _entry("llmship.export", "export_fp32", "export")
     source_fp = {"model": folder_fingerprint(model_path(cfg)), "adapter": cfg.model.adapter and folder_fingerprint(cfg.model.adapter)}
     fp32_dir = out / "fp32"
-    fp32_key = stage_key("export", source_fp, cfg.model.model_dump(), cfg.export.model_dump())
+    # the provider too: parity runs on it, and genai_config.json names it
+    fp32_key = stage_key("export", source_fp, cfg.model.model_dump(), cfg.export.model_dump(), cfg.runtime.provider)
     if force or not cached(out, "export", fp32_key, fp32_dir):
         log.info("exporting %s to %s", model_path(cfg), fp32_dir)
         with rebuilding(out, "export"):
@@ -213,7 +214,8 @@ def compile_stage(cfg: Config, out: Path, progress: Any, force: bool) -> dict[st
             folders[name] = fp32_dir
             continue
         target = out / name
-        key = stage_key("quantize", fp32_key, variant.model_dump(), cfg.calibration.model_dump(), calibration_data)
+        key = stage_key("quantize", fp32_key, variant.model_dump(), cfg.calibration.model_dump(), calibration_data,
+                        cfg.runtime.provider)
         if not force and cached(out, f"variant-{name}", key, target):
             log.info("variant %s is up to date: %s", name, target)
             folders[name] = target

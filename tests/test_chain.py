@@ -158,8 +158,11 @@ def test_sigkill_then_rerun_loses_nothing(tmp_path):
     def bench_worker_running(pid: int) -> bool:
         import psutil
 
-        children = psutil.Process(pid).children(recursive=True)
-        return any("llmship.bench.runner" in " ".join(c.cmdline()) for c in children if c.is_running())
+        try:
+            children = psutil.Process(pid).children(recursive=True)
+            return any("llmship.bench.runner" in " ".join(c.cmdline()) for c in children if c.is_running())
+        except psutil.Error:  # a child that exited between the listing and the look
+            return False
 
     kill_points = [building("fp32"), building("w4a16-rtn"), eval_scoring_variants, bench_worker_running]
     finished: dict[str, str] = {}

@@ -39,6 +39,9 @@ def test_text_overrides_stay_text():
                              "bench.num_prompts=3", "export.opset=17"])
     assert (cfg.output.dir, cfg.model.revision, cfg.model.path) == ("2024", "0123", "yes")
     assert cfg.model.adapter is None and cfg.bench.num_prompts == 3 and cfg.export.opset == 17
+    # lists and mappings are still read as YAML
+    cfg = load_config(None, ["quantize.exclude=[lm_head, '*down_proj*']", "quantize.options={block_size: 64}"])
+    assert cfg.quantize.exclude == ["lm_head", "*down_proj*"] and cfg.quantize.options == {"block_size": 64}
 
 
 def test_overrides_apply_after_file(tmp_path):

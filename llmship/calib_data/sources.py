@@ -96,8 +96,9 @@ C4_HUB_SHARDS = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "e
 def read_c4(path: str | Path, split: str = "validation") -> list[str]:
     """The `text` of every document of a C4 JSON-lines file (.json/.jsonl, optionally .gz) or of every such file in a folder.
 
-    A folder holding both splits (file names with `c4-train` / `c4-validation`, as allenai/c4's `en/` and the bundled
-    sample do) gives the files of `split` only; any other folder gives all its files."""
+    A folder whose file names carry a split (`c4-train*` / `c4-validation*`, as allenai/c4's `en/` and the bundled
+    sample do) gives the files of `split` only, and is an error when it holds none of them; a folder of unnamed
+    files, or a single file, is read whole whatever the split."""
     source = resolve(path, "c4")
     if is_hub_id(source):
         data = hub_dataset(str(source), str(path), data_files={split: C4_HUB_SHARDS[split]}, split=split)

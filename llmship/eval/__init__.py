@@ -56,7 +56,7 @@ __all__ = ["BASELINE_NAME", "run_eval"]
 log = logging.getLogger("llmship")
 
 BASELINE_NAME = "pytorch"
-CACHE_VERSION = 2  # bump when scoring code changes what a cached baseline holds
+CACHE_VERSION = 3  # bump when scoring code changes what a cached baseline holds (3: held-out alpaca part, C4 splits)
 
 
 @dataclass
@@ -272,13 +272,7 @@ def run_eval(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: An
     bar = Counter(progress)
     tokenizer = eval_tokenizer(cfg)
     tasks = prepare_tasks(cfg, tokenizer, max_positions(cfg, variants))
-    check_metrics_known(cfg.gate.goals, tasks.metric_names())
-    if cfg.gate.baseline_json:
-        for i, goal in enumerate(cfg.gate.goals):
-            if goal.metric.startswith("consistency/"):
-                raise UserError("consistency metrics compare next-token distributions with the baseline model, which a "
-                                "stored baseline_json does not hold; drop the goal or gate.baseline_json",
-                                where=f"gate.goals.{i}.metric")
+    check_goals(cfg, tasks.metric_names())
 
     base, base_ref, from_cache = baseline_record(cfg, tasks, tokenizer, bar)
     engines: dict[str, dict[str, Any]] = {BASELINE_NAME: base}
@@ -328,14 +322,32 @@ def run_eval(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: An
                         for n, r in engines.items()}}
 
 
+def check_goals(cfg: Config, known: set[str]) -> None:
+    """Goals must name metrics this eval produces; consistency goals need the baseline model itself."""
+    check_metrics_known(cfg.gate.goals, known)
+    if cfg.gate.baseline_json:
+        for i, goal in enumerate(cfg.gate.goals):
+            if goal.metric.startswith("consistency/"):
+                raise UserError("consistency metrics compare next-token distributions with the baseline model, which a "
+                                "stored baseline_json does not hold; drop the goal or gate.baseline_json",
+                                where=f"gate.goals.{i}.metric")
+
+
+def _as_stored(rows: Any) -> str:
+    """Gate rows as the stage record stores them (NaN written as null), for comparing a fresh gate with a stored one."""
+    from llmship.eval.summary import finite_values
+
+    return json.dumps(finite_values(rows), sort_keys=True, default=str)
+
+
 def regate(cfg: Config, result: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Apply the current `gate.goals` to an earlier eval's metrics (the scores do not depend on the goals, so a
     changed gate re-gates without re-scoring); rewrites junit.xml and the gate rows of results.json."""
     metrics = result["metrics"]
-    check_metrics_known(cfg.gate.goals, {name for values in metrics.values() for name in values})
+    check_goals(cfg, {name for values in metrics.values() for name in values})
     gate_rows = evaluate_goals(cfg.gate.goals, metrics, result["baseline"])
     log_failures(gate_rows)
-    if gate_rows == result.get("gate"):
+    if _as_stored(gate_rows) == _as_stored(result.get("gate")):
         return result
     out_dir = Path(out_dir)
     write_junit(gate_rows, out_dir / "junit.xml")

@@ -29,16 +29,16 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
 
 def write_json(path: Path, data: Any) -> Path:
     # NaN/inf are not JSON: a score that could not be computed is written as null.
-    return write_atomic(path, json.dumps(_finite(data), indent=1, ensure_ascii=False, default=str, allow_nan=False))
+    return write_atomic(path, json.dumps(finite_values(data), indent=1, ensure_ascii=False, default=str, allow_nan=False))
 
 
-def _finite(value: Any) -> Any:
+def finite_values(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_values(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite_values(v) for v in value]
     return value
 
 
