@@ -236,3 +236,55 @@ def test_exclusions_keep_lm_head_float_and_report_it(tiny_decoder, tmp_path):
     model = onnx.load(str(tmp_path / "w8" / "model.onnx"))
     assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 13
     assert len(linear_nodes(model)) == 2 and not report["embeddings_quantized"]
+
+
+# --------------------------------------------------------------------------- per-token dynamic int8
+def per_token_reference(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """numpy per-token symmetric int8 activations x per-channel symmetric int8 weights, dequantized."""
+    x_scale = np.maximum(np.abs(x).max(-1, keepdims=True) / 127, 1e-12)
+    xq = np.clip(np.rint(x / x_scale), -127, 127)
+    w_scale = np.abs(weight).max(0) / 127
+    wq = np.clip(np.rint(weight / w_scale), -127, 127)
+    return (xq @ wq) * x_scale * w_scale
+
+
+def test_per_token_int8_matches_numpy_and_shares_the_activation_quantization():
+    from llmship.quantize.per_token import rewrite_per_token
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.normal(size=(64, n)).astype(np.float32) for n in (48, 32))
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["h"], name="relu"),
+                               helper.make_node("MatMul", ["h", "w1"], ["y1"], name="q"),
+                               helper.make_node("MatMul", ["h", "w2"], ["y2"], name="k")], "t",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 64])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [None, None, None]) for y in ("y1", "y2")],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert rewrite_per_token(model, list(model.graph.node[1:]), per_channel=True, reduce_range=False) == 1
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("MatMulIntegerToFloat") == 2 and "MatMul" not in ops
+    # One token with a 100x outlier: a per-tensor scale would flatten every other token to a few int8 levels.
+    x = rng.normal(size=(2, 5, 64)).astype(np.float32)
+    x[0, 0] *= 100
+    h = np.maximum(x, 0)
+    y1, y2 = session(model).run(None, {"x": x})
+    np.testing.assert_allclose(y1, per_token_reference(h, w1), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(y2, per_token_reference(h, w2), rtol=1e-5, atol=1e-3)
+    quiet = np.abs(y1[1] - h[1] @ w1).max() / np.abs(h[1] @ w1).max()
+    assert quiet < 0.02  # the tokens beside the outlier keep their own resolution
+
+
+@pytest.mark.parametrize("activations", ["per_token", "per_tensor"])
+def test_w8a8_dynamic_groups_down_proj_and_lm_head(tiny_decoder, tmp_path, activations):
+    scheme = build_scheme(VariantConfig(scheme="w8a8-dynamic", options={"activations": activations}))
+    job = QuantizeJob(source=tiny_decoder / "model.onnx", folder=tiny_decoder, target=tmp_path / "w8", samples=None,
+                      exclude=[])
+    report = scheme.quantize(job)
+    model = onnx.load(str(tmp_path / "w8" / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    grouped = sorted(row["name"].split(" ")[0] for row in report["quantized"] if "group" in row["as"])
+    assert grouped == ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert ops.count("MatMulNBits") == 3 and not linear_nodes(model)
+    assert ("MatMulIntegerToFloat" in ops) == (activations == "per_token")
+    assert ("MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops) == (activations == "per_tensor")

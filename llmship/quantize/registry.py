@@ -62,7 +62,7 @@ class Scheme:
         """Cross-field checks of the options (UserError naming `where.options.<field>`): every block size is a power
         of two >= 16 (MatMulNBits, GatherBlockQuantized); subclasses add their own and call this."""
         for name, value in self.options.model_dump().items():
-            if name.endswith(("block_size", "embedding_block")) and value is not None and (value < 16 or value & (value - 1)):
+            if name.endswith(("block_size", "embedding_block", "group_size")) and value is not None and (value < 16 or value & (value - 1)):
                 raise UserError(f"{name} must be a power of two >= 16 (got {value})", where=f"{where}.options.{name}")
 
     def describe(self) -> dict[str, Any]:
