@@ -5,7 +5,7 @@ fp32 export plus w8a8-dynamic and w4a16 (rtn, MatMulNBits) variants with llmship
 `llmship.bench.run_bench` at each batch size (default 1 and 4) with 2 threads, and prints each bench.md.
 
     python scripts/bench_200m.py [--dir /tmp/llmship-200m] [--threads 2] [--batch-sizes 1 4] [--genai] [--builder]
-                                 [--attention gqa|mha] [--prefill-tokens 256]
+                                 [--attention gqa|mha] [--prefill-tokens 256] [--block-size 128]
 
 It also times one 256-token prefill at batch 1 for PyTorch and every variant (issue 8's prefill bar).
 
@@ -91,7 +91,8 @@ def make_config(model: Path, out: Path, args: argparse.Namespace):
     cfg.export.parity.decode_steps = 4
     cfg.quantize.variants = [
         VariantConfig(scheme="w8a8-dynamic", parity=speed_only),
-        VariantConfig(scheme="w4a16", method="rtn", options={"block_size": 32, "accuracy_level": 4}, parity=speed_only),
+        VariantConfig(scheme="w4a16", method="rtn", options={"block_size": args.block_size, "accuracy_level": 4},
+                      parity=speed_only),
     ]
     cfg.calibration.sources = [CalibSource(kind="c4", samples=4)]  # rtn and dynamic int8 use no calibration data
     cfg.calibration.seq_len = 64
@@ -104,12 +105,14 @@ def make_config(model: Path, out: Path, args: argparse.Namespace):
     return cfg
 
 
-def build_with_genai_builder(model: Path, target: Path, threads: int) -> Path | None:
-    """onnxruntime-genai's model builder, int4 CPU graph (accuracy level 4, as the issue's comparison); None on failure."""
+def build_with_genai_builder(model: Path, target: Path, threads: int, block_size: int) -> Path | None:
+    """onnxruntime-genai's model builder, int4 CPU graph (accuracy level 4, as the issue's comparison) with the int4 block
+    size llmship's w4a16 uses, so both read the same bytes per token; None on failure."""
     if (target / "genai_config.json").is_file():
         return target
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(target), "-p", "int4",
-           "-e", "cpu", "-c", str(target.parent / "builder-cache"), "--extra_options", "int4_accuracy_level=4"]
+           "-e", "cpu", "-c", str(target.parent / "builder-cache"), "--extra_options", "int4_accuracy_level=4",
+           f"block_size={block_size}"]
     log("building the onnxruntime-genai int4 model: " + " ".join(cmd))
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or not (target / "genai_config.json").is_file():
@@ -158,6 +161,8 @@ def main() -> int:
     parser.add_argument("--genai", action="store_true", help="also run the llmship variants in onnxruntime-genai")
     parser.add_argument("--builder", action="store_true", help="also build and run onnxruntime-genai's own int4 model")
     parser.add_argument("--attention", choices=("mha", "gqa"), default="gqa", help="export.attention of llmship's graphs")
+    parser.add_argument("--block-size", type=int, default=128,
+                        help="int4 block size of llmship's w4a16 and of the builder's graph (the builder's default is 32)")
     parser.add_argument("--prefill-tokens", type=int, default=256, help="prompt length of the prefill measurement")
     args = parser.parse_args()
 
@@ -172,7 +177,8 @@ def main() -> int:
     started = time.perf_counter()
     folders = compile_stage(cfg, out, lambda line: log(line), force=False)
     log(f"compiled {', '.join(folders)} in {time.perf_counter() - started:.0f}s")
-    builder = build_with_genai_builder(model, args.dir / "genai-builder-int4", args.threads) if args.builder else None
+    builder = (build_with_genai_builder(model, args.dir / f"genai-builder-int4-b{args.block_size}", args.threads,
+                                        args.block_size) if args.builder else None)
 
     summary = {"prefill_tokens_per_s": prefill_speed(cfg, folders, args.prefill_tokens, repeats=5)}
     for batch in args.batch_sizes:

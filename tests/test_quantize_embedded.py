@@ -3,7 +3,7 @@ bar of issue 4 against PyTorch fp32 on held-out text, with some slack for CI noi
 
     fp16: top-1 >= 99.9%, ppl ratio <= 1.001        w8a16, w8a8-dynamic: ppl ratio <= 1.005, top-1 >= 99%
     w8a8-static + SmoothQuant: ppl ratio <= 1.02 and below the same scheme without SmoothQuant
-    w4a16: best of rtn/hqq/gptq ppl ratio <= 1.05   size: int8 <= 0.3x, int4 <= 0.2x of fp32
+    w4a16: best of rtn/hqq/gptq ppl ratio <= 1.05   size: int8 <= 0.3x, int4 <= 0.2x of fp32 (default block 128)
 """
 
 from __future__ import annotations
@@ -157,6 +157,7 @@ def test_int4_best_method_and_size(compiled):
     ratios = {m: compiled[f"w4a16-{m}"]["ppl_ratio"] for m in ("rtn", "hqq", "gptq")}
     assert min(ratios.values()) <= 1.05 + SLACK, ratios
     assert all(compiled[f"w4a16-{m}"]["size_ratio"] <= 0.20 for m in ratios)
+    assert {compiled[f"w4a16-{m}"]["manifest"]["quantization"]["block_size"] for m in ratios} == {128}
 
 
 def test_manifests_record_scheme_calibration_and_parity(compiled):
