@@ -155,6 +155,14 @@ def load_record(out: Path, stage: str) -> dict:
 
 
 # --------------------------------------------------------------------------- stages
+def variant_key(fp32_key: str, variant: Any, cfg: Config, calibration_data: list) -> str:
+    """A variant's compile key. It holds the scheme's resolved options (defaults filled in), so a default that changes
+    between releases rebuilds the variant instead of reusing one built with the old default."""
+    resolved = _entry("llmship.quantize", "build_scheme", "quantize")(variant).describe()
+    return stage_key("quantize", fp32_key, variant.model_dump(), resolved, cfg.calibration.model_dump(),
+                     calibration_data, cfg.runtime.provider)
+
+
 def _entry(module: str, name: str, stage: str) -> Callable:
     try:
         return getattr(importlib.import_module(module), name)
@@ -214,8 +222,7 @@ def compile_stage(cfg: Config, out: Path, progress: Any, force: bool) -> dict[st
             folders[name] = fp32_dir
             continue
         target = out / name
-        key = stage_key("quantize", fp32_key, variant.model_dump(), cfg.calibration.model_dump(), calibration_data,
-                        cfg.runtime.provider)
+        key = variant_key(fp32_key, variant, cfg, calibration_data)
         if not force and cached(out, f"variant-{name}", key, target):
             log.info("variant %s is up to date: %s", name, target)
             folders[name] = target

@@ -240,3 +240,23 @@ def test_corrupted_variant_fails_the_demo_gate_with_exit_1(demo_run, tmp_path):
     assert "gate goal(s) failed" in proc.stderr and "w8a8-dynamic" in proc.stderr
     failures = [tc for tc in ET.parse(copy / "eval" / "junit.xml").getroot().iter("testcase") if tc.find("failure") is not None]
     assert failures and all("w8a8-dynamic" in (tc.get("name", "") + tc.get("classname", "")) for tc in failures)
+
+
+def test_variant_key_follows_the_schemes_resolved_defaults(monkeypatch):
+    """A variant written as `{scheme: w8a8-dynamic}` must be rebuilt when a release changes that scheme's defaults:
+    the key holds the scheme's resolved options, not only what the YAML wrote."""
+    from llmship.config import Config, VariantConfig
+    from llmship.pipeline import variant_key
+    from llmship.quantize.w8a8_dynamic import W8A8Dynamic
+
+    cfg, variant = Config(), VariantConfig(scheme="w8a8-dynamic")
+    before = variant_key("fp32", variant, cfg, [])
+    assert variant_key("fp32", variant, cfg, []) == before
+    resolved = W8A8Dynamic.describe
+
+    def other_default(self):
+        described = resolved(self)
+        return {**described, "options": {**described["options"], "fine_method": "blocks"}}
+
+    monkeypatch.setattr(W8A8Dynamic, "describe", other_default)
+    assert variant_key("fp32", variant, cfg, []) != before

@@ -275,16 +275,43 @@ def test_per_token_int8_matches_numpy_and_shares_the_activation_quantization():
     assert quiet < 0.02  # the tokens beside the outlier keep their own resolution
 
 
-@pytest.mark.parametrize("activations", ["per_token", "per_tensor"])
-def test_w8a8_dynamic_groups_down_proj_and_lm_head(tiny_decoder, tmp_path, activations):
-    scheme = build_scheme(VariantConfig(scheme="w8a8-dynamic", options={"activations": activations}))
+def test_two_level_activations_carry_the_rounding_error():
+    """down_proj/lm_head's second int8 level: the product matches float activations x int8 weights to ~15 bits, where
+    one level is off by the 8-bit rounding; both rows go through one GEMM."""
+    from llmship.quantize.per_token import quantize_weight, rewrite_per_token
+
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(64, 40)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="down")], "t",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, None])],
+                              [numpy_helper.from_array(weight, "w")])
+    one, two = (helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]) for _ in range(2))
+    rewrite_per_token(one, list(one.graph.node), per_channel=True, reduce_range=False)
+    rewrite_per_token(two, list(two.graph.node), per_channel=True, reduce_range=False, two_level={"down"})
+    onnx.checker.check_model(two)
+    assert [n.op_type for n in two.graph.node].count("MatMulIntegerToFloat") == 1
+    x = rng.standard_t(3, size=(2, 7, 64)).astype(np.float32)  # heavy tails, as down_proj's input
+    q, scale = quantize_weight(weight, per_channel=True, reduce_range=False)
+    exact = x @ (q.astype(np.float32) * scale)  # float activations, the same int8 weights
+    err_one = np.abs(session(one).run(None, {"x": x})[0] - exact).max()
+    err_two = np.abs(session(two).run(None, {"x": x})[0] - exact).max()
+    assert err_two < err_one / 50 and err_two < 1e-3 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize(("activations", "fine_method"), [("per_token", "two_level"), ("per_tensor", "two_level"),
+                                                          ("per_token", "blocks")])
+def test_w8a8_dynamic_fine_layers_are_down_proj_and_lm_head(tiny_decoder, tmp_path, activations, fine_method):
+    scheme = build_scheme(VariantConfig(scheme="w8a8-dynamic", options={"activations": activations,
+                                                                        "fine_method": fine_method}))
     job = QuantizeJob(source=tiny_decoder / "model.onnx", folder=tiny_decoder, target=tmp_path / "w8", samples=None,
                       exclude=[])
     report = scheme.quantize(job)
     model = onnx.load(str(tmp_path / "w8" / "model.onnx"))
     ops = [n.op_type for n in model.graph.node]
-    grouped = sorted(row["name"].split(" ")[0] for row in report["quantized"] if "group" in row["as"])
-    assert grouped == ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
-    assert ops.count("MatMulNBits") == 3 and not linear_nodes(model)
-    assert ("MatMulIntegerToFloat" in ops) == (activations == "per_token")
+    fine = sorted(row["name"].split(" ")[0] for row in report["quantized"] if "two-level" in row["as"] or "group" in row["as"])
+    assert fine == ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert not linear_nodes(model) and report["fine_method"] == fine_method
+    assert ops.count("MatMulNBits") == (3 if fine_method == "blocks" else 0)
+    assert ops.count("Split") == (3 if fine_method == "two_level" else 0)
     assert ("MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops) == (activations == "per_tensor")

@@ -26,7 +26,8 @@ VARIANTS = {
     "w8a8-dynamic": {"scheme": "w8a8-dynamic"},
     # ONNX Runtime's own dynamic int8 (one activation range per call), for comparison with the per-token default.
     "w8a8-dynamic-per-tensor": {"scheme": "w8a8-dynamic", "name": "w8a8-dynamic-per-tensor",
-                                "options": {"activations": "per_tensor", "group_layers": []}},
+                                "options": {"activations": "per_tensor", "fine_layers": []}},
+    "w8a8-dynamic-blocks": {"scheme": "w8a8-dynamic", "name": "w8a8-dynamic-blocks", "options": {"fine_method": "blocks"}},
     "w8a8-static": {"scheme": "w8a8-static", "method": "minmax"},
     # SmoothQuant picks alpha per model (0.85 Llama-2, 0.8 Mistral); on the embedded model 0.65 (ppl ratio 1.0053
     # against 1.0097 without) beats 0.5 (1.0092) and 0.85 (1.0097).
@@ -128,9 +129,9 @@ def test_fp16_is_all_but_exact(compiled):
     assert r["size_ratio"] <= 0.55
 
 
-# Both meet the issue's 99% top-1: w8a16 measured 99.1%, w8a8-dynamic 99.4% (per-token activations, down_proj and
-# lm_head per 32-value group).
-@pytest.mark.parametrize(("name", "top1"), [("w8a16", 0.99), ("w8a8-dynamic", 0.99)])
+# All meet the issue's 99% top-1: w8a16 measured 99.1%, w8a8-dynamic 99.15% (per-token activations, two levels for
+# down_proj and lm_head), with down_proj and lm_head in MatMulNBits blocks of 32 99.4%.
+@pytest.mark.parametrize(("name", "top1"), [("w8a16", 0.99), ("w8a8-dynamic", 0.99), ("w8a8-dynamic-blocks", 0.99)])
 def test_int8_weight_schemes(compiled, name, top1):
     r = compiled[name]
     assert r["ppl_ratio"] <= 1.005 + SLACK and r["top1"] >= top1 - SLACK
@@ -139,7 +140,7 @@ def test_int8_weight_schemes(compiled, name, top1):
 
 
 def test_per_token_activations_beat_one_range_per_call(compiled):
-    """ONNX Runtime's per-tensor dynamic int8 moves 2.1% of top-1 tokens (97.9%); the default moves 0.6%."""
+    """ONNX Runtime's per-tensor dynamic int8 moves 2.1% of top-1 tokens (97.9%); the default moves 0.85%."""
     default, per_tensor = compiled["w8a8-dynamic"], compiled["w8a8-dynamic-per-tensor"]
     assert default["top1"] > per_tensor["top1"] + 0.008
     assert per_tensor["ppl_ratio"] <= 1.005 + SLACK and per_tensor["manifest"]["quantization"]["activations"] == "per_tensor"

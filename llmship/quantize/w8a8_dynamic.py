@@ -6,10 +6,13 @@ Activation granularity (`activations`):
   through MatMulIntegerToFloat (see per_token.py); SmoothQuant, vLLM and TensorRT-LLM call this per-token dynamic W8A8.
 - `per_tensor`: ONNX Runtime's `quantize_dynamic` (DynamicQuantizeLinear + MatMulInteger): one range per call.
 
-The layers matched by `group_layers` get one activation scale per `group_size` values instead (MatMulNBits with 8-bit
-weights and accuracy_level 4, whose kernel quantizes its input to int8 block by block): the SiLU * up product that
-feeds down_proj has the widest per-token ranges, and lm_head decides the top-1 token (llama.cpp's mixes likewise give
-ffn_down and the output tensor more precision).
+The layers matched by `fine_layers` get finer activations: the SiLU * up product that feeds down_proj has the widest
+per-token ranges, and lm_head decides the top-1 token (llama.cpp's mixes likewise give ffn_down and the output tensor
+more precision). `fine_method`:
+- `two_level` (default): a second int8 row per token carries the first one's rounding error, and both go through the
+  same int8 GEMM (per_token.py), so the weights stay per-channel int8 and are read once per step;
+- `blocks`: one scale per `group_size` values (MatMulNBits, 8-bit weights, accuracy_level 4, whose kernel quantizes
+  its input block by block): the most accurate, but MatMulNBits is slow at prefill next to MatMulInteger's GEMM.
 """
 
 from __future__ import annotations
@@ -36,20 +39,23 @@ from llmship.quantize.per_token import rewrite_per_token
 from llmship.quantize.registry import QuantizeJob, Scheme, SchemeOptions, register
 from llmship.quantize.weight_only import quantize_matmuls
 
-# On the embedded model (held-out C4, PyTorch fp32 reference, prefill-scored top-1 agreement / perplexity ratio):
-#   per_tensor, per-channel weights 97.85% / 1.0010 (per-tensor weights 96.5%)
-#   per_token, no group layers      98.44% / 0.9999
-#   per_token, down_proj grouped    99.09% / 1.0001
-#   per_token, down_proj + lm_head  99.41% / 0.9998 (the default)
-DEFAULT_GROUP_LAYERS = ["*down_proj*", "lm_head"]
+# On the embedded model (held-out C4, PyTorch fp32 reference: prefill-scored top-1 agreement, perplexity ratio) and on
+# the 206.9M benchmark model (2 threads: decode, 256-token prefill tokens/s):
+#   per_tensor, no fine layers                    97.85%  1.0010    118  2,957
+#   per_token, no fine layers                     98.44%  0.9999    125  2,423
+#   per_token, down_proj + lm_head two_level      99.15%  1.0001    119  1,859   (the default)
+#   per_token, down_proj + lm_head blocks of 32   99.41%  0.9998    110  1,318
+DEFAULT_FINE_LAYERS = ["*down_proj*", "lm_head"]
 
 
 class W8A8DynamicOptions(SchemeOptions):
     activations: Literal["per_token", "per_tensor"] = Field(
         "per_token", description="Activation scales: one per token row, or ONNX Runtime's one per call.")
-    group_layers: list[str] = Field(default_factory=lambda: list(DEFAULT_GROUP_LAYERS),
-                                    description="Layers (fnmatch, as quantize.exclude) quantized per group of values.")
-    group_size: int = Field(32, description="Values per activation and weight scale in group_layers (power of two >= 16).")
+    fine_layers: list[str] = Field(default_factory=lambda: list(DEFAULT_FINE_LAYERS),
+                                   description="Layers (fnmatch, as quantize.exclude) whose activations are quantized finer.")
+    fine_method: Literal["two_level", "blocks"] = Field(
+        "two_level", description="fine_layers: a second int8 level per token, or MatMulNBits blocks of group_size.")
+    group_size: int = Field(32, description="fine_method blocks: values per scale (power of two >= 16).")
     per_channel: bool = Field(True, description="One weight scale per output channel (else one per tensor).")
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI where u8s8 products can saturate.")
     quantize_embeddings: bool = Field(True, description="Also store the token embedding table as int8 (GatherBlockQuantized).")
@@ -70,38 +76,49 @@ class W8A8Dynamic(Scheme):
         inits = initializers(model)
         linears = linear_nodes(model)
         todo = [n for n in linears if not excluded(n, job.exclude, inits)]
-        grouped = [n for n in todo if excluded(n, opts.group_layers, inits)]
-        tokenwise = [n for n in todo if n not in grouped]
+        fine = {n.name for n in todo if excluded(n, opts.fine_layers, inits)}
         kept = [{"node": n.name, "name": describe_node(n, inits), "reason": "excluded"} for n in linears if n not in todo]
-        how = ("per-token QuantizeLinear + MatMulIntegerToFloat" if opts.activations == "per_token"
-               else "DynamicQuantizeLinear + MatMulInteger")
         rows = [{"node": n.name, "name": describe_node(n, inits), "weight": n.input[1], "shape": list(inits[n.input[1]].dims),
-                 "op": "MatMul", "as": how} for n in tokenwise]
+                 "op": "MatMul", "as": self._describe(n.name in fine)} for n in todo]
         job.progress(f"{self.name}: quantizing {len(todo)} linear layers")
+        two_level = fine if opts.fine_method == "two_level" else set()
         if opts.activations == "per_token":
-            shared = rewrite_per_token(model, tokenwise, opts.per_channel, opts.reduce_range)
+            rewrite_per_token(model, [n for n in todo if n.name not in fine or n.name in two_level],
+                              opts.per_channel, opts.reduce_range, two_level=two_level)
         else:
+            rest = [n for n in todo if n.name not in fine]
             # quantize_dynamic reads an empty node list as "every node"
-            model, shared = (self._ort_dynamic(job, model, tokenwise) if tokenwise else model), None
-        group_rows: list[dict] = []
-        if grouped:
-            model, group_rows, group_kept = quantize_matmuls(model, bits=8, block_size=opts.group_size, symmetric=False,
-                                                             accuracy_level=4, method="rtn", exclude=job.exclude)
-            kept += group_kept
-            for row in group_rows:
-                row["as"] = f"MatMulNBits(bits=8, block={opts.group_size}, accuracy_level=4): activations per group"
+            model = self._ort_dynamic(job, model, rest) if rest else model
+            if two_level:
+                rewrite_per_token(model, [n for n in model.graph.node if n.name in two_level], opts.per_channel,
+                                  opts.reduce_range, two_level=two_level)
+        if fine and opts.fine_method == "blocks":
+            model, _, block_kept = quantize_matmuls(model, bits=8, block_size=opts.group_size, symmetric=False,
+                                                    accuracy_level=4, method="rtn", exclude=job.exclude)
+            kept += block_kept
+            rows = [r for r in rows if r["node"] not in {k["node"] for k in block_kept}]
         emb_rows = quantize_embeddings(model, 8, opts.embedding_block, job.exclude) if opts.quantize_embeddings else []
         save_model(model, job.target, job.external_data)
-        activations = (f"per-token, {shared} activation tensors" if shared is not None else "per-tensor")
+        fine_rows = sum(r["node"] in fine for r in rows)
         return {
-            "summary": f"{len(rows)} MatMul -> int8 dynamic ({activations}, "
-                       f"{'per-channel' if opts.per_channel else 'per-tensor'} weights), {len(group_rows)} -> int8 "
-                       f"per {opts.group_size}-value group, {len(kept)} kept float, {len(emb_rows)} embedding table(s) int8",
+            "summary": f"{len(rows) - fine_rows} MatMul -> int8 dynamic {opts.activations.replace('_', '-')} "
+                       f"({'per-channel' if opts.per_channel else 'per-tensor'} weights), {fine_rows} -> "
+                       f"{self._describe(True)}, {len(kept)} kept float, {len(emb_rows)} embedding table(s) int8",
             "activations": opts.activations,
-            "quantized": rows + group_rows + emb_rows,
+            "fine_method": opts.fine_method if fine else None,
+            "quantized": rows + emb_rows,
             "kept_float": kept,
             "embeddings_quantized": bool(emb_rows),
         }
+
+    def _describe(self, fine: bool) -> str:
+        opts: W8A8DynamicOptions = self.options
+        if fine and opts.fine_method == "blocks":
+            return f"MatMulNBits(bits=8, block={opts.group_size}, accuracy_level=4): activations per group"
+        if fine:
+            return "two-level per-token activations + MatMulIntegerToFloat"
+        return ("per-token QuantizeLinear + MatMulIntegerToFloat" if opts.activations == "per_token"
+                else "DynamicQuantizeLinear + MatMulInteger")
 
     def _ort_dynamic(self, job: QuantizeJob, model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
         """ONNX Runtime's quantize_dynamic on `nodes`, through a staged float copy (it reads and writes files)."""
