@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from llmship.config import ModelConfig
+from llmship.config import EMBEDDED_MODEL_DIR, ModelConfig
 from llmship.errors import UserError
 from llmship.export.source import load_source, load_tokenizer
 from llmship.export.tiny import make_llama, make_tokenizer
@@ -36,6 +36,11 @@ def _assert_matches_sentencepiece(folder: Path) -> None:
     for text in TEXTS:
         assert tok(text)["input_ids"] == [sp.bos_id(), *sp.encode(text)]
     assert tok.padding_side == "left"
+
+
+def test_tokenizer_json_ids_match_sentencepiece():
+    assert (EMBEDDED_MODEL_DIR / "tokenizer.json").is_file()  # the `tokenizers` path, leading space included
+    _assert_matches_sentencepiece(EMBEDDED_MODEL_DIR)
 
 
 def test_tokenizer_ids_match_sentencepiece(tmp_path):

@@ -95,9 +95,30 @@ def load_tokenizer(path: str | Path, revision: str | None = None) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad tokenizer file
         raise UserError(f"cannot load the tokenizer: {_one_line(exc)}", where=str(path)) from None
+    _prefix_like_sentencepiece(tok)
     tok.padding_side = "left"
     tok.truncation_side = "left"
     return tok
+
+
+def _prefix_like_sentencepiece(tok: Any) -> None:
+    """Give a LLaMA `tokenizers` backend SentencePiece's dummy prefix on text that starts with a space.
+
+    transformers 5's LlamaTokenizer replaces tokenizer.json's pre-tokenizer with `Metaspace`, which prepends "▁" only
+    when the text does not start with one, so " x" becomes "▁x" where SentencePiece (and the model's training) saw
+    "▁▁x". The normalizer that transformers 4 wrote for LLaMA (Prepend "▁", then spaces to "▁") is exact on plain
+    text; it also prefixes text that follows a special token written inside the text, as legacy mode did.
+    """
+    from tokenizers import normalizers, pre_tokenizers
+
+    backend = getattr(tok, "_tokenizer", None)
+    metaspace = getattr(backend, "pre_tokenizer", None)
+    if (not isinstance(metaspace, pre_tokenizers.Metaspace) or metaspace.split or backend.normalizer is not None
+            or metaspace.prepend_scheme not in ("always", "first")):
+        return
+    marker = metaspace.replacement
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend(marker), normalizers.Replace(" ", marker)])
+    backend.pre_tokenizer = None
 
 
 # --------------------------------------------------------------------------- model
