@@ -168,8 +168,21 @@ def test_onnx_weight_bytes_counts_one_embedding_row():
 def test_roofline_figures_and_bandwidth():
     r = roofline.roofline(bytes_per_step=1_000_000, bandwidth=10e9, decode_steps=500, decode_seconds=1.0)
     assert r["limit_steps_per_s"] == pytest.approx(10_000) and r["fraction_of_limit"] == pytest.approx(0.05)
+    r = roofline.roofline(bytes_per_step=1_000_000, bandwidth=10e9, decode_steps=500, decode_seconds=1.0,
+                          cache_bytes_per_step=250_000)
+    assert r["limit_steps_per_s"] == pytest.approx(8_000) and r["fraction_of_limit"] == pytest.approx(0.0625)
+    assert r["weights_fraction_of_limit"] == pytest.approx(0.05)
     bw = roofline.measure_read_bandwidth(threads=2, array_bytes=8 << 20, repeats=2)
     assert bw["bytes_per_s"] > 1e8 and bw["threads"] == 2
+
+
+def test_decode_cache_bytes_count_each_live_context():
+    # 2 layers x 4 kv heads x 8 dims x fp32, keys and values: 512 bytes per cached token
+    per_token = roofline.cache_bytes_per_token(layers=2, kv_heads=4, head_dim=8, itemsize=4)
+    assert per_token == 512
+    # request 0: prompt 10, 3 outputs -> decode steps read 11 and 12 tokens; request 1: prompt 5, 1 output -> none
+    assert roofline.decode_cache_bytes([(10, 3), (5, 1)], [[1, 0]], per_token) == (11 + 12) * 512
+    assert roofline.decode_cache_bytes([(10, 3), (5, 4)], [[0], [1]], per_token) == (11 + 12 + 6 + 7 + 8) * 512
 
 
 # --------------------------------------------------------------------------- full runs on a tiny exported model
@@ -233,9 +246,15 @@ def test_run_bench_baseline_and_variant(tiny, tmp_path):
             for stat in ("mean_ms", "median_ms", "p90_ms", "p99_ms"):
                 assert m["latency"][metric][stat] > 0, (name, metric, stat)
         assert engine["load_s"] > 0 and engine["memory"]["peak_rss_bytes"] > 0 and engine["size_bytes"] > 0
-        assert engine["roofline"]["fraction_of_limit"] > 0 and engine["roofline"]["limit_steps_per_s"] > 0
+        roof = engine["roofline"]
+        assert roof["fraction_of_limit"] > roof["weights_fraction_of_limit"] > 0 and roof["limit_steps_per_s"] > 0
+        cache = roofline.decode_cache_bytes([(r["prompt_len"], r["output_len"]) for r in full["requests"]],
+                                            full["batches"], engine["weights"]["cache_bytes_per_token"])
+        assert roof["cache_bytes_per_step"] == pytest.approx(cache / engine["decode"]["steps"])
         assert m["output_tokens"] == sum(requested)
     base, var = full["engines"]["pytorch"], full["engines"]["fp32"]
+    # the same model and fp32 cache: PyTorch's config and the graph's past inputs give the same bytes per token
+    assert base["weights"]["cache_bytes_per_token"] == var["weights"]["cache_bytes_per_token"] > 0
     assert var["ratios"]["output_throughput"] == pytest.approx(var["metrics"]["output_throughput"] / base["metrics"]["output_throughput"])
     assert var["ratios"]["size_bytes"] == pytest.approx(var["size_bytes"] / base["size_bytes"])
     # same fp32 weights: bytes read per step agree within the rotary tables the graph adds

@@ -183,7 +183,8 @@ def run_bench(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: A
                 "size_bytes": raw["size_bytes"], "weights": raw["weights"],
                 "metrics": metrics.aggregate(raw["records"], raw["duration_s"]),
                 "roofline": roofline.roofline(raw["weights"]["bytes_per_step"], bandwidth["bytes_per_s"],
-                                              raw["decode_steps"], raw["decode_s"]),
+                                              raw["decode_steps"], raw["decode_s"],
+                                              _cache_bytes_per_step(lengths, batches, raw)),
                 "decode": {"steps": raw["decode_steps"], "seconds": raw["decode_s"],
                            "tokens_per_s": (sum(r.output_len - 1 for r in requests) / raw["decode_s"]) if raw["decode_s"] else None},
                 "prefill": {"seconds": raw["prefill_s"], "tokens_per_s": sum(r.prompt_len for r in requests) / raw["prefill_s"]},
@@ -214,6 +215,11 @@ def run_bench(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: A
         (tmp / "bench.md").write_text(report.markdown(result), encoding="utf-8")
         result["plots"] = report.plots(result, tmp)
     return summary(result, out_dir)
+
+
+def _cache_bytes_per_step(lengths: list[tuple[int, int]], batches: list[list[int]], raw: dict[str, Any]) -> float:
+    total = roofline.decode_cache_bytes(lengths, batches, raw["weights"]["cache_bytes_per_token"])
+    return total / raw["decode_steps"] if raw["decode_steps"] else 0.0
 
 
 def flat_metrics(m: dict[str, Any]) -> dict[str, Any]:

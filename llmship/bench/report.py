@@ -61,21 +61,24 @@ def markdown(result: dict[str, Any]) -> str:
         f"## Resources and roofline (read bandwidth {bw['gb_per_s']:.1f} GB/s, {bw['threads']} threads)",
         "",
         "| engine | load s | peak RSS MiB | size MiB | size vs baseline | prefill tok/s | decode tok/s | weights read/step MB "
-        "| limit tok/s (batch 1) | decode steps/s | % of limit |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| KV cache read/step MB | limit steps/s | decode steps/s | % of limit | % of limit, weights only |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, e in engines.items():
         r = e["roofline"]
+        weights = r.get("weight_bytes_per_step", r["bytes_per_step"])
         lines.append(
             f"| {name} | {_f(e['load_s'])} | {_f(e['memory']['peak_rss_bytes'] / MIB, 0)} | {_f(e['size_bytes'] / MIB, 1)} "
             f"| {_ratio(e.get('ratios', {}).get('size_bytes'))} | {_f(e['prefill']['tokens_per_s'], 1)} "
-            f"| {_f(e['decode']['tokens_per_s'], 1)} | {_f(r['bytes_per_step'] / 1e6, 1)} "
-            f"| {_f(r['limit_steps_per_s'], 1)} | {_f(r['decode_steps_per_s'], 1)} | {r['fraction_of_limit']:.0%} |")
+            f"| {_f(e['decode']['tokens_per_s'], 1)} | {_f(weights / 1e6, 1)} | {_f(r.get('cache_bytes_per_step', 0) / 1e6, 1)} "
+            f"| {_f(r['limit_steps_per_s'], 1)} | {_f(r['decode_steps_per_s'], 1)} | {r['fraction_of_limit']:.0%} "
+            f"| {r.get('weights_fraction_of_limit', r['fraction_of_limit']):.0%} |")
     lines += [
         "",
         "TTFT/TPOT/ITL/E2EL as vLLM's benchmark defines them (a request starts when its batch starts). Ratios divide the "
         "engine's figure by the baseline's. Weights read per step: every weight once, one row of gathered tables "
-        "(embedding); KV cache not counted. % of limit = weight bytes streamed per second / measured read bandwidth. "
+        "(embedding); KV cache read per step: the keys and values of every live sequence's context, mean over the run's "
+        "steps. % of limit = (weights + KV cache) bytes streamed per second / measured read bandwidth. "
         "Prefill tok/s = prompt tokens / time to the first token of each batch; decode tok/s = tokens after the first / "
         "time after the first token.",
         "",

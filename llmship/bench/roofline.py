@@ -1,17 +1,20 @@
-"""Memory-bandwidth roofline of decoding: how close each engine gets to the limit of streaming its weights.
+"""Memory-bandwidth roofline of decoding: how close each engine gets to the limit of streaming what a step reads.
 
-Decoding one token (one step of a batch) reads every weight of the decoder once, so a step cannot be faster than
-weight bytes / read bandwidth. The figures here are:
+Decoding one token (one step of a batch) reads every weight of the decoder once, plus the KV cache of every sequence
+in the batch, so a step cannot be faster than (weight bytes + cache bytes) / read bandwidth. The figures here are:
 - `measure_read_bandwidth`: best of a few timed ONNX Runtime float32 GEMVs over a weight far larger than the CPU
   caches, with the engines' thread count: the access pattern of a decode step, so the bandwidth an engine can use.
 - `onnx_weight_bytes` / `torch_weight_bytes`: bytes of weights read per decode step. Approximation: every initializer
   (and Constant tensor >= 1 KiB) counts in full, except tables used only through Gather/GatherBlockQuantized
   (the token embedding) or as RotaryEmbedding/GroupQueryAttention cos/sin caches, of which one row per
-  step is counted. The KV cache and activations
-  are not counted (small next to the weights for ShareGPT-length contexts on a 200M+ model), nor are ORT's
-  pre-packed copies (same size as the originals).
-- limit decode tokens/s at batch 1 = bandwidth / bytes per step; fraction achieved = (bytes per step x measured
-  decode steps per second) / bandwidth, which holds for any batch size.
+  step is counted. ORT's pre-packed copies are not counted (same size as the originals).
+- `decode_cache_bytes`: bytes of KV cache the run's decode steps read: each live sequence reads the keys and values
+  of its whole context (prompt and tokens so far) once per step. Padding and finished rows are not counted (the
+  least any engine must read), nor are activations. On a 200M model with an fp32 cache a 500-token context reads
+  45 MB per step, as much as a third of its int8 weights; on a 7B fp16 model it is under a tenth.
+- limit decode steps/s = bandwidth / (weight bytes + mean cache bytes per step); fraction achieved = bytes read per
+  step x measured decode steps per second / bandwidth, which holds for any batch size. The weights-only fraction is
+  kept beside it (`weights_fraction_of_limit`).
 """
 
 from __future__ import annotations
@@ -136,14 +139,57 @@ def torch_weight_bytes(model: Any) -> dict[str, Any]:
     return {"bytes_per_step": full + rows, "weight_bytes": total, "row_read_bytes": rows, "source": "torch parameters"}
 
 
-def roofline(bytes_per_step: int, bandwidth: float, decode_steps: int, decode_seconds: float) -> dict[str, Any]:
-    """Limit and achieved figures for one engine (bandwidth in bytes/s)."""
+def cache_bytes_per_token(layers: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """KV-cache bytes one context token adds: a key and a value vector per layer."""
+    return 2 * layers * kv_heads * head_dim * itemsize
+
+
+def onnx_cache_bytes_per_token(onnx_path: str | Path) -> int:
+    """KV-cache bytes per context token of an ONNX decoder: its past_key_values.* inputs, [batch, heads, past, size].
+    A symbolic head count or size (the onnxruntime-genai builder's `kv_cache_dim`) is read from genai_config.json."""
+    import json
+
+    import onnx
+    from onnx import helper
+
+    path = Path(onnx_path)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    genai = path.parent / "genai_config.json"
+    decoder = json.loads(genai.read_text(encoding="utf-8"))["model"]["decoder"] if genai.is_file() else {}
+    fallback = {1: decoder.get("num_key_value_heads", 0), 3: decoder.get("head_size", 0)}
+    total = 0
+    for value in graph.input:
+        if value.name.startswith("past_key_values."):
+            tensor = value.type.tensor_type
+            heads, size = (tensor.shape.dim[i].dim_value or fallback[i] for i in (1, 3))
+            total += heads * size * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).itemsize
+    return total
+
+
+def decode_cache_bytes(lengths: list[tuple[int, int]], batches: list[list[int]], bytes_per_token: int) -> int:
+    """Cache bytes read by every decode step of the run: step j (1 .. output_len - 1) of a sequence with a P-token
+    prompt attends over P + j cached positions (the new token's own key and value included)."""
+    total = 0
+    for batch in batches:
+        for i in batch:
+            prompt, output = lengths[i]
+            steps = max(output - 1, 0)
+            total += steps * prompt + steps * (steps + 1) // 2
+    return total * bytes_per_token
+
+
+def roofline(bytes_per_step: int, bandwidth: float, decode_steps: int, decode_seconds: float,
+             cache_bytes_per_step: float = 0.0) -> dict[str, Any]:
+    """Limit and achieved figures for one engine (bandwidth in bytes/s; bytes_per_step: weights)."""
     steps_per_s = decode_steps / decode_seconds if decode_seconds > 0 else 0.0
-    achieved = bytes_per_step * steps_per_s
+    read_per_step = bytes_per_step + cache_bytes_per_step
     return {
-        "bytes_per_step": bytes_per_step,
-        "limit_steps_per_s": bandwidth / bytes_per_step,  # = decode tokens/s at batch 1
+        "bytes_per_step": read_per_step,
+        "weight_bytes_per_step": bytes_per_step,
+        "cache_bytes_per_step": cache_bytes_per_step,
+        "limit_steps_per_s": bandwidth / read_per_step,  # = decode tokens/s at batch 1
         "decode_steps_per_s": steps_per_s,
-        "achieved_bytes_per_s": achieved,
-        "fraction_of_limit": achieved / bandwidth,
+        "achieved_bytes_per_s": read_per_step * steps_per_s,
+        "fraction_of_limit": read_per_step * steps_per_s / bandwidth,
+        "weights_fraction_of_limit": bytes_per_step * steps_per_s / bandwidth,
     }

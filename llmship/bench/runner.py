@@ -129,6 +129,20 @@ def weight_bytes(engine: Any, spec: dict[str, Any]) -> dict[str, Any]:
     return roofline.onnx_weight_bytes(_onnx_file(Path(spec["folder"])))
 
 
+def cache_bytes_per_token(engine: Any, spec: dict[str, Any]) -> int:
+    """KV-cache bytes per context token: the PyTorch model's config and dtype, or the ONNX graph's past inputs."""
+    from llmship.bench import roofline
+
+    if spec["kind"] == "torch":
+        from llmship.export.onnx_export import cache_shape
+
+        config = engine.model.config
+        kv_heads, head_dim = cache_shape(config)
+        itemsize = next(engine.model.parameters()).element_size()
+        return roofline.cache_bytes_per_token(config.num_hidden_layers, kv_heads, head_dim, itemsize)
+    return roofline.onnx_cache_bytes_per_token(_onnx_file(Path(spec["folder"])))
+
+
 def _onnx_file(folder: Path) -> Path:
     manifest = folder / "manifest.json"
     if manifest.is_file():
@@ -177,6 +191,7 @@ def measure(job: dict[str, Any], progress: Callable[[int, int], None] | None = N
     try:
         info = engine.info()
         weights = weight_bytes(engine, job["spec"])
+        weights["cache_bytes_per_token"] = cache_bytes_per_token(engine, job["spec"])
         size = size_on_disk(engine, job["spec"])
         for batch in job["warmup_batches"]:
             engine.generate([requests[i]["prompt_ids"] for i in batch],

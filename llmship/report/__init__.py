@@ -169,10 +169,10 @@ def _speed_section(doc: Document, bench: dict, images: list[tuple[Path, str]]) -
                         r.get("size_bytes"), e.get("prefill_tokens_per_s"), e.get("decode_tokens_per_s"),
                         per_token / 1e6 if per_token else None, roof.get("limit_steps_per_s"), _percent(roof.get("fraction_of_limit"))])
     doc.table(["engine", "TTFT median / baseline", "TPOT median / baseline", "E2EL median / baseline", "peak RSS / baseline",
-               "size / baseline", "prefill tok/s", "decode tok/s", "weight MB read per step", "bandwidth limit steps/s",
+               "size / baseline", "prefill tok/s", "decode tok/s", "MB read per step (weights + KV)", "bandwidth limit steps/s",
                "of bandwidth limit"], latency,
               "Latency and memory ratios to the PyTorch baseline (below 1 is better); roofline: decode steps/s if every "
-              "step read its weights at the measured bandwidth")
+              "step read its weights and KV cache at the measured bandwidth")
     for path, caption in images:
         doc.image(path, caption)
 
