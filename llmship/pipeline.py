@@ -26,6 +26,9 @@ log = logging.getLogger("llmship")
 
 DEMO_CONFIG = Path(__file__).parent / "demo.yaml"
 STAGES = ("compile", "eval", "bench", "run")
+# Bump when llmship's own code changes what a stage builds from the same inputs (the package version stays 0.1.0
+# between such changes); 2: tokenizers get SentencePiece's dummy prefix back, which changes calibration token ids.
+STAGE_VERSION = 2
 LIBRARIES = ("llmship", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "sentencepiece", "numpy")
 
 
@@ -83,7 +86,7 @@ def model_path(cfg: Config) -> str:
 
 
 def stage_key(*parts: Any) -> str:
-    blob = json.dumps([*parts, library_versions()], sort_keys=True, default=str)
+    blob = json.dumps([*parts, library_versions(), STAGE_VERSION], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -43,6 +43,22 @@ def test_tokenizer_json_ids_match_sentencepiece():
     _assert_matches_sentencepiece(EMBEDDED_MODEL_DIR)
 
 
+def test_normalized_added_tokens_still_match(tmp_path):
+    # `add_tokens` marks tokens `normalized`; the dummy-prefix normalizer must not stop them matching mid-word
+    folder = _copy(EMBEDDED_MODEL_DIR, tmp_path / "tok")
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    new_id = len(spec["model"]["vocab"])
+    spec["added_tokens"].append({"id": new_id, "content": "<tool>", "single_word": False, "lstrip": False, "rstrip": False,
+                                 "normalized": True, "special": False})
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    tok = load_tokenizer(folder)
+    assert tok("x<tool>(")["input_ids"].count(new_id) == 1
+    tok.save_pretrained(str(tmp_path / "saved"))
+    shutil.copy2(folder / "tokenizer.model", tmp_path / "saved")  # SentencePiece's reference
+    assert load_tokenizer(tmp_path / "saved")("(<tool>)")["input_ids"].count(new_id) == 1
+    _assert_matches_sentencepiece(tmp_path / "saved")
+
+
 def test_tokenizer_ids_match_sentencepiece(tmp_path):
     make_tokenizer(tmp_path, 400)
     _assert_matches_sentencepiece(tmp_path)

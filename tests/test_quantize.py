@@ -299,6 +299,19 @@ def test_two_level_activations_carry_the_rounding_error():
     assert err_two < err_one / 50 and err_two < 1e-3 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("fine_method", ["two_level", "blocks"])
+def test_w8a8_dynamic_reports_each_excluded_layer_once(tiny_decoder, tmp_path, fine_method):
+    excluded = ["*layers.0.self_attn.o_proj*", "*layers.1.mlp.down_proj*"]
+    scheme = build_scheme(VariantConfig(scheme="w8a8-dynamic", exclude=excluded, options={"fine_method": fine_method}))
+    job = QuantizeJob(source=tiny_decoder / "model.onnx", folder=tiny_decoder, target=tmp_path / "w8", samples=None,
+                      exclude=excluded)
+    report = scheme.quantize(job)
+    kept = sorted(row["name"].split(" ")[0] for row in report["kept_float"])
+    assert kept == ["model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
+    assert "2 kept float" in report["summary"]
+    assert len(linear_nodes(onnx.load(str(tmp_path / "w8" / "model.onnx")))) == 2
+
+
 @pytest.mark.parametrize(("activations", "fine_method"), [("per_token", "two_level"), ("per_tensor", "two_level"),
                                                           ("per_token", "blocks")])
 def test_w8a8_dynamic_fine_layers_are_down_proj_and_lm_head(tiny_decoder, tmp_path, activations, fine_method):

@@ -109,13 +109,17 @@ def _prefix_like_sentencepiece(tok: Any) -> None:
     "▁▁x". The normalizer that transformers 4 wrote for LLaMA (Prepend "▁", then spaces to "▁") is exact on plain
     text; it also prefixes text that follows a special token written inside the text, as legacy mode did.
     """
-    from tokenizers import normalizers, pre_tokenizers
+    from tokenizers import AddedToken, normalizers, pre_tokenizers
 
     backend = getattr(tok, "_tokenizer", None)
     metaspace = getattr(backend, "pre_tokenizer", None)
     if (not isinstance(metaspace, pre_tokenizers.Metaspace) or metaspace.split or backend.normalizer is not None
             or metaspace.prepend_scheme not in ("always", "first")):
         return
+    # An added token marked `normalized` is matched on normalized text, which would now carry the prefix: with no
+    # normalizer before, matching it raw is the same rule.
+    backend.add_tokens([AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip, normalized=False,
+                                   special=t.special) for t in backend.get_added_tokens_decoder().values() if t.normalized])
     marker = metaspace.replacement
     backend.normalizer = normalizers.Sequence([normalizers.Prepend(marker), normalizers.Replace(" ", marker)])
     backend.pre_tokenizer = None

@@ -95,8 +95,10 @@ class W8A8Dynamic(Scheme):
         if fine and opts.fine_method == "blocks":
             model, _, block_kept = quantize_matmuls(model, bits=8, block_size=opts.group_size, symmetric=False,
                                                     accuracy_level=4, method="rtn", exclude=job.exclude)
-            kept += block_kept
-            rows = [r for r in rows if r["node"] not in {k["node"] for k in block_kept}]
+            # the excluded MatMuls are float here too and already listed; only fine layers the blocks could not take
+            left_float = [k for k in block_kept if k["node"] in fine]
+            kept += left_float
+            rows = [r for r in rows if r["node"] not in {k["node"] for k in left_float}]
         emb_rows = quantize_embeddings(model, 8, opts.embedding_block, job.exclude) if opts.quantize_embeddings else []
         save_model(model, job.target, job.external_data)
         fine_rows = sum(r["node"] in fine for r in rows)
