@@ -185,6 +185,24 @@ def test_decode_cache_bytes_count_each_live_context():
     assert roofline.decode_cache_bytes([(10, 3), (5, 4)], [[0], [1]], per_token) == (11 + 12 + 6 + 7 + 8) * 512
 
 
+def test_onnx_cache_bytes_read_a_symbolic_head_size_from_genai_config(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from llmship.errors import UserError
+
+    past = [helper.make_tensor_value_info(f"past_key_values.0.{kv}", TensorProto.FLOAT16, ["batch", 4, "past", "kv_cache_dim"])
+            for kv in ("key", "value")]
+    nodes = [helper.make_node("Identity", [p.name], [f"present.0.{p.name.rsplit('.', 1)[1]}"]) for p in past]
+    outputs = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT16, None) for n in nodes]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", past, outputs)), str(tmp_path / "model.onnx"))
+    with pytest.raises(UserError, match="genai_config.json"):
+        roofline.onnx_cache_bytes_per_token(tmp_path / "model.onnx")
+    decoder = {"num_key_value_heads": 4, "head_size": 16, "num_hidden_layers": 1}
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"decoder": decoder}}))
+    assert roofline.onnx_cache_bytes_per_token(tmp_path / "model.onnx") == 2 * 4 * 16 * 2  # key + value, fp16
+
+
 # --------------------------------------------------------------------------- full runs on a tiny exported model
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

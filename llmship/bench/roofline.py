@@ -147,23 +147,32 @@ def cache_bytes_per_token(layers: int, kv_heads: int, head_dim: int, itemsize: i
 def onnx_cache_bytes_per_token(onnx_path: str | Path) -> int:
     """KV-cache bytes per context token of an ONNX decoder: its past_key_values.* inputs, [batch, heads, past, size].
     A symbolic head count or size (the onnxruntime-genai builder's `kv_cache_dim`) is read from genai_config.json."""
-    import json
-
     import onnx
     from onnx import helper
 
     path = Path(onnx_path)
-    graph = onnx.load(str(path), load_external_data=False).graph
-    genai = path.parent / "genai_config.json"
-    decoder = json.loads(genai.read_text(encoding="utf-8"))["model"]["decoder"] if genai.is_file() else {}
-    fallback = {1: decoder.get("num_key_value_heads", 0), 3: decoder.get("head_size", 0)}
     total = 0
-    for value in graph.input:
+    for value in onnx.load(str(path), load_external_data=False).graph.input:
         if value.name.startswith("past_key_values."):
             tensor = value.type.tensor_type
-            heads, size = (tensor.shape.dim[i].dim_value or fallback[i] for i in (1, 3))
+            heads, size = (tensor.shape.dim[i].dim_value for i in (1, 3))
+            if not (heads and size):
+                heads, size = _genai_cache_shape(path.parent / "genai_config.json")
             total += heads * size * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).itemsize
     return total
+
+
+def _genai_cache_shape(config_file: Path) -> tuple[int, int]:
+    import json
+
+    from llmship.errors import UserError
+
+    try:
+        decoder = json.loads(config_file.read_text(encoding="utf-8"))["model"]["decoder"]
+        return int(decoder["num_key_value_heads"]), int(decoder["head_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"the graph's KV cache shape is symbolic and genai_config.json cannot give it ({exc!r})",
+                        where=str(config_file)) from None
 
 
 def decode_cache_bytes(lengths: list[tuple[int, int]], batches: list[list[int]], bytes_per_token: int) -> int:
