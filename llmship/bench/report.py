@@ -66,13 +66,12 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for name, e in engines.items():
         r = e["roofline"]
-        weights = r.get("weight_bytes_per_step", r["bytes_per_step"])
         lines.append(
             f"| {name} | {_f(e['load_s'])} | {_f(e['memory']['peak_rss_bytes'] / MIB, 0)} | {_f(e['size_bytes'] / MIB, 1)} "
             f"| {_ratio(e.get('ratios', {}).get('size_bytes'))} | {_f(e['prefill']['tokens_per_s'], 1)} "
-            f"| {_f(e['decode']['tokens_per_s'], 1)} | {_f(weights / 1e6, 1)} | {_f(r.get('cache_bytes_per_step', 0) / 1e6, 1)} "
+            f"| {_f(e['decode']['tokens_per_s'], 1)} | {_f(r['weight_bytes_per_step'] / 1e6, 1)} | {_f(r['cache_bytes_per_step'] / 1e6, 1)} "
             f"| {_f(r['limit_steps_per_s'], 1)} | {_f(r['decode_steps_per_s'], 1)} | {r['fraction_of_limit']:.0%} "
-            f"| {r.get('weights_fraction_of_limit', r['fraction_of_limit']):.0%} |")
+            f"| {r['weights_fraction_of_limit']:.0%} |")
     lines += [
         "",
         "TTFT/TPOT/ITL/E2EL as vLLM's benchmark defines them (a request starts when its batch starts). Ratios divide the "
