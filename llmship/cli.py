@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -184,7 +184,7 @@ def check(config: ConfigArg, overrides: OverridesArg = None, verb: VerbOpt = "ru
     _guarded(work, debug)
 
 
-def _print_plan(plan: object) -> None:
+def _print_plan(plan: Any) -> None:
     from rich.table import Table
 
     from llmship.preflight import table_rows
