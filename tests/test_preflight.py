@@ -237,3 +237,19 @@ def test_stored_results_follow_a_moved_output_folder(tmp_path):
     loaded = load_record(moved, "bench")["result"]
     assert loaded["plots"][0]["path"] == str(moved.resolve() / "bench" / "throughput.png")
     assert loaded["dir"] == str(moved.resolve() / "bench") and loaded["model"] == "/models/llama"
+
+
+SHARED = (ROOT / ".." / "shared" / "data").resolve()
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
+def test_real_data_files_pass_the_header_checks():
+    """The real formats (C-Eval with 26 val / 52 dev subjects, C4 gzip lines, alpaca-cleaned, ShareGPT V3)."""
+    c4 = SHARED / "c4" / "c4-sample.300docs.json.gz"
+    sharegpt = SHARED / "sharegpt" / "ShareGPT_V3_unfiltered_cleaned_split.sample300.json"
+    result = invoke("check", CONFIGS / "demo.yaml", f"eval.ceval.path={SHARED / 'ceval'}", f"eval.perplexity.c4_path={c4}",
+                    f"eval.perplexity.alpaca_path={SHARED / 'alpaca-cleaned'}", f"bench.dataset={sharegpt}",
+                    f"calibration.sources.0.path={c4}", "quantize.variants.1.method=gptq")
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert "26 val + 52 dev CSV headers" in result.stdout
+    assert "ok: 10 input(s) checked" in result.stdout
