@@ -208,8 +208,9 @@ def load_record(out: Path, stage: str) -> dict:
 # --------------------------------------------------------------------------- stages
 def variant_key(fp32_key: str, variant: Any, cfg: Config, calibration_data: list | None) -> str:
     """A variant's compile key. It holds the scheme's resolved options (defaults filled in), so a default that changes
-    between releases rebuilds the variant instead of reusing one built with the old default; the calibration config
-    and data only when the scheme reads them (`calibration_data` None), so changing them rebuilds only those."""
+    between releases rebuilds the variant instead of reusing one built with the old default. The calibration config and
+    `calibration_data` (the sources' fingerprints) count only for a scheme that reads them, so changing the
+    calibration rebuilds those variants and no other."""
     from llmship.quantize import build_scheme
 
     scheme = build_scheme(variant)
@@ -255,6 +256,8 @@ def output_dir(cfg: Config) -> Path:
 
 def compile_stage(cfg: Config, out: Path, progress: Any, force: bool) -> dict[str, Path]:
     """Export fp32 once, then build every listed variant from it; returns variant name -> folder."""
+    from llmship.quantize import reads_calibration as scheme_reads_calibration
+
     export_fp32 = _entry("llmship.export", "export_fp32", "export")
     source_fp = {"model": folder_fingerprint(model_path(cfg)), "adapter": cfg.model.adapter and folder_fingerprint(cfg.model.adapter)}
     fp32_dir = out / "fp32"
@@ -276,7 +279,7 @@ def compile_stage(cfg: Config, out: Path, progress: Any, force: bool) -> dict[st
             folders[name] = fp32_dir
             continue
         target = out / name
-        reads_calibration = _entry("llmship.quantize", "reads_calibration", "quantize")(variant)
+        reads_calibration = scheme_reads_calibration(variant)
         if reads_calibration and calibration_data is None:
             calibration_data = [data_fingerprint(s.path, s.kind) for s in cfg.calibration.sources]
         key = variant_key(fp32_key, variant, cfg, calibration_data if reads_calibration else None)
