@@ -173,6 +173,9 @@ def test_hub_warnings_are_printed_once(capsys):
 
     root = logging.getLogger()
     handler = logging.StreamHandler(sys.stderr)
+    root_handlers = list(root.handlers)  # the CLI of an earlier test leaves its own root handler
+    for h in root_handlers:
+        root.removeHandler(h)
     root.addHandler(handler)
     library = logging.getLogger("huggingface_hub")
     saved, level = list(library.handlers), library.level
@@ -183,6 +186,8 @@ def test_hub_warnings_are_printed_once(capsys):
         logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
     finally:
         root.removeHandler(handler)
+        for h in root_handlers:
+            root.addHandler(h)
         for h in list(library.handlers):
             library.removeHandler(h)
         for h in saved:
