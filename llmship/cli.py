@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -158,6 +158,46 @@ def demo(overrides: OverridesArg = None, quiet: QuietOpt = False, debug: DebugOp
     from llmship.pipeline import DEMO_CONFIG
 
     _verb("run", str(DEMO_CONFIG), overrides, quiet, debug, force)
+
+
+VerbOpt = Annotated[str, typer.Option("--verb", help="The verb whose inputs are checked: compile, eval, bench or run.")]
+
+
+@app.command()
+def check(config: ConfigArg, overrides: OverridesArg = None, verb: VerbOpt = "run", debug: DebugOpt = False) -> None:
+    """Only the preflight: check every input the verb would read and print what is read from where (exit 0 or 2)."""
+    _setup_logging(False, debug)
+
+    def work() -> None:
+        from llmship import preflight
+        from llmship.config import load_config
+
+        if verb not in preflight.VERBS:
+            raise UserError(f"unknown verb '{verb}'; choose one of: {', '.join(preflight.VERBS)}", where="--verb")
+        cfg = load_config(config, overrides or [])
+        from llmship.pipeline import _validate_variants
+
+        _validate_variants(cfg)
+        plan = preflight.check(cfg, verb)
+        _print_plan(plan)
+
+    _guarded(work, debug)
+
+
+def _print_plan(plan: Any) -> None:
+    from rich.table import Table
+
+    from llmship.preflight import table_rows
+
+    table = Table(title=f"llmship {plan.verb}: what is read from where", title_justify="left")
+    for column in ("field", "what", "from", "checked", "read by"):
+        table.add_column(column, overflow="fold")
+    for row in table_rows(plan):
+        table.add_row(*row)
+    Console(soft_wrap=False, width=max(160, Console().width)).print(table)
+    for line in plan.skipped:
+        typer.echo(line)
+    typer.echo(f"ok: {len(plan.sources)} input(s) checked for `llmship {plan.verb}`")
 
 
 @config_app.command("schema")

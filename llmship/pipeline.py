@@ -91,8 +91,52 @@ def stage_key(*parts: Any) -> str:
 
 
 # --------------------------------------------------------------------------- stage index
+# Stage records hold paths relative to output.dir, so a moved or copied output folder is still trusted: the
+# artifact as a relative path, and every path under output.dir inside a stored result with this token in front.
+OUTPUT_DIR_TOKEN = "${output.dir}"
+
+
 def _index_path(out: Path, stage: str) -> Path:
     return out / ".llmship" / "stages" / f"{stage}.json"
+
+
+def _relative(path: Path, out: Path) -> str:
+    """`path` relative to output.dir when it lies inside it (else absolute)."""
+    try:
+        return Path(path).resolve().relative_to(out.resolve()).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def _recorded_artifact(record: dict, out: Path) -> Path | None:
+    """The artifact a record names, under this output.dir (records of older versions hold absolute paths)."""
+    artifact = record.get("artifact")
+    return out / artifact if isinstance(artifact, str) else None
+
+
+def _portable(value: Any, out: Path) -> Any:
+    """A stored result with every absolute path under output.dir written as OUTPUT_DIR_TOKEN/<relative path>."""
+    if isinstance(value, dict):
+        return {k: _portable(v, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v, out) for v in value]
+    if isinstance(value, str):
+        # the stages write output.dir as given, made absolute, or resolved
+        for root in dict.fromkeys((str(out.resolve()), str(out.absolute()), str(out))):
+            if value.startswith(root) and value[len(root):len(root) + 1] in ("", "/"):
+                return OUTPUT_DIR_TOKEN + value[len(root):]
+    return value
+
+
+def _located(value: Any, out: Path) -> Any:
+    """The inverse of `_portable`: the token replaced by this run's output.dir."""
+    if isinstance(value, dict):
+        return {k: _located(v, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_located(v, out) for v in value]
+    if isinstance(value, str) and value.startswith(OUTPUT_DIR_TOKEN):
+        return str(out.resolve()) + value[len(OUTPUT_DIR_TOKEN):]
+    return value
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -111,7 +155,8 @@ def cached(out: Path, stage: str, key: str, artifact: Path) -> bool:
         record = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    return record.get("key") == key and record.get("artifact") == str(artifact)
+    recorded = _recorded_artifact(record, out)
+    return record.get("key") == key and recorded is not None and recorded.resolve() == artifact.resolve()
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -131,7 +176,7 @@ def rebuilding(out: Path, stage: str):
     index = _index_path(out, stage)
     try:
         saved = index.read_bytes()
-        artifact = Path(json.loads(saved)["artifact"])
+        artifact = _recorded_artifact(json.loads(saved), out)
         before = _identity(artifact)
     except (OSError, ValueError, KeyError, TypeError):
         saved, artifact, before = None, None, None
@@ -150,20 +195,27 @@ def rebuilding(out: Path, stage: str):
 
 
 def record(out: Path, stage: str, key: str, artifact: Path, result: Any = None) -> None:
-    write_json_atomic(_index_path(out, stage), {"key": key, "artifact": str(artifact), "result": result})
+    write_json_atomic(_index_path(out, stage), {"key": key, "artifact": _relative(artifact, out),
+                                                 "result": _portable(result, out)})
 
 
 def load_record(out: Path, stage: str) -> dict:
-    return json.loads(_index_path(out, stage).read_text(encoding="utf-8"))
+    """A stage's record, its result's paths under this output.dir."""
+    stored = json.loads(_index_path(out, stage).read_text(encoding="utf-8"))
+    return {**stored, "result": _located(stored.get("result"), out)}
 
 
 # --------------------------------------------------------------------------- stages
-def variant_key(fp32_key: str, variant: Any, cfg: Config, calibration_data: list) -> str:
+def variant_key(fp32_key: str, variant: Any, cfg: Config, calibration_data: list | None) -> str:
     """A variant's compile key. It holds the scheme's resolved options (defaults filled in), so a default that changes
-    between releases rebuilds the variant instead of reusing one built with the old default."""
-    resolved = _entry("llmship.quantize", "build_scheme", "quantize")(variant).describe()
-    return stage_key("quantize", fp32_key, variant.model_dump(), resolved, cfg.calibration.model_dump(),
-                     calibration_data, cfg.runtime.provider)
+    between releases rebuilds the variant instead of reusing one built with the old default. The calibration config and
+    `calibration_data` (the sources' fingerprints) count only for a scheme that reads them, so changing the
+    calibration rebuilds those variants and no other."""
+    from llmship.quantize import build_scheme
+
+    scheme = build_scheme(variant)
+    calibration = (cfg.calibration.model_dump(), calibration_data) if scheme.uses_calibration() else None
+    return stage_key("quantize", fp32_key, variant.model_dump(), scheme.describe(), calibration, cfg.runtime.provider)
 
 
 def _entry(module: str, name: str, stage: str) -> Callable:
@@ -204,6 +256,8 @@ def output_dir(cfg: Config) -> Path:
 
 def compile_stage(cfg: Config, out: Path, progress: Any, force: bool) -> dict[str, Path]:
     """Export fp32 once, then build every listed variant from it; returns variant name -> folder."""
+    from llmship.quantize import reads_calibration as scheme_reads_calibration
+
     export_fp32 = _entry("llmship.export", "export_fp32", "export")
     source_fp = {"model": folder_fingerprint(model_path(cfg)), "adapter": cfg.model.adapter and folder_fingerprint(cfg.model.adapter)}
     fp32_dir = out / "fp32"
@@ -218,14 +272,17 @@ def compile_stage(cfg: Config, out: Path, progress: Any, force: bool) -> dict[st
         log.info("fp32 export is up to date: %s", fp32_dir)
     folders: dict[str, Path] = {}
     calib = None
-    calibration_data = [data_fingerprint(s.path, s.kind) for s in cfg.calibration.sources]
+    calibration_data = None
     for variant in cfg.quantize.all_variants():
         name = variant.variant_name
         if variant.scheme == "none":
             folders[name] = fp32_dir
             continue
         target = out / name
-        key = variant_key(fp32_key, variant, cfg, calibration_data)
+        reads_calibration = scheme_reads_calibration(variant)
+        if reads_calibration and calibration_data is None:
+            calibration_data = [data_fingerprint(s.path, s.kind) for s in cfg.calibration.sources]
+        key = variant_key(fp32_key, variant, cfg, calibration_data if reads_calibration else None)
         if not force and cached(out, f"variant-{name}", key, target):
             log.info("variant %s is up to date: %s", name, target)
             folders[name] = target
@@ -233,11 +290,12 @@ def compile_stage(cfg: Config, out: Path, progress: Any, force: bool) -> dict[st
         quantize_variant = _entry("llmship.quantize", "quantize_variant", "quantize")
         from llmship.artifact import Artifact
 
-        if calib is None:
+        if reads_calibration and calib is None:
             calib = _calibration_set(cfg, fp32_dir)
         log.info("building variant %s (%s)", name, variant.scheme)
         with rebuilding(out, f"variant-{name}"):
-            quantize_variant(Artifact.load(fp32_dir), variant, calib, target, cfg, progress=progress)
+            quantize_variant(Artifact.load(fp32_dir), variant, calib if reads_calibration else None, target, cfg,
+                             progress=progress)
         record(out, f"variant-{name}", key, target)
         folders[name] = target
     return folders
@@ -268,14 +326,9 @@ def _variant_keys(out: Path, folders: dict[str, Path]) -> dict[str, str]:
 
 def compiled_variants(cfg: Config, out: Path) -> dict[str, Path]:
     """Variant folders of an earlier compile with this config (for `llmship eval`/`bench` on their own)."""
-    folders = {}
-    for variant in cfg.quantize.all_variants():
-        folder = out / ("fp32" if variant.scheme == "none" else variant.variant_name)
-        if not (folder / "manifest.json").is_file():
-            raise UserError(f"variant '{variant.variant_name}' is not compiled in {out}; run `llmship compile` first",
-                            where="quantize")
-        folders[variant.variant_name] = folder
-    return folders
+    from llmship.preflight import compiled_folders
+
+    return compiled_folders(cfg, out)
 
 
 def eval_stage(cfg: Config, out: Path, folders: dict[str, Path], progress: Any, force: bool) -> dict:
@@ -320,8 +373,11 @@ def bench_stage(cfg: Config, out: Path, folders: dict[str, Path], progress: Any,
 
 
 def run_stage(stage: str, cfg: Config, *, quiet: bool = False, force: bool = False) -> None:
-    """Entry of every CLI verb."""
+    """Entry of every CLI verb: the preflight first (every input checked before anything is built or written)."""
+    from llmship import preflight
+
     _validate_variants(cfg)
+    preflight.check(cfg, stage)
     out = output_dir(cfg)
     with _progress(quiet) as progress:
         if stage == "compile":

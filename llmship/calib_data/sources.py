@@ -17,6 +17,7 @@ import csv
 import gzip
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,12 +52,30 @@ def is_hub_id(path: Path | str) -> bool:
     return isinstance(path, str)
 
 
+# Libraries that give their logger a stderr handler of its own and still pass every record on to the root logger.
+HUB_LOGGERS = ("huggingface_hub", "datasets")
+
+
+def hub_logs_once() -> None:
+    """Each hub retry warning printed once: with a root handler in place (the CLI's), the handler that
+    huggingface_hub and datasets add to their own loggers on import is dropped, since the root one prints the
+    record too. Call after the libraries are imported."""
+    if not logging.getLogger().handlers:
+        return
+    for name in HUB_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+
+
 def hub_dataset(name: str, where: str, **kwargs: Any) -> Any:
     """datasets.load_dataset with the failure turned into one UserError line."""
     try:
         import datasets
     except ImportError as err:  # pragma: no cover - datasets is a dependency
         raise UserError("reading a hub dataset needs the `datasets` package", where=where) from err
+    hub_logs_once()
     try:
         return datasets.load_dataset(name, **kwargs)
     except Exception as err:  # noqa: BLE001 - the hub raises many types; the user needs one line
@@ -308,6 +327,7 @@ def read_ceval_hub(name: str) -> CevalData:
         import datasets
     except ImportError as err:  # pragma: no cover
         raise UserError("reading a hub dataset needs the `datasets` package", where=name) from err
+    hub_logs_once()
     try:
         configs = datasets.get_dataset_config_names(name)
     except Exception as err:  # noqa: BLE001
@@ -346,6 +366,7 @@ def read_sharegpt(path: str | Path) -> list[dict[str, Any]]:
         # anon8231489123/ShareGPT_Vicuna_unfiltered: the file vLLM's benchmark downloads.
         from huggingface_hub import hf_hub_download
 
+        hub_logs_once()
         try:
             file = Path(hf_hub_download(str(source), "ShareGPT_V3_unfiltered_cleaned_split.json", repo_type="dataset"))
         except Exception as err:  # noqa: BLE001

@@ -375,6 +375,9 @@ def load_source(model_cfg: ModelConfig) -> SourceModel:
 def _check_hub_config(hub_id: str, model_cfg: ModelConfig) -> None:
     from transformers import AutoConfig
 
+    from llmship.calib_data.sources import hub_logs_once
+
+    hub_logs_once()
     try:
         config = AutoConfig.from_pretrained(hub_id, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, gated repo...

@@ -5,7 +5,7 @@ Entry points: `quantize_variant(fp32, variant, calib, target, cfg, progress=None
 """
 
 from llmship.quantize import fp16, w4a16, w8a8_dynamic, w8a8_static, w8a16  # noqa: F401 - registers the schemes
-from llmship.quantize.registry import SCHEMES, build_scheme, default_parity, validate_variant
+from llmship.quantize.registry import SCHEMES, build_scheme, default_parity, reads_calibration, validate_variant
 from llmship.quantize.variant import quantize_variant
 
-__all__ = ["SCHEMES", "build_scheme", "default_parity", "quantize_variant", "validate_variant"]
+__all__ = ["SCHEMES", "build_scheme", "default_parity", "quantize_variant", "reads_calibration", "validate_variant"]

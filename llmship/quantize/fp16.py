@@ -54,6 +54,9 @@ class Fp16(Scheme):
     # Logits of a fp16 graph differ from fp32 by rounding only: top-1 and NLL must be all but identical.
     parity = ParityConfig(max_logits_diff=0.25, min_top1_agreement=0.99, min_greedy_match=0.75, max_nll_increase=0.005)
 
+    def uses_calibration(self) -> bool:
+        return self.options.overflow_scan  # the scan runs the calibration samples; the conversion alone reads none
+
     def quantize(self, job: QuantizeJob) -> dict[str, Any]:
         opts: Fp16Options = self.options
         model = load_model(job.source)

@@ -50,6 +50,8 @@ class Scheme:
         self.options = options
 
     def uses_calibration(self) -> bool:
+        """Whether `quantize` reads `job.samples` with these options (the compile stage builds the calibration set,
+        and reads its data files, only when some variant's scheme says so)."""
         if isinstance(self.needs_calibration, tuple):
             return self.method in self.needs_calibration
         return bool(self.needs_calibration)
@@ -113,6 +115,11 @@ def validate_variant(variant: VariantConfig, where: str = "quantize") -> None:
             raise UserError("scheme 'none' (the fp32 export) takes no method or options", where=where)
         return
     build_scheme(variant, where)
+
+
+def reads_calibration(variant: VariantConfig) -> bool:
+    """Whether building `variant` reads the calibration set (scheme 'none', the fp32 export, never does)."""
+    return variant.scheme != "none" and build_scheme(variant).uses_calibration()
 
 
 def default_parity(variant: VariantConfig) -> ParityConfig:

@@ -121,7 +121,7 @@ def variant_manifest(fp32: Artifact, variant: VariantConfig, scheme: Scheme, cal
         model=fp32.manifest.get("model", {}),
         onnx=onnx_info,
         tokenizer_files=fp32.manifest.get("tokenizer_files", []),
-        calibration=getattr(calib, "fingerprint", None) if scheme.uses_calibration() or variant.scheme == "fp16" else None,
+        calibration=getattr(calib, "fingerprint", None) if scheme.uses_calibration() else None,
         quantization=report,
         size={"model_bytes": size, "fp32_model_bytes": fp32_size, "ratio": round(size / fp32_size, 4) if fp32_size else None},
         parity={"passed": not failures, "failures": failures, "tolerances": parity.model_dump(), **figures},

@@ -26,6 +26,7 @@ class W8A16Options(SchemeOptions):
 class W8A16(Scheme):
     name = "w8a16"
     Options = W8A16Options
+    needs_calibration = False  # round-to-nearest weights, activations stay float
     # Greedy continuations of a small model fork at near-ties, so greedy match is reported, not required; the NLL bound
     # is what catches a broken variant.
     parity = ParityConfig(max_logits_diff=4.0, min_top1_agreement=0.9, min_greedy_match=0.0, max_nll_increase=0.02)
