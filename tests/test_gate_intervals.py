@@ -20,7 +20,7 @@ from llmship.eval.intervals import ceval_intervals, engine_intervals, top1_inter
 from llmship.eval.summary import to_csv, to_md, to_txt
 
 ROOT = Path(__file__).resolve().parents[1]
-RECORDED = Path(__file__).parent / "data" / "embedded_int8_eval.json"
+RECORDED = Path(__file__).parent / "data" / "embedded_eval.json"
 
 
 def _records(answers: dict[str, list[bool]]) -> list[dict]:
@@ -109,7 +109,7 @@ def test_interval_judging_fails_a_difference_the_sample_cannot_resolve():
     assert point["passed"] and point["judged"] == pytest.approx(100 - 100 / 96)
     assert not interval["passed"] and interval["judged"] == pytest.approx(100 + interval["diff_low"])
     assert interval["diff_low"] < -2.0 and interval["diff_high"] == 0.0 and interval["n"] == 96
-    assert "one of 96 is 1.04 points" in interval["message"]
+    assert "n=96 cannot show it" in interval["message"]
     assert default["judge"] == "interval" and not default["passed"]
     # the same loss on 1000 questions is resolved: the interval's worse end clears the limit
     metrics, intervals = _one_lost(1000)
@@ -209,3 +209,30 @@ def test_shipped_goals_pass_on_recorded_embedded_results(config):
         assert all(r["judge"] == "interval" and r["n"] == 96 for r in ceval_rows)
         lost = [r for r in ceval_rows if r["variant"] == "w8a16"][0]
         assert lost["judged"] < lost["value"] and np.isclose(lost["limit"], 89.5833 - cfg.gate.goals[0].value, atol=1e-3)
+        assert (lost["diff_low"], lost["diff_high"]) == (pytest.approx(-3.125, abs=0.01), 0.0)
+        # the goal shipped before judged a 1-point limit by the point: one question of 96 failed it
+        before = Goal(metric="ceval/ppl/average", type="max-degradation", value=1.0, judge="point")
+        assert [r["passed"] for r in evaluate_goals([before], metrics, "pytorch", intervals) if r["variant"] == "w8a16"] == [False]
+
+
+def test_regate_of_a_record_without_intervals_computes_them_from_the_stored_predictions(tmp_path):
+    """An eval recorded before intervals existed is re-gated from its results.json, without scoring again."""
+    from llmship.config import Config
+    from llmship.eval import regate
+
+    base, variant = {"law": [True] * 12}, {"law": [True] * 11 + [False]}
+    engines = {"pytorch": {"metrics": {"ceval/ppl/average": 100.0}, "predictions": {"ppl": _records(base)}},
+               "v": {"metrics": {"ceval/ppl/average": 100 - 100 / 12}, "predictions": {"ppl": _records(variant)}}}
+    (tmp_path / "results.json").write_text(json.dumps({"baseline": "pytorch", "engines": engines,
+                                                       "groups": {"average": ["law"]}, "gate": []}))
+    old = {"baseline": "pytorch", "metrics": {n: e["metrics"] for n, e in engines.items()}, "gate": [],
+           "summary": [{"name": "ceval/ppl/average", "values": {}}]}
+    cfg = Config.model_validate({"eval": {"perplexity": {"enabled": False}, "consistency_prompts": 0},
+                                 "gate": {"goals": [{"metric": "ceval/ppl/average", "type": "max-degradation", "value": 10}]}})
+    result = regate(cfg, old, tmp_path)
+    row = result["gate"][0]
+    assert row["judge"] == "interval" and row["n"] == 12 and row["diff_low"] < -10 and not row["passed"]
+    assert result["summary"][0]["intervals"]["v"]["n"] == 12
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["intervals"]["v"]["ceval/ppl/average"]["low"] == row["diff_low"]
+    assert "<failure" in (tmp_path / "junit.xml").read_text()

@@ -143,7 +143,7 @@ def _message(judge: str, judged: float, value: float, limit: float, relation: st
     text = (f"95% interval's worse end {verdict} (point {value:.4f}; difference [{interval['low']:+.2f}, "
             f"{interval['high']:+.2f}] over n={interval['n']})")
     if point_passes and not passed:
-        text += f"; one of {interval['n']} is {100.0 / interval['n']:.2f} points: more questions or a wider limit"
+        text += f"; the point meets the limit but n={interval['n']} cannot show it: more questions or a wider limit"
     return text
 
 
