@@ -11,7 +11,9 @@ that moves the bundled model's predictions (the model, the quantizers, the C-Eva
         eval.perplexity.c4_path=@embedded eval.perplexity.alpaca_path=@embedded eval.perplexity.seq_len=256 \\
         output.dir=/tmp/int8            # exits 1 when a goal fails; results.json is written either way
     llmship compile llmship/demo.yaml output.dir=/tmp/demo && llmship eval llmship/demo.yaml output.dir=/tmp/demo
-    python scripts/record_embedded_eval.py /tmp/int8/eval/results.json /tmp/demo/eval/results.json
+    # fp16: the same two commands on configs/hf_llama_fp16.yaml with runtime.provider=cpu and output.dir=/tmp/fp16
+    python scripts/record_embedded_eval.py /tmp/int8/eval/results.json /tmp/demo/eval/results.json \
+        /tmp/fp16/eval/results.json
 
 Engines are merged by name (the first file's baseline is kept; every file must hold the same baseline scores).
 """

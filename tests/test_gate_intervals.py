@@ -189,9 +189,9 @@ def test_boundary_goals_are_accepted(tmp_path):
 
 # --------------------------------------------------------------------------- shipped configs on the bundled model
 @pytest.mark.skipif(not RECORDED.is_file(), reason="recorded embedded-model eval absent")
-@pytest.mark.parametrize("config", ["configs/hf_llama_int8.yaml", "configs/demo.yaml"])
+@pytest.mark.parametrize("config", ["configs/hf_llama_int8.yaml", "configs/hf_llama_fp16.yaml", "configs/demo.yaml"])
 def test_shipped_goals_pass_on_recorded_embedded_results(config):
-    """Per-question predictions and metrics of the bundled model's PyTorch baseline, w8a8-dynamic, w8a16 and w4a16
+    """Per-question predictions and metrics of the bundled model's PyTorch baseline, fp32, fp16, w8a8-dynamic, w8a16, w4a16-rtn
     (recorded by `python scripts/record_embedded_eval.py`): each shipped goal passes, judged as the config says."""
     recorded = json.loads(RECORDED.read_text(encoding="utf-8"))
     engines = recorded["engines"]
