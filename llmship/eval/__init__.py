@@ -334,7 +334,8 @@ def run_eval(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: An
     wall = round(time.perf_counter() - start, 3)
     notes = _notes(tasks, from_cache, cfg)
     results = {"baseline": BASELINE_NAME, "baseline_cached": from_cache, "engines": engines, "summary": rows,
-               "intervals": intervals, "interval_method": INTERVAL_METHOD, "gate": gate_rows, "subjects": tasks.ceval.subjects if tasks.ceval else [],
+               "intervals": intervals, "interval_method": INTERVAL_METHOD, "gate": gate_rows,
+               "subjects": tasks.ceval.subjects if tasks.ceval else [],
                "groups": ceval_mod.group_members(tasks.ceval.subjects) if tasks.ceval else {},
                "versions": tasks.ceval.versions if tasks.ceval else {}, "config": cfg.eval.model_dump(mode="json"),
                "notes": notes, "wall_s": wall}
@@ -347,7 +348,8 @@ def run_eval(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: An
     log.info("eval: %d engine(s) scored in %.1f s (baseline %s); summary %s", len(engines), wall,
              "cached" if from_cache else "scored", paths["summary_txt"])
     return {"summary": rows, "gate": gate_rows, "baseline": BASELINE_NAME, "baseline_cached": from_cache,
-            "metrics": metrics, "intervals": intervals, "interval_method": INTERVAL_METHOD, "paths": paths, "notes": notes, "wall_s": wall,
+            "metrics": metrics, "intervals": intervals, "interval_method": INTERVAL_METHOD, "paths": paths,
+            "notes": notes, "wall_s": wall,
             "engines": {n: {"path": str(r.get("path")), "info": r.get("info"), "wall_s": r.get("wall_s")}
                         for n, r in engines.items()}}
 
