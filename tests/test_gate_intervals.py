@@ -176,6 +176,18 @@ def test_a_goal_that_cannot_be_met_is_an_exit_2_config_error(tmp_path, goal, fra
     assert not (tmp_path / "out").exists()
 
 
+def test_a_subject_the_data_lacks_is_an_error_naming_the_file_before_scoring(tmp_path):
+    from llmship.errors import UserError
+    from llmship.eval import check_goals
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(json.dumps({"gate": {"goals": [{"metric": "ceval/ppl/no_such_subject", "type": "threshold",
+                                                    "value": 50}]}}))
+    with pytest.raises(UserError) as info:
+        check_goals(load_config(path), {"ceval/ppl/average", "ceval/ppl/law", "ppl/c4"})
+    assert f"{path}: gate.goals.0.metric" in str(info.value) and "no_such_subject" in str(info.value)
+
+
 def test_boundary_goals_are_accepted(tmp_path):
     goals = [{"metric": "ceval/ppl/average", "type": "threshold", "value": 100},
              {"metric": "consistency/top1", "type": "threshold", "value": 0},
