@@ -184,12 +184,67 @@ class EvalConfig(Section):
 
 
 # --------------------------------------------------------------------------- gate
+# Metrics on a 0-100 scale (accuracies and agreements x100): a threshold outside [0, 100] can never be met (or always is).
+PERCENT_METRIC_PREFIXES = ("ceval/",)
+PERCENT_METRICS = ("consistency/top1",)
+# Metrics the eval produces, by family (C-Eval names depend on the data's subjects and are checked before scoring).
+METRIC_FAMILIES = ("ceval/ppl/", "ceval/gen/", "ppl/c4", "ppl/alpaca", "consistency/top1", "consistency/kl",
+                   "consistency/greedy_prefix")
+
+
+def is_percent_metric(metric: str) -> bool:
+    return metric.startswith(PERCENT_METRIC_PREFIXES) or metric in PERCENT_METRICS
+
+
+def has_interval(metric: str) -> bool:
+    """Metrics built from per-question (per-prompt) outcomes, which llmship.eval.intervals resamples."""
+    return is_percent_metric(metric)
+
+
 class Goal(Section):
     metric: str = Field(..., description="Metric name from the eval summary, e.g. 'ceval/ppl/average' or 'ppl/c4'.")
     type: Literal["threshold", "max-degradation", "percent-max-degradation"] = Field(..., description="Kind of goal.")
     value: float = Field(..., description="Threshold, or allowed absolute / percent degradation against the baseline.")
     higher_is_better: bool | None = Field(None, description="Direction of the metric (default: inferred from its name).")
     variants: list[str] | None = Field(None, description="Variants the goal applies to (default: all).")
+    judge: Literal["point", "interval"] | None = Field(
+        None, description="point: the measured value; interval: the worse end of its 95% paired interval, so a pass "
+        "shows the goal holds beyond sampling noise (default: interval for accuracy metrics, point for the rest).")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_family(cls, metric: str) -> str:
+        if not (metric.startswith(METRIC_FAMILIES[:2]) or metric in METRIC_FAMILIES[2:]):
+            raise ValueError(f"no eval task produces '{metric}'; metrics are ceval/<ppl|gen>/<subject|stem|"
+                             "social-science|humanities|other|hard|average|agreement>, ppl/c4, ppl/alpaca, "
+                             "consistency/<top1|kl|greedy_prefix>")
+        return metric
+
+    @field_validator("value")
+    @classmethod
+    def _can_be_met(cls, value: float, info: Any) -> float:
+        """Reject goals that no variant can meet (or that every variant meets) by definition."""
+        kind, metric = info.data.get("type"), info.data.get("metric")
+        if kind == "threshold" and metric and is_percent_metric(metric) and not 0.0 <= value <= 100.0:
+            raise ValueError(f"threshold {value:g} on {metric}, a percentage (0-100)")
+        if kind == "max-degradation" and value < 0:
+            raise ValueError(f"allowed degradation {value:g} is negative (a variant would have to beat the baseline)")
+        if kind == "percent-max-degradation" and not 0.0 <= value < 100.0:
+            raise ValueError(f"allowed degradation {value:g}% is outside [0, 100)")
+        return value
+
+    @field_validator("judge")
+    @classmethod
+    def _interval_exists(cls, judge: str | None, info: Any) -> str | None:
+        metric = info.data.get("metric")
+        if judge == "interval" and metric and not has_interval(metric):
+            raise ValueError(f"{metric} has no interval (only accuracies, agreements and consistency/top1 do); "
+                             "use judge: point")
+        return judge
+
+    @property
+    def judged_by_interval(self) -> bool:
+        return self.judge == "interval" or (self.judge is None and has_interval(self.metric))
 
 
 class GateConfig(Section):
@@ -221,6 +276,22 @@ class Config(Section):
         if dup:
             raise ValueError(f"variant names must be unique, repeated: {', '.join(dup)} (set `name:`)")
         return self
+
+    @field_validator("gate")
+    @classmethod
+    def _goals_measured(cls, gate: GateConfig, info: Any) -> GateConfig:
+        """A goal on a task this config turns off could never be measured."""
+        ev = info.data.get("eval")
+        if ev is None:
+            return gate
+        for i, goal in enumerate(gate.goals):
+            mode = goal.metric.split("/")[1] if goal.metric.startswith("ceval/") else None
+            off = ((mode is not None and (not ev.ceval.enabled or mode not in ev.ceval.modes))
+                   or (goal.metric.startswith("ppl/") and not ev.perplexity.enabled)
+                   or (goal.metric.startswith("consistency/") and ev.consistency_prompts == 0))
+            if off:
+                raise ValueError(f"goals.{i}: {goal.metric} is not measured with this eval config (its task or mode is off)")
+        return gate
 
 
 # --------------------------------------------------------------------------- loading

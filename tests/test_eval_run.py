@@ -115,11 +115,18 @@ def test_fp32_export_scores_like_pytorch_and_writes_every_output(setup):
     assert m["fp32"]["ppl/alpaca"] == pytest.approx(m["pytorch"]["ppl/alpaca"], rel=1e-3)
     assert m["fp32"]["consistency/top1"] >= 99.0 and m["fp32"]["consistency/kl"] < 1e-4
     assert all(row["passed"] for row in result["gate"]) and len(result["gate"]) == 3
+    ci = result["intervals"]["fp32"]
+    for mode in ("ppl", "gen"):  # identical predictions: the paired difference is exactly zero, over 18 questions
+        assert (ci[f"ceval/{mode}/average"]["low"], ci[f"ceval/{mode}/average"]["high"]) == (0.0, 0.0)
+        assert ci[f"ceval/{mode}/average"]["n"] == 18 and ci[f"ceval/{mode}/law"]["n"] == 6
+    assert ci["consistency/top1"]["n"] == 4 and ci["consistency/top1"]["low"] <= ci["consistency/top1"]["diff"] <= 0
+    assert {r["metric"]: r["judge"] for r in result["gate"]} == {"ceval/ppl/average": "interval", "ppl/c4": "point",
+                                                                 "consistency/top1": "interval"}
     results = json.loads((out / "results.json").read_text())
     preds = results["engines"]["fp32"]["predictions"]
     assert len(preds["ppl"]) == len(preds["gen"]) == 18 and {"pred", "gold", "scores"} <= set(preds["ppl"][0])
     header = (out / "summary.csv").read_text().splitlines()[0]
-    assert header == "dataset,version,metric,mode,pytorch,fp32"
+    assert header == "dataset,version,metric,mode,pytorch,fp32,n,fp32_diff_low,fp32_diff_high"
     assert "| dataset | version | metric | mode | pytorch | fp32 |" in (out / "summary.md").read_text()
     assert "ceval-college_physics" in (out / "summary.txt").read_text()
     assert len(ET.parse(out / "junit.xml").getroot().findall(".//testcase")) == 3

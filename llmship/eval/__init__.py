@@ -3,8 +3,9 @@
 `run_eval(cfg, variants, out_dir)` scores the baseline (cfg.model through `load_engine`, PyTorch) and each
 compiled variant folder (ONNX Runtime) with the same tokenizer and the same tokenized prompts, writes
 
-  out_dir/summary.txt|csv|md  dataset | version | metric | mode | pytorch | <variant>...  (2 decimals)
-  out_dir/results.json        metrics and per-question predictions of every engine, gate rows
+  out_dir/summary.txt|csv|md  dataset | version | metric | mode | pytorch | <variant>...  (2 decimals; csv and md
+                              add n and each variant's 95% paired interval of its difference from the baseline)
+  out_dir/results.json        metrics and per-question predictions of every engine, intervals, gate rows
   out_dir/junit.xml           one testcase per goal x variant
 
 and returns {"summary", "gate", "baseline", "metrics", "paths", ...}; the caller raises CheckFailed when a
@@ -48,6 +49,8 @@ from llmship.eval import ceval as ceval_mod
 from llmship.eval import consistency, data, perplexity
 from llmship.eval.ceval import _counter
 from llmship.eval.gate import check_metrics_known, evaluate_goals, log_failures, write_junit
+from llmship.eval.intervals import METHOD as INTERVAL_METHOD
+from llmship.eval.intervals import engine_intervals
 from llmship.eval.summary import write_json, write_tables
 from llmship.progress import Counter
 
@@ -243,6 +246,25 @@ def _short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:6]
 
 
+def row_sizes(tasks: Tasks) -> dict[str, int]:
+    """Metric -> how many items it averages: C-Eval questions, C4 windows, alpaca records, consistency prompts."""
+    sizes: dict[str, int] = {}
+    if tasks.ceval:
+        per_subject = {s["name"]: s["questions"] for s in tasks.ceval.subjects}
+        for mode in tasks.ceval.modes:
+            sizes.update({f"ceval/{mode}/{name}": n for name, n in per_subject.items()})
+            for slug, members in ceval_mod.group_members(tasks.ceval.subjects).items():
+                sizes[f"ceval/{mode}/{slug}"] = sum(per_subject[m] for m in members)
+            sizes[f"ceval/{mode}/agreement"] = len(tasks.ceval.questions)
+    if tasks.c4 is not None:
+        sizes["ppl/c4"] = len(tasks.c4)
+    if tasks.alpaca is not None:
+        sizes["ppl/alpaca"] = len(tasks.alpaca)
+    if tasks.consistency:
+        sizes.update({name: len(tasks.consistency) for name in consistency.METRICS})
+    return sizes
+
+
 def summary_rows(cfg: Config, tasks: Tasks) -> list[dict[str, Any]]:
     rows = ceval_mod.summary_rows(tasks.ceval) if tasks.ceval else []
     pt = cfg.eval.perplexity
@@ -258,6 +280,9 @@ def summary_rows(cfg: Config, tasks: Tasks) -> list[dict[str, Any]]:
         for name, metric in zip(consistency.METRICS, ("top1_agreement", "kl_baseline_variant", "greedy_prefix_tokens"),
                                 strict=True):
             rows.append({"dataset": "alpaca-consistency", "version": version, "metric": metric, "mode": "gen", "name": name})
+    sizes = row_sizes(tasks)
+    for row in rows:
+        row["n"] = sizes.get(row["name"])
     return rows
 
 
@@ -291,41 +316,47 @@ def run_eval(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: An
         rec["path"] = str(folder)
         if base_ref is not None and ref is not None:
             rec["metrics"].update(consistency.compare(base_ref, ref))
+            rec["consistency_top1_prompts"] = consistency.top1_per_prompt(base_ref, ref)
         engines[name] = rec
     _agreements(engines, tasks)
 
     metrics = {name: rec["metrics"] for name, rec in engines.items()}
+    groups = ceval_mod.group_members(tasks.ceval.subjects) if tasks.ceval else {}
+    intervals = engine_intervals(engines, BASELINE_NAME, groups)
     rows = summary_rows(cfg, tasks)
     for row in rows:
         row["values"] = {name: _clean(metrics[name].get(row["name"])) for name in engines}
-    gate_rows = evaluate_goals(cfg.gate.goals, metrics, BASELINE_NAME)
+        row["intervals"] = _row_intervals(row["name"], intervals)
+    gate_rows = evaluate_goals(cfg.gate.goals, metrics, BASELINE_NAME, intervals)
     log_failures(gate_rows)
 
     names = list(engines)
     wall = round(time.perf_counter() - start, 3)
     notes = _notes(tasks, from_cache, cfg)
     results = {"baseline": BASELINE_NAME, "baseline_cached": from_cache, "engines": engines, "summary": rows,
-               "gate": gate_rows, "subjects": tasks.ceval.subjects if tasks.ceval else [],
+               "intervals": intervals, "interval_method": INTERVAL_METHOD, "gate": gate_rows,
+               "subjects": tasks.ceval.subjects if tasks.ceval else [],
                "groups": ceval_mod.group_members(tasks.ceval.subjects) if tasks.ceval else {},
                "versions": tasks.ceval.versions if tasks.ceval else {}, "config": cfg.eval.model_dump(mode="json"),
                "notes": notes, "wall_s": wall}
     # Built in a temp sibling and swapped in whole: a killed or failed eval leaves the earlier results as they were.
     with atomic_folder(out_dir) as tmp:
-        built = write_tables(tmp, rows, names)
+        built = write_tables(tmp, rows, names, BASELINE_NAME)
         built["junit"] = str(write_junit(gate_rows, tmp / "junit.xml"))
         built["results"] = str(write_json(tmp / "results.json", results))
     paths = {key: str(out_dir / Path(value).relative_to(tmp)) for key, value in built.items()}
     log.info("eval: %d engine(s) scored in %.1f s (baseline %s); summary %s", len(engines), wall,
              "cached" if from_cache else "scored", paths["summary_txt"])
     return {"summary": rows, "gate": gate_rows, "baseline": BASELINE_NAME, "baseline_cached": from_cache,
-            "metrics": metrics, "paths": paths, "notes": notes, "wall_s": wall,
+            "metrics": metrics, "intervals": intervals, "interval_method": INTERVAL_METHOD, "paths": paths,
+            "notes": notes, "wall_s": wall,
             "engines": {n: {"path": str(r.get("path")), "info": r.get("info"), "wall_s": r.get("wall_s")}
                         for n, r in engines.items()}}
 
 
 def check_goals(cfg: Config, known: set[str]) -> None:
     """Goals must name metrics this eval produces; consistency goals need the baseline model itself."""
-    check_metrics_known(cfg.gate.goals, known)
+    check_metrics_known(cfg.gate.goals, known, cfg._source)
     if cfg.gate.baseline_json:
         for i, goal in enumerate(cfg.gate.goals):
             if goal.metric.startswith("consistency/"):
@@ -346,18 +377,35 @@ def regate(cfg: Config, result: dict[str, Any], out_dir: Path) -> dict[str, Any]
     changed gate re-gates without re-scoring); rewrites junit.xml and the gate rows of results.json."""
     metrics = result["metrics"]
     check_goals(cfg, {name for values in metrics.values() for name in values})
-    gate_rows = evaluate_goals(cfg.gate.goals, metrics, result["baseline"])
-    log_failures(gate_rows)
-    if _as_stored(gate_rows) == _as_stored(result.get("gate")):
-        return result
     out_dir = Path(out_dir)
-    write_junit(gate_rows, out_dir / "junit.xml")
     results_file = out_dir / "results.json"
+    intervals = result.get("intervals")
+    if intervals is None:  # a record written before intervals existed: compute them from the stored predictions
+        intervals = _stored_intervals(results_file, result["baseline"])
+    gate_rows = evaluate_goals(cfg.gate.goals, metrics, result["baseline"], intervals)
+    log_failures(gate_rows)
+    if _as_stored(gate_rows) == _as_stored(result.get("gate")) and "intervals" in result:
+        return result
+    write_junit(gate_rows, out_dir / "junit.xml")
     if results_file.is_file():
         stored = json.loads(results_file.read_text(encoding="utf-8"))
         stored["gate"] = gate_rows
+        stored["intervals"], stored["interval_method"] = intervals, INTERVAL_METHOD
         write_json(results_file, stored)
-    return {**result, "gate": gate_rows}
+    summary = [{**row, "intervals": _row_intervals(row["name"], intervals)} for row in result.get("summary", [])]
+    return {**result, "gate": gate_rows, "summary": summary, "intervals": intervals, "interval_method": INTERVAL_METHOD}
+
+
+def _row_intervals(metric: str, intervals: dict[str, Any]) -> dict[str, Any]:
+    return {name: found[metric] for name, found in intervals.items() if metric in found}
+
+
+def _stored_intervals(results_file: Path, baseline: str) -> dict[str, Any]:
+    try:
+        stored = json.loads(results_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return engine_intervals(stored.get("engines") or {}, baseline, stored.get("groups") or {})
 
 
 def _agreements(engines: dict[str, dict[str, Any]], tasks: Tasks) -> None:

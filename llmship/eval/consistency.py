@@ -64,4 +64,11 @@ def compare(base: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
             "consistency/greedy_prefix": float(np.mean(prefix))}
 
 
+def top1_per_prompt(base: dict[str, Any], other: dict[str, Any]) -> list[list[int]]:
+    """[positions whose argmax agrees, positions compared] per prompt (the prompt-level data behind
+    consistency/top1, which its interval resamples)."""
+    return [[int((lb.argmax(-1) == lv.argmax(-1)).sum()), int(lb.shape[0])]
+            for lb, lv in zip(base["logprobs"], other["logprobs"], strict=True)]
+
+
 METRICS = ("consistency/top1", "consistency/kl", "consistency/greedy_prefix")

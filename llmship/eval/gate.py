@@ -7,6 +7,15 @@ Goal kinds (`gate.goals[].type`), with `v` the goal's value and `b` the baseline
 
 A metric's direction comes from the goal (`higher_is_better`) or, when unset, from its name: perplexities
 (`ppl/...`) and divergences (`.../kl`) are lower-is-better, accuracies and agreements higher-is-better.
+
+What is compared with the limit (`judge`): `point` compares the measured value. `interval` compares the worse end of
+the 95% interval (llmship.eval.intervals): for a degradation goal, the baseline plus the pessimistic end of the paired
+interval of the difference (its lower end for a higher-is-better metric); for a threshold, the pessimistic end of the
+variant's own interval. A goal judged by its interval passes only when the data show that it holds beyond sampling
+noise: a release gate should not ship a variant on a difference that a handful of questions could erase (the
+non-inferiority convention: the confidence bound, not the estimate, must clear the margin; ICH E9/E10). The default
+(`judge` unset) judges by interval every metric that has one (C-Eval accuracies, agreements, consistency/top1) and by
+point the rest (perplexities, KL, greedy prefix).
 """
 
 from __future__ import annotations
@@ -54,23 +63,27 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def check_metrics_known(goals: Sequence[Goal], known: set[str]) -> None:
-    """Fail before any scoring when a goal names a metric this eval does not produce."""
+def check_metrics_known(goals: Sequence[Goal], known: set[str], source: str | None = None) -> None:
+    """Fail before any scoring when a goal names a metric this eval does not produce (`source`: the config file)."""
     for i, goal in enumerate(goals):
         if goal.metric not in known:
             groups = sorted(m for m in known if m.count("/") <= 1 or m.split("/")[-1] in ("average", "hard", "stem", "agreement"))
             raise UserError(f"unknown metric '{goal.metric}'; this eval produces e.g. {', '.join(groups)}",
-                            where=f"gate.goals.{i}.metric")
+                            where=f"{source}: gate.goals.{i}.metric" if source else f"gate.goals.{i}.metric")
 
 
-def evaluate_goals(goals: Sequence[Goal], results: Mapping[str, Mapping[str, float]], baseline_name: str) -> list[dict]:
-    """One row per goal x variant it applies to: value, baseline, limit, passed, message.
+def evaluate_goals(goals: Sequence[Goal], results: Mapping[str, Mapping[str, float]], baseline_name: str,
+                   intervals: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None) -> list[dict]:
+    """One row per goal x variant it applies to: value, baseline, limit, interval, n, judged value, passed, message.
 
     `results` maps engine name -> metric name -> value and holds the baseline under `baseline_name`
-    (measured in the same run or read from `gate.baseline_json`). A metric missing for a variant fails.
+    (measured in the same run or read from `gate.baseline_json`). `intervals` maps variant -> metric ->
+    {diff, low, high, n, value_low, value_high} (llmship.eval.intervals). A metric missing for a variant fails;
+    so does a goal judged by interval whose variant has no interval (its predictions could not be paired).
     """
     baseline = results.get(baseline_name, {})
     variants = [name for name in results if name != baseline_name]
+    intervals = intervals or {}
     rows = []
     for i, goal in enumerate(goals):
         unknown = sorted(set(goal.variants or []) - set(variants))
@@ -82,18 +95,56 @@ def evaluate_goals(goals: Sequence[Goal], results: Mapping[str, Mapping[str, flo
             value = _number(results[variant].get(goal.metric))
             base = _number(baseline.get(goal.metric))
             limit = _limit(goal, base, higher)
+            interval = (intervals.get(variant) or {}).get(goal.metric)
+            # Unset `judge` falls back to the point where no paired interval exists; an explicit interval never does.
+            judge = "interval" if goal.judged_by_interval and (interval is not None or goal.judge) else "point"
+            judged = _judged_value(goal, value, base, interval, higher) if judge == "interval" else value
+            relation = ">=" if higher else "<="
             if value is None or not math.isfinite(value):
                 passed, message = False, f"{goal.metric} was not measured (or is not finite) for {variant}"
             elif limit is None:
                 passed, message = False, f"no baseline value of {goal.metric} to compare against"
+            elif judged is None:
+                passed, message = False, f"no paired interval of {goal.metric} for {variant} (judge: interval)"
             else:
-                passed = value >= limit if higher else value <= limit
-                relation = ">=" if higher else "<="
-                message = f"{value:.4f} {relation} {limit:.4f}" if passed else f"{value:.4f} is not {relation} {limit:.4f}"
+                passed = judged >= limit if higher else judged <= limit
+                message = _message(judge, judged, value, limit, relation, passed, interval)
             rows.append({"goal": goal_label(goal), "metric": goal.metric, "type": goal.type, "target": goal.value,
                          "higher_is_better": higher, "variant": variant, "value": value, "baseline": base,
-                         "limit": limit, "passed": passed, "message": message})
+                         "limit": limit, "judge": judge, "judged": judged, **_interval_fields(interval),
+                         "passed": passed, "message": message})
     return rows
+
+
+def _judged_value(goal: Goal, value: float | None, base: float | None, interval: Mapping[str, Any] | None,
+                  higher: bool) -> float | None:
+    """The pessimistic end of the 95% interval, on the metric's own scale (None when there is no interval)."""
+    if interval is None or value is None:
+        return None
+    if goal.type == "threshold":
+        return interval["value_low"] if higher else interval["value_high"]
+    if base is None:
+        return None
+    return base + (interval["low"] if higher else interval["high"])
+
+
+def _interval_fields(interval: Mapping[str, Any] | None) -> dict[str, Any]:
+    if interval is None:
+        return {"diff_low": None, "diff_high": None, "n": None}
+    return {"diff_low": interval["low"], "diff_high": interval["high"], "n": interval["n"]}
+
+
+def _message(judge: str, judged: float, value: float, limit: float, relation: str, passed: bool,
+             interval: Mapping[str, Any] | None) -> str:
+    verdict = f"{judged:.4f} {relation} {limit:.4f}" if passed else f"{judged:.4f} is not {relation} {limit:.4f}"
+    if judge == "point" or interval is None:
+        return verdict
+    point_passes = value >= limit if relation == ">=" else value <= limit
+    text = (f"95% interval's worse end {verdict} (point {value:.4f}; difference [{interval['low']:+.2f}, "
+            f"{interval['high']:+.2f}] over n={interval['n']})")
+    if point_passes and not passed:
+        text += f"; the point meets the limit but n={interval['n']} cannot show it: more questions or a wider limit"
+    return text
 
 
 def junit_xml(rows: Sequence[dict], suite: str = "llmship-gate") -> bytes:
@@ -106,7 +157,9 @@ def junit_xml(rows: Sequence[dict], suite: str = "llmship-gate") -> bytes:
         if not row["passed"]:
             failure = ET.SubElement(case, "failure", message=row["message"], type=row["type"])
             failure.text = (f"variant {row['variant']}: {row['metric']} = {row['value']}, baseline {row['baseline']}, "
-                            f"limit {row['limit']}: {row['message']}")
+                            f"limit {row['limit']}{_interval_text(row)}: {row['message']}")
+        elif row.get("judge") == "interval":
+            ET.SubElement(case, "system-out").text = row["message"]
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
@@ -118,8 +171,18 @@ def write_junit(rows: Sequence[dict], path: Path) -> Path:
     return path
 
 
+def _interval_text(row: Mapping[str, Any]) -> str:
+    if row.get("diff_low") is None:
+        return ""
+    return f", difference 95% interval [{row['diff_low']:+.2f}, {row['diff_high']:+.2f}] (n={row['n']})"
+
+
 def _fmt(x: Any) -> str:
     return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def _ci(row: Mapping[str, Any]) -> str:
+    return "-" if row.get("diff_low") is None else f"[{row['diff_low']:+.2f}, {row['diff_high']:+.2f}]"
 
 
 def failure_table(rows: Sequence[dict]) -> str:
@@ -127,8 +190,9 @@ def failure_table(rows: Sequence[dict]) -> str:
     failed = [r for r in rows if not r["passed"]]
     if not failed:
         return ""
-    header = ["variant", "goal", "value", "baseline", "limit"]
-    body = [[r["variant"], r["goal"], _fmt(r["value"]), _fmt(r["baseline"]), _fmt(r["limit"])] for r in failed]
+    header = ["variant", "goal", "value", "baseline", "limit", "judged", "diff 95% CI", "n"]
+    body = [[r["variant"], r["goal"], _fmt(r["value"]), _fmt(r["baseline"]), _fmt(r["limit"]),
+             f"{_fmt(r.get('judged'))} ({r.get('judge', 'point')})", _ci(r), _fmt(r.get("n"))] for r in failed]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body, strict=True)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]]
     return "\n".join(lines)

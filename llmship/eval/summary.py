@@ -1,5 +1,10 @@
 """OpenCompass-style summary tables (`dataset | version | metric | mode | <baseline> | <variant>...`)
-written as txt, csv and md with two decimals, plus atomic file writes for every eval output."""
+written as txt, csv and md with two decimals, plus atomic file writes for every eval output.
+
+summary.txt keeps OpenCompass's layout exactly. summary.csv and summary.md add, after the engines' columns, `n`
+(questions, windows, records or prompts behind the row) and each variant's 95% paired interval of its difference
+from the baseline (llmship.eval.intervals) where the metric has one: csv `<variant>_diff_low`, `<variant>_diff_high`;
+md `<variant> - <baseline> [95% CI]`."""
 
 from __future__ import annotations
 
@@ -61,8 +66,25 @@ def to_txt(rows: Sequence[dict[str, Any]], engines: Sequence[str]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]]) + "\n"
 
 
-def to_csv(rows: Sequence[dict[str, Any]], engines: Sequence[str]) -> str:
+def _interval_columns(rows: Sequence[dict[str, Any]], engines: Sequence[str], baseline: str | None) -> list[str]:
+    """Variants that have an interval on some row (none when no baseline is named)."""
+    if baseline is None:
+        return []
+    return [e for e in engines if e != baseline and any(e in (r.get("intervals") or {}) for r in rows)]
+
+
+def _ci(row: dict[str, Any], variant: str) -> dict[str, Any] | None:
+    return (row.get("intervals") or {}).get(variant)
+
+
+def to_csv(rows: Sequence[dict[str, Any]], engines: Sequence[str], baseline: str | None = None) -> str:
     header, body = table(rows, engines)
+    variants = _interval_columns(rows, engines, baseline)
+    if baseline is not None:
+        header = [*header, "n", *(f"{v}_diff_{end}" for v in variants for end in ("low", "high"))]
+        for line, row in zip(body, rows, strict=True):
+            ends = [(_ci(row, v) or {}).get(end) for v in variants for end in ("low", "high")]
+            line += [cell(row.get("n")), *(cell(None if e is None else float(e)) for e in ends)]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -70,16 +92,27 @@ def to_csv(rows: Sequence[dict[str, Any]], engines: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def to_md(rows: Sequence[dict[str, Any]], engines: Sequence[str]) -> str:
+def interval_cell(ci: dict[str, Any] | None) -> str:
+    """'-1.04 [-3.13, +0.00]': the difference from the baseline and its 95% interval."""
+    return "-" if ci is None else f"{ci['diff']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}]"
+
+
+def to_md(rows: Sequence[dict[str, Any]], engines: Sequence[str], baseline: str | None = None) -> str:
     header, body = table(rows, engines)
+    variants = _interval_columns(rows, engines, baseline)
+    if baseline is not None:
+        header = [*header, "n", *(f"{v} - {baseline} [95% CI]" for v in variants)]
+        for line, row in zip(body, rows, strict=True):
+            line += [cell(row.get("n")), *(interval_cell(_ci(row, v)) for v in variants)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in body]
     return "\n".join(lines) + "\n"
 
 
-def write_tables(out_dir: Path, rows: Sequence[dict[str, Any]], engines: Sequence[str]) -> dict[str, str]:
+def write_tables(out_dir: Path, rows: Sequence[dict[str, Any]], engines: Sequence[str],
+                 baseline: str | None = None) -> dict[str, str]:
     return {
         "summary_txt": str(write_atomic(out_dir / "summary.txt", to_txt(rows, engines))),
-        "summary_csv": str(write_atomic(out_dir / "summary.csv", to_csv(rows, engines))),
-        "summary_md": str(write_atomic(out_dir / "summary.md", to_md(rows, engines))),
+        "summary_csv": str(write_atomic(out_dir / "summary.csv", to_csv(rows, engines, baseline))),
+        "summary_md": str(write_atomic(out_dir / "summary.md", to_md(rows, engines, baseline))),
     }

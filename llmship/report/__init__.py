@@ -125,7 +125,7 @@ def _accuracy_section(doc: Document, summary: dict) -> None:
     doc.heading("Accuracy")
     baseline = summary.get("baseline")
     names = [n for n in accuracy[0].get("values", {})]
-    columns = ["dataset", "version", "metric", "mode", *names]
+    columns = ["dataset", "version", "metric", "mode", "n", *names]
     rows = []
     for row in accuracy:
         values = row.get("values", {})
@@ -134,17 +134,31 @@ def _accuracy_section(doc: Document, summary: dict) -> None:
         for n in names:
             val = values.get(n)
             if base is not None and val is not None and n != baseline and isinstance(val, int | float):
-                cells.append(f"{val:.2f} ({val - base:+.2f})")
+                ci = (row.get("intervals") or {}).get(n)
+                ends = f" [{ci['low']:+.2f}, {ci['high']:+.2f}]" if ci else ""
+                cells.append(f"{val:.2f} ({val - base:+.2f}{ends})")
             else:
                 cells.append(val)
-        rows.append([row.get("dataset"), row.get("version"), row.get("metric"), row.get("mode"), *cells])
-    doc.table(columns, rows, f"Deltas in brackets are against the baseline ({baseline})")
+        rows.append([row.get("dataset"), row.get("version"), row.get("metric"), row.get("mode"), row.get("n"), *cells])
+    doc.table(columns, rows, f"In brackets: the difference from the baseline ({baseline}) and, for accuracies, its 95% "
+              "interval paired over the same n questions (prompts for consistency)")
     gate = summary["gate"]
     if gate:
         doc.heading("Gate")
-        doc.table(["goal", "variant", "value", "baseline", "limit", "verdict"],
-                  [[g.get("goal") or g.get("metric"), g.get("variant"), g.get("value"), g.get("baseline"), g.get("limit"),
-                    "PASS" if g.get("passed") else "FAIL"] for g in gate])
+        doc.table(["goal", "variant", "value", "baseline", "diff 95% CI", "n", "judged", "limit", "verdict"],
+                  [[g.get("goal") or g.get("metric"), g.get("variant"), g.get("value"), g.get("baseline"), _ci_text(g),
+                    g.get("n"), _judged_text(g), g.get("limit"), "PASS" if g.get("passed") else "FAIL"] for g in gate],
+                  "judged: what the goal compares with its limit: the measured value (point) or the worse end of the "
+                  "95% interval (interval)")
+
+
+def _ci_text(row: dict) -> str | None:
+    return None if row.get("diff_low") is None else f"[{row['diff_low']:+.2f}, {row['diff_high']:+.2f}]"
+
+
+def _judged_text(row: dict) -> str | None:
+    judged = row.get("judged", row.get("value"))
+    return None if judged is None else f"{judged:.2f} ({row.get('judge', 'point')})"
 
 
 def _speed_section(doc: Document, bench: dict, images: list[tuple[Path, str]]) -> None:
