@@ -401,3 +401,32 @@ def test_awq_protects_outlier_channels_better_than_rtn(tiny_decoder, tmp_path):
     assert searched["groups"] == 6 and searched["clipped"]
     assert not any("q_proj" in name or "k_proj" in name for name in searched["clipped"])  # llm-awq leaves q/k unclipped
     assert len(reports["awq"]["quantized"]) == 15 and "awq" not in reports["rtn"]
+
+
+def test_awq_without_a_calibration_set_is_a_user_error(tiny_decoder, tmp_path):
+    scheme = build_scheme(VariantConfig(scheme="w4a16", method="awq"))
+    assert scheme.uses_calibration() and scheme.block_size == 128
+    job = QuantizeJob(source=tiny_decoder / "model.onnx", folder=tiny_decoder, target=tmp_path / "awq", samples=None, exclude=[])
+    with pytest.raises(UserError, match="awq needs a calibration set"):
+        scheme.quantize(job)
+    assert not (tmp_path / "awq" / "model.onnx").exists()
+
+
+def test_true_sequential_gptq_quantizes_each_projection_after_the_ones_before(tiny_decoder, tmp_path):
+    """One Hessian pass per projection input (q/k/v, o, gate/up, down) instead of one per layer: a different, valid
+    int4 model whose error on the calibration text stays at plain GPTQ's level."""
+    samples = tiny_samples(8, 32)
+    feeds = calibration_feeds(samples, decoder_inputs(load_model(tiny_decoder / "model.onnx"), tiny_decoder))
+    ref = np.concatenate([session(tiny_decoder / "model.onnx").run(["logits"], f)[0] for f in feeds], axis=1)
+    logits = {}
+    for name, options in {"layer": {}, "true_sequential": {"true_sequential": True},
+                          "actorder": {"actorder": True, "true_sequential": True}}.items():
+        scheme = build_scheme(VariantConfig(scheme="w4a16", method="gptq",
+                                            options={"block_size": 16, "quantize_embeddings": False, **options}))
+        scheme.quantize(QuantizeJob(source=tiny_decoder / "model.onnx", folder=tiny_decoder, target=tmp_path / name,
+                                    samples=samples, exclude=[]))
+        sess = session(tmp_path / name / "model.onnx")
+        logits[name] = np.concatenate([sess.run(["logits"], f)[0] for f in feeds], axis=1)
+    err = {name: float(np.mean((value - ref) ** 2)) for name, value in logits.items()}
+    assert not np.array_equal(logits["layer"], logits["true_sequential"])
+    assert err["true_sequential"] < 1.25 * err["layer"] and err["actorder"] < 1.25 * err["layer"], err
