@@ -75,7 +75,7 @@ class VariantConfig(Section):
     name: str | None = Field(None, description="Folder name of the variant under output.dir (default: the scheme, plus method).")
     scheme: Scheme = Field("none", description="none (fp32), fp16, w8a8-dynamic, w8a8-static, w8a16 or w4a16.")
     method: str | None = Field(
-        None, description="Scheme method: w8a8-static: minmax|entropy|percentile; w4a16: rtn|hqq|gptq (default per scheme)."
+        None, description="Scheme method: w8a8-static: minmax|entropy|percentile; w4a16: rtn|hqq|gptq|awq (default per scheme)."
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Scheme options, validated by the scheme (see docs).")
     exclude: list[str] = Field(

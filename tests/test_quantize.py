@@ -32,7 +32,12 @@ def session(model: onnx.ModelProto | Path, optimize: bool = True) -> ort.Inferen
 
 # --------------------------------------------------------------------------- validation
 @pytest.mark.parametrize(("variant", "field", "text"), [
-    ({"scheme": "w4a16", "method": "awq"}, "quantize.method", "rtn, hqq, gptq"),
+    ({"scheme": "w4a16", "method": "awq2"}, "quantize.method", "rtn, hqq, gptq, awq"),
+    ({"scheme": "w4a16", "method": "rtn", "options": {"actorder": True}}, "quantize.options.actorder", "method gptq"),
+    ({"scheme": "w4a16", "method": "awq", "options": {"true_sequential": True}}, "quantize.options.true_sequential",
+     "method gptq"),
+    ({"scheme": "w4a16", "method": "gptq", "options": {"awq_clip": False}}, "quantize.options.awq_clip", "method awq"),
+    ({"scheme": "w4a16", "method": "awq", "options": {"awq_clip": "sometimes"}}, "quantize.options.awq_clip", "boolean"),
     ({"scheme": "w8a8-static", "method": "mse"}, "quantize.method", "minmax, entropy, percentile"),
     ({"scheme": "w4a16", "options": {"blocksize": 32}}, "quantize.options.blocksize", "block_size"),
     ({"scheme": "w4a16", "options": {"block_size": 24}}, "quantize.options.block_size", "power of two"),
@@ -328,3 +333,100 @@ def test_w8a8_dynamic_fine_layers_are_down_proj_and_lm_head(tiny_decoder, tmp_pa
     assert ops.count("MatMulNBits") == (3 if fine_method == "blocks" else 0)
     assert ops.count("Split") == (3 if fine_method == "two_level" else 0)
     assert ("MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops) == (activations == "per_tensor")
+
+
+# --------------------------------------------------------------------------- AWQ, GPTQ options
+def test_awq_fake_quantization_is_the_grid_of_matmul_nbits():
+    """AWQ searches with numpy fake quantization; it must round exactly as onnxruntime's MatMulNBits quantizer, or the
+    search optimizes for a grid the model never gets."""
+    from llmship.quantize.awq import fake_quantize
+    from llmship.quantize.weight_only import mnb
+
+    rng = np.random.default_rng(0)
+    weight = (rng.normal(size=(96, 24)) * 0.1).astype(np.float32)
+    weight[:, 3] += 0.2
+    weight[:, 5] -= 0.3
+    x = rng.normal(size=(4, 96)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 96])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 24])], [numpy_helper.from_array(weight, "w")])
+    for symmetric in (False, True):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        algo = mnb.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=symmetric, accuracy_level=0,
+                                                op_types_to_quantize=("MatMul",), bits=4)
+        quantizer = mnb.MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=symmetric, algo_config=algo)
+        quantizer.process()
+        got = session(quantizer.model.model).run(None, {"x": x})[0]
+        fake = x @ fake_quantize(weight.astype(np.float64), 4, 32, symmetric)
+        np.testing.assert_allclose(got, fake, atol=1e-4)
+        assert np.abs(got - x @ weight).max() > 0.05  # really quantized
+
+
+@pytest.mark.parametrize("graph", ["exported", "fused"])
+def test_awq_scales_fold_without_changing_the_float_model(graph, tiny_decoder, fused_decoder, tmp_path):
+    from llmship.quantize.awq import awq_model, find_scale_groups
+
+    folder = tiny_decoder if graph == "exported" else fused_decoder
+    model = load_model(folder / "model.onnx")
+    feeds = calibration_feeds(tiny_samples(), decoder_inputs(model, folder))
+    groups = find_scale_groups(model, skip=set())
+    # Per layer: input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, and up -> down.
+    assert sorted(g.kind for g in groups) == ["linear"] * 2 + ["norm"] * 4
+    assert sum(g.mlp is not None for g in groups) == 2  # the gate/up groups are judged on the MLP's output
+    report = awq_model(model, feeds, bits=4, block_size=16, symmetric=False, skip=set(), clip=[], scratch=tmp_path)
+    assert report["groups"] == len(groups) and any(r["alpha"] > 0 for r in report["scaled"])
+    assert all(r["error"] <= r["error_alpha0"] for r in report["scaled"])
+    original, scaled = session(folder / "model.onnx"), session(model)
+    for feed in feeds[:3]:
+        ref = original.run(["logits"], feed)[0]
+        np.testing.assert_allclose(scaled.run(["logits"], feed)[0], ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_awq_protects_outlier_channels_better_than_rtn(tiny_decoder, tmp_path):
+    """The tiny decoder's norms carry 15-20x outlier channels (as trained LLMs have): AWQ's scales must cut the int4
+    logits error of plain RTN on text it did not calibrate on."""
+    calib, held_out = tiny_samples(8, 32, seed=0), tiny_samples(8, 32, seed=1)
+    reference = session(tiny_decoder / "model.onnx")
+    feeds = calibration_feeds(held_out, decoder_inputs(load_model(tiny_decoder / "model.onnx"), tiny_decoder))
+    ref = np.concatenate([reference.run(["logits"], f)[0] for f in feeds], axis=1)
+    err, reports = {}, {}
+    for method in ("rtn", "awq"):
+        scheme = build_scheme(VariantConfig(scheme="w4a16", method=method, options={"block_size": 32, "quantize_embeddings": False}))
+        reports[method] = scheme.quantize(QuantizeJob(source=tiny_decoder / "model.onnx", folder=tiny_decoder,
+                                                      target=tmp_path / method, samples=calib, exclude=[]))
+        sess = session(tmp_path / method / "model.onnx")
+        err[method] = float(np.mean((np.concatenate([sess.run(["logits"], f)[0] for f in feeds], axis=1) - ref) ** 2))
+    assert err["awq"] < 0.8 * err["rtn"], err
+    searched = reports["awq"]["awq"]
+    assert searched["groups"] == 6 and searched["clipped"]
+    assert not any("q_proj" in name or "k_proj" in name for name in searched["clipped"])  # llm-awq leaves q/k unclipped
+    assert len(reports["awq"]["quantized"]) == 15 and "awq" not in reports["rtn"]
+
+
+def test_awq_without_a_calibration_set_is_a_user_error(tiny_decoder, tmp_path):
+    scheme = build_scheme(VariantConfig(scheme="w4a16", method="awq"))
+    assert scheme.uses_calibration() and scheme.block_size == 128
+    job = QuantizeJob(source=tiny_decoder / "model.onnx", folder=tiny_decoder, target=tmp_path / "awq", samples=None, exclude=[])
+    with pytest.raises(UserError, match="awq needs a calibration set"):
+        scheme.quantize(job)
+    assert not (tmp_path / "awq" / "model.onnx").exists()
+
+
+def test_true_sequential_gptq_quantizes_each_projection_after_the_ones_before(tiny_decoder, tmp_path):
+    """One Hessian pass per projection input (q/k/v, o, gate/up, down) instead of one per layer: a different, valid
+    int4 model whose error on the calibration text stays at plain GPTQ's level."""
+    samples = tiny_samples(8, 32)
+    feeds = calibration_feeds(samples, decoder_inputs(load_model(tiny_decoder / "model.onnx"), tiny_decoder))
+    ref = np.concatenate([session(tiny_decoder / "model.onnx").run(["logits"], f)[0] for f in feeds], axis=1)
+    logits = {}
+    for name, options in {"layer": {}, "true_sequential": {"true_sequential": True},
+                          "actorder": {"actorder": True, "true_sequential": True}}.items():
+        scheme = build_scheme(VariantConfig(scheme="w4a16", method="gptq",
+                                            options={"block_size": 16, "quantize_embeddings": False, **options}))
+        scheme.quantize(QuantizeJob(source=tiny_decoder / "model.onnx", folder=tiny_decoder, target=tmp_path / name,
+                                    samples=samples, exclude=[]))
+        sess = session(tmp_path / name / "model.onnx")
+        logits[name] = np.concatenate([sess.run(["logits"], f)[0] for f in feeds], axis=1)
+    err = {name: float(np.mean((value - ref) ** 2)) for name, value in logits.items()}
+    assert not np.array_equal(logits["layer"], logits["true_sequential"])
+    assert err["true_sequential"] < 1.25 * err["layer"] and err["actorder"] < 1.25 * err["layer"], err

@@ -36,6 +36,9 @@ VARIANTS = {
     "w4a16-rtn": {"scheme": "w4a16", "method": "rtn"},
     "w4a16-hqq": {"scheme": "w4a16", "method": "hqq"},
     "w4a16-gptq": {"scheme": "w4a16", "method": "gptq"},
+    "w4a16-awq": {"scheme": "w4a16", "method": "awq"},
+    "w4a16-gptq-actorder": {"scheme": "w4a16", "method": "gptq", "name": "w4a16-gptq-actorder",
+                            "options": {"actorder": True, "true_sequential": True}},
 }
 HELD_OUT_SEQUENCES = 24
 HELD_OUT_LEN = 128
@@ -159,6 +162,21 @@ def test_int4_best_method_and_size(compiled):
     assert min(ratios.values()) <= 1.05 + SLACK, ratios
     assert all(compiled[f"w4a16-{m}"]["size_ratio"] <= 0.20 for m in ratios)
     assert {compiled[f"w4a16-{m}"]["manifest"]["quantization"]["block_size"] for m in ratios} == {128}
+
+
+def test_awq_and_act_order_gptq_pass_parity_and_the_int4_bar(compiled):
+    """Both compile through the parity check with the w4a16 defaults and meet the w4a16 bar at block 128."""
+    for name in ("w4a16-awq", "w4a16-gptq-actorder"):
+        r = compiled[name]
+        assert r["manifest"]["parity"]["passed"] and r["ppl_ratio"] <= 1.05 + SLACK and r["size_ratio"] <= 0.20
+        assert r["manifest"]["quantization"]["block_size"] == 128 and r["manifest"]["calibration"]["sha256"]
+    awq = compiled["w4a16-awq"]["manifest"]["quantization"]["awq"]
+    # 4 layers x (input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, up -> down); v -> o is not scaled (GQA).
+    assert awq["groups"] == 12 and all(0 <= row["alpha"] < 1 for row in awq["scaled"])
+    assert sum(row["alpha"] > 0 for row in awq["scaled"]) >= 6  # the search moves most groups off plain RTN
+    assert len(awq["clipped"]) == 16  # o, gate, up, down per layer; packed q/k/v are left unclipped as llm-awq's q/k
+    options = compiled["w4a16-gptq-actorder"]["manifest"]["options"]
+    assert options["actorder"] and options["true_sequential"]
 
 
 def test_manifests_record_scheme_calibration_and_parity(compiled):

@@ -1,5 +1,6 @@
 """w4a16: weight-only int4 (MatMulNBits), methods rtn (blockwise round-to-nearest), hqq (half-quadratic
-optimization of scales/zeros, no data) and gptq (second-order error compensation fed by the calibration set)."""
+optimization of scales/zeros, no data), gptq (second-order error compensation fed by the calibration set) and awq
+(activation-aware per-channel scales and clip ranges searched on the calibration set, then round-to-nearest)."""
 
 from __future__ import annotations
 
@@ -24,15 +25,23 @@ class W4A16Options(SchemeOptions):
     # on the embedded model (half its weights are the two vocabulary tables) puts the file over 0.2x of fp32.
     embedding_bits: Literal[4, 8] = Field(4, description="Bits of the quantized embedding table.")
     percdamp: float = Field(0.01, gt=0, description="gptq: dampening, fraction of the mean Hessian diagonal (GPTQ default).")
-    actorder: bool = Field(False, description="gptq: quantize columns in order of decreasing Hessian diagonal.")
+    actorder: bool = Field(False, description="gptq: quantize columns in order of decreasing Hessian diagonal (static groups).")
+    # Off by default as GPTQ's own llama.py (`--true-sequential` is a flag); AutoGPTQ turns it on.
+    true_sequential: bool = Field(False, description="gptq: quantize q/k/v, o, gate/up, down one after another within a layer.")
+    # On by default as llm-awq's run_awq (mse_range=True) and AutoAWQ (apply_clip=True).
+    awq_clip: bool = Field(True, description="awq: also search each linear's clip range per block (llm-awq auto_clip).")
+
+
+# Options that only one method reads: setting one for another method is a mistake worth naming.
+METHOD_OPTIONS = {"percdamp": "gptq", "actorder": "gptq", "true_sequential": "gptq", "awq_clip": "awq"}
 
 
 @register
 class W4A16(Scheme):
     name = "w4a16"
     Options = W4A16Options
-    methods = ("rtn", "hqq", "gptq")
-    needs_calibration = ("gptq",)
+    methods = ("rtn", "hqq", "gptq", "awq")
+    needs_calibration = ("gptq", "awq")
     # int4 weights move logits visibly; a collapse shows as a large NLL increase.
     parity = ParityConfig(max_logits_diff=8.0, min_top1_agreement=0.75, min_greedy_match=0.0, max_nll_increase=0.08)
     bits = 4
@@ -40,7 +49,7 @@ class W4A16(Scheme):
     # 206.9M model on 2 threads: 217 tokens/s at block 128, 174 at 64, 153 at 32; the kernel does per-block work, so
     # it is not bandwidth-bound at small blocks). On the embedded model the perplexity ratio is 1.0029 (gptq), 1.0134
     # (rtn), 1.0154 (hqq) at 128 against 1.0015 / 1.0038 / 1.0081 at 32 (hqq at 64); `block_size: 32` buys that back.
-    default_block = {"rtn": 128, "gptq": 128, "hqq": 128}
+    default_block = {"rtn": 128, "gptq": 128, "hqq": 128, "awq": 128}
 
     @property
     def block_size(self) -> int:
@@ -51,17 +60,23 @@ class W4A16(Scheme):
         super().check(where)
         if opts.symmetric and self.method == "hqq":
             raise UserError("hqq is asymmetric by construction; remove `symmetric`", where=f"{where}.options.symmetric")
+        for name in sorted(opts.model_fields_set):
+            owner = METHOD_OPTIONS.get(name)
+            if owner and owner != self.method:
+                raise UserError(f"`{name}` is an option of method {owner}, not {self.method}; remove it or set "
+                                f"method: {owner}", where=f"{where}.options.{name}")
 
     def quantize(self, job: QuantizeJob) -> dict[str, Any]:
         opts: W4A16Options = self.options
-        if self.method == "gptq" and not job.samples:
-            raise UserError("gptq needs a calibration set (calibration.sources is empty)", where="calibration.sources")
+        if self.method in self.needs_calibration and not job.samples:
+            raise UserError(f"{self.method} needs a calibration set (calibration.sources is empty)", where="calibration.sources")
         job.progress(f"{self.name}: quantizing weights ({self.method})")
         model, report = quantize_weight_only(
             load_model(job.source), bits=self.bits, block_size=self.block_size, symmetric=opts.symmetric,
             accuracy_level=opts.accuracy_level, method=self.method, exclude=job.exclude,
             embeddings=opts.quantize_embeddings, embedding_bits=opts.embedding_bits, embedding_block=opts.embedding_block,
             samples=job.samples, folder=job.folder,
-            gptq={"percdamp": opts.percdamp, "actorder": opts.actorder}, scratch=job.target)
+            gptq={"percdamp": opts.percdamp, "actorder": opts.actorder, "true_sequential": opts.true_sequential},
+            awq={"clip": opts.awq_clip}, scratch=job.target)
         save_model(model, job.target, job.external_data)
         return {**report, "block_size": self.block_size}

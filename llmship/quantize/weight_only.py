@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from llmship.quantize.awq import awq_model
 from llmship.quantize.embedding import MS_DOMAIN, quantize_embeddings
 from llmship.quantize.feeds import decoder_inputs, packed_feeds, probe_session
 from llmship.quantize.gptq import PERCDAMP, gptq_weight, matmul_nbits_node
@@ -59,8 +60,11 @@ MIN_BLOCK = 16
 
 def quantize_matmuls(model: onnx.ModelProto, *, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
                      method: str, exclude: list[str], samples: list[list[int]] | None = None,
-                     folder=None, gptq: dict[str, Any] | None = None, scratch: Path | None = None) -> tuple[onnx.ModelProto, list[dict], list[dict]]:
-    """Quantize the linear layers; returns (model, quantized rows, kept-float rows)."""
+                     folder=None, gptq: dict[str, Any] | None = None, awq: dict[str, Any] | None = None,
+                     scratch: Path | None = None, method_report: dict[str, Any] | None = None,
+                     ) -> tuple[onnx.ModelProto, list[dict], list[dict]]:
+    """Quantize the linear layers; returns (model, quantized rows, kept-float rows). `method_report`, when given,
+    receives what the method searched (AWQ's scales and clips)."""
     ensure_node_names(model)
     inits = initializers(model)
     linears = linear_nodes(model)
@@ -81,8 +85,18 @@ def quantize_matmuls(model: onnx.ModelProto, *, bits: int, block_size: int, symm
         feeds = packed_feeds(samples or [], decoder_inputs(model, folder), batch=CALIBRATION_BATCH)
         result = gptq_model(model, todo, feeds, bits=bits,
                             block_size=block_size, symmetric=symmetric, percdamp=opts.get("percdamp", PERCDAMP),
-                            actorder=opts.get("actorder", False), accuracy_level=accuracy_level, scratch=scratch)
+                            actorder=opts.get("actorder", False), true_sequential=opts.get("true_sequential", False),
+                            accuracy_level=accuracy_level, scratch=scratch)
     else:
+        if method == "awq":
+            # AWQ only rewrites the float weights (scales folded, ranges clipped); the rounding is plain RTN.
+            opts = awq or {}
+            feeds = packed_feeds(samples or [], decoder_inputs(model, folder), batch=CALIBRATION_BATCH)
+            clip = [n for n in todo if layer_of(n) != "lm_head"] if opts.get("clip", True) else []
+            searched = awq_model(model, feeds, bits=bits, block_size=block_size, symmetric=symmetric, skip=skip_names,
+                                 clip=clip, scratch=scratch)
+            if method_report is not None:
+                method_report["awq"] = searched
         if method == "hqq":
             algo = mnb.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=("MatMul",))
         else:
@@ -102,18 +116,22 @@ def quantize_matmuls(model: onnx.ModelProto, *, bits: int, block_size: int, symm
 
 def gptq_model(model: onnx.ModelProto, nodes: list[onnx.NodeProto], feeds: list[dict[str, np.ndarray]], *, bits: int,
                block_size: int, symmetric: bool, percdamp: float, actorder: bool, accuracy_level: int,
-               scratch: Path | None) -> onnx.ModelProto:
+               scratch: Path | None, true_sequential: bool = False) -> onnx.ModelProto:
     """GPTQ every node of `nodes` into MatMulNBits, layer by layer as GPTQ's `llama_sequential` (default mode).
 
     Per decoder layer, the Hessian H = 2/n * sum(x x^T) of each linear's input (GPTQ `add_batch`) is collected in one
     pass with every earlier layer already quantized, so later layers see, and compensate, the earlier errors; the
     lm_head comes last. Linears whose layer cannot be told from their names form one step per input tensor.
+    `true_sequential` (GPTQ's `--true-sequential`, AutoGPTQ's default) splits each layer into one step per input
+    tensor in graph order (q/k/v, o, gate/up, down), so o_proj's Hessian already sees the quantized q/k/v, etc.
     """
     inits = initializers(model)
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     steps: dict[str, list[onnx.NodeProto]] = {}
     for node in sorted(nodes, key=lambda n: order[n.name]):
-        steps.setdefault(layer_of(node) or f"input:{node.input[0]}", []).append(node)
+        layer = layer_of(node)
+        key = f"{layer}:{node.input[0]}" if layer and true_sequential else layer or f"input:{node.input[0]}"
+        steps.setdefault(key, []).append(node)
     for members in steps.values():
         tensors = sorted({n.input[0] for n in members})
         hessians = {t: np.zeros((inits[next(n for n in members if n.input[0] == t).input[1]].dims[0],) * 2) for t in tensors}
@@ -174,12 +192,14 @@ def set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
 
 def quantize_weight_only(model: onnx.ModelProto, *, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
                          method: str, exclude: list[str], embeddings: bool, embedding_bits: int, embedding_block: int,
-                         samples=None, folder=None, gptq=None, scratch=None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+                         samples=None, folder=None, gptq=None, awq=None, scratch=None) -> tuple[onnx.ModelProto, dict[str, Any]]:
     inits = initializers(model)
+    method_report: dict[str, Any] = {}
     total_float = sum(int(np.prod(inits[n.input[1]].dims)) for n in linear_nodes(model))
     model, rows, kept = quantize_matmuls(model, bits=bits, block_size=block_size, symmetric=symmetric,
                                          accuracy_level=accuracy_level, method=method, exclude=exclude,
-                                         samples=samples, folder=folder, gptq=gptq, scratch=scratch)
+                                         samples=samples, folder=folder, gptq=gptq, awq=awq, scratch=scratch,
+                                         method_report=method_report)
     emb_rows = quantize_embeddings(model, embedding_bits, embedding_block, exclude) if embeddings else []
     quantized_params = sum(int(np.prod(r["shape"])) for r in rows)
     report = {
@@ -191,5 +211,6 @@ def quantize_weight_only(model: onnx.ModelProto, *, bits: int, block_size: int, 
         "linear_params_quantized": quantized_params,
         "linear_params_total": total_float,
         "embeddings_quantized": bool(emb_rows),
+        **method_report,
     }
     return model, report
