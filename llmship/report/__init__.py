@@ -45,25 +45,35 @@ def _manifest(folder: Path) -> dict:
 def variant_rows(folders: dict[str, Path]) -> list[dict[str, Any]]:
     """Scheme, options, size and parity of every compiled variant, from its manifest."""
     rows = []
-    fp32_size = None
     for name, folder in folders.items():
         manifest = _manifest(folder)
-        size = manifest.get("model_bytes")  # graph + weights: what a size ratio compares (tokenizer files excluded)
-        if manifest.get("scheme", "none") == "none":
-            fp32_size = size
+        size, ratio = variant_size(manifest)
         rows.append({
             "variant": name,
             "scheme": manifest.get("scheme", "none"),
             "method": manifest.get("method"),
             "options": manifest.get("options") or {},
             "model_bytes": size,
+            "size_ratio": ratio,
             "parity": manifest.get("parity") or {},
             "quantized": (manifest.get("quantization") or {}).get("summary"),
             "folder": str(folder),
         })
-    for row in rows:
-        row["size_ratio"] = row["model_bytes"] / fp32_size if fp32_size and row["model_bytes"] else None
     return rows
+
+
+def variant_size(manifest: dict[str, Any]) -> tuple[int | None, float | None]:
+    """(graph + weight bytes, size / fp32) as the variant's manifest records them.
+
+    A variant's manifest carries `size` (its bytes and its fp32 source's, measured at compile time), so the ratio holds
+    whether or not fp32 is among the listed variants; the fp32 folder is the reference itself (ratio 1)."""
+    size = manifest.get("size") or {}
+    model_bytes = size.get("model_bytes", manifest.get("model_bytes"))  # tokenizer files excluded
+    if size.get("ratio") is not None:
+        return model_bytes, float(size["ratio"])
+    if manifest.get("scheme", "none") == "none" and model_bytes:
+        return model_bytes, 1.0
+    return model_bytes, None
 
 
 def build_summary(cfg: Config, folders: dict[str, Path], eval_result: dict, bench_result: dict) -> dict[str, Any]:
