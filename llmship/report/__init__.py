@@ -162,13 +162,16 @@ def _speed_section(doc: Document, bench: dict, images: list[tuple[Path, str]]) -
     if not engines:
         return
     doc.heading("Speed")
+    for warning in bench.get("warnings") or []:
+        where = f" ({warning['engine']})" if warning.get("engine") else ""
+        doc.text(f"Warning{where}: {warning['message']}.")
     rows = []
     for e in engines:
         m = e.get("metrics", {})
-        rows.append([e.get("name"), m.get("output_throughput"), e.get("ratio_output_throughput"), m.get("request_throughput"),
+        rows.append([e.get("name"), e.get("threads"), m.get("output_throughput"), e.get("ratio_output_throughput"), m.get("request_throughput"),
                      m.get("mean_ttft_ms"), m.get("p90_ttft_ms"), m.get("mean_tpot_ms"), m.get("p90_tpot_ms"),
                      m.get("mean_e2el_ms"), e.get("load_time_s"), e.get("peak_rss_mb"), _percent(e.get("roofline_fraction"))])
-    doc.table(["engine", "output tok/s", "x baseline", "req/s", "TTFT mean ms", "TTFT p90 ms", "TPOT mean ms",
+    doc.table(["engine", "threads", "output tok/s", "x baseline", "req/s", "TTFT mean ms", "TTFT p90 ms", "TPOT mean ms",
                "TPOT p90 ms", "E2EL mean ms", "load s", "peak RSS MB", "of bandwidth limit"], rows,
               bench.get("caption", ""))
     latency = []
@@ -183,8 +186,17 @@ def _speed_section(doc: Document, bench: dict, images: list[tuple[Path, str]]) -
                "of bandwidth limit"], latency,
               "Latency and memory ratios to the PyTorch baseline (below 1 is better); roofline: decode steps/s if every "
               "step read its weights and KV cache at the measured bandwidth")
+    if (bench.get("repeats") or 1) > 1:
+        doc.table(["engine", "figure", "median", "min", "max"],
+                  [[e.get("name"), label, figure["median"], figure["min"], figure["max"]]
+                   for e in engines for key, label in SPREAD_FIGURES if (figure := (e.get("spread") or {}).get(key))],
+                  f"Spread over {bench['repeats']} runs of every engine (ratios paired run by run)")
     for path, caption in images:
         doc.image(path, caption)
+
+
+SPREAD_FIGURES = (("output_throughput", "output tok/s"), ("ratio_output_throughput", "output tok/s / baseline"),
+                  ("tpot_median", "TPOT median ms"), ("ttft_median", "TTFT median ms"))
 
 
 def _percent(value: float | None) -> str | None:
