@@ -39,7 +39,7 @@ BASELINE_NAME = "pytorch"
 # Figures divided by the baseline's in `ratios` (higher is better for throughputs, lower for the rest).
 RATIO_FIGURES = ("output_throughput", "request_throughput", "total_token_throughput", "ttft_median", "tpot_median",
                  "e2el_median", "load_s", "peak_rss_bytes", "size_bytes")
-# Figures whose median and min-max over the repeats are reported in `spread` (with the baseline ratio of the first).
+# Figures whose per-run ratio to the baseline's run of the same round also goes into `spread`, as ratio_<figure>.
 SPREAD_RATIOS = ("output_throughput",)
 
 
