@@ -368,7 +368,7 @@ def test_every_engine_runs_the_same_threads_under_omp_num_threads_1(tiny, tmp_pa
     assert result["threads"] == {"intra_op": cores, "inter_op": 1, "source": "physical cores"}
     assert {e["name"]: e["threads"] for e in result["engines"]} == {"pytorch": cores, "fp32": cores}
     assert {e["name"]: e["info"]["interop_threads"] for e in result["engines"]} == {"pytorch": 1, "fp32": 1}
-    assert not [w for w in result["warnings"] if "intra-op threads" in w["message"]]
+    assert not [w for w in result["warnings"] if "intra-op threads" in w]
     md = (tmp_path / "threads" / "bench.md").read_text()
     assert f"{cores} intra-op threads (physical cores)" in md and f"| fp32 | {cores} (1) |" in md
 
@@ -404,7 +404,7 @@ def test_load_probe_sees_another_process_spinning():
     import subprocess
     import sys
 
-    from llmship.bench.load import load_warning, sample_load
+    from llmship.bench.load import busy_warning, is_busy, sample_load
 
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -415,14 +415,20 @@ def test_load_probe_sees_another_process_spinning():
     assert 0.9 < sample["probe_s"] < 5 and sample["cpus"] >= 1
     # one spinning process alone takes a whole CPU (less only if this loaded machine starves it)
     assert sample["others_cpus"] > 0.3 and sample["others_fraction"] == pytest.approx(sample["others_cpus"] / sample["cpus"])
-    assert load_warning(sample) is not None and "other processes used" in load_warning(sample)
+    assert is_busy(sample)
     idle = {**sample, "others_cpus": 0.02 * sample["cpus"], "others_fraction": 0.02, "load_average_1m": 0.1}
-    assert load_warning(idle) is None
-    assert load_warning({**idle, "load_average_1m": sample["cpus"] + 0.5}) is not None  # runnable threads queued
+    queued = {**idle, "load_average_1m": sample["cpus"] + 0.5}  # more runnable threads than CPUs
+    assert not is_busy(idle) and is_busy(queued)
+    assert busy_warning([("a", idle), ("b", idle)]) is None
+    one = busy_warning([("a", idle), ("b", sample)])
+    assert one.startswith("machine busy before 1 of 2 runs (b): other processes used up to "
+                          f"{sample['others_cpus']:.2f} of {sample['cpus']} CPUs")
+    assert busy_warning([("a", queued), ("b", sample)]).startswith("machine busy before 2 of 2 runs: ")
 
 
 def test_repeats_report_median_and_spread(tiny, tmp_path):
     from llmship.bench import run_bench
+    from llmship.bench.load import is_busy
     from llmship.report import write_report
 
     cfg, root = tiny
@@ -447,7 +453,12 @@ def test_repeats_report_median_and_spread(tiny, tmp_path):
     md = (tmp_path / "rep" / "bench.md").read_text()
     assert "## Spread over 3 runs" in md and "Every engine ran 3 times" in md and "## Machine load before each run" in md
     assert md.count("| fp32 | 1 |") + md.count("| fp32 | 2 |") + md.count("| fp32 | 3 |") >= 3  # a load row per run
+    busy = sum(is_busy(sample) for engine in full["engines"].values() for sample in engine["load"])
+    assert ("- **Warning**: machine busy before" in md) == (busy > 0)  # the load of this shared machine decides which
+    if busy:
+        assert f"machine busy before {busy} of 6 runs" in md
     write_report(cfg, {"fp32": root / "fp32"}, None, result, tmp_path / "report")
     report = (tmp_path / "report" / "report.md").read_text()
+    assert ("Warning: machine busy before" in report) == (busy > 0)
     assert "| engine | threads | output tok/s |" in report and "Spread over 3 runs" in report
     assert f"| fp32 | 1 | {var['output_throughput']['median']:.2f} |" in report

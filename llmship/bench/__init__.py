@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llmship.bench import metrics, roofline, runner
-from llmship.bench.load import load_warning, sample_load
+from llmship.bench.load import busy_warning, describe, sample_load
 from llmship.bench.sharegpt import Limits, load_conversations, sample_requests
 from llmship.config import Config
 from llmship.errors import CheckFailed, UserError
@@ -258,17 +258,14 @@ def run_bench(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: A
     bar = Counter(progress)
     bandwidth = roofline.measure_read_bandwidth(threads["intra_op"])
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in specs}
-    warnings: list[dict[str, Any]] = []
+    samples: list[tuple[str, dict[str, Any]]] = []
     try:
         for repeat in range(bc.repeats):
             for name, spec in specs.items():
                 label = f"bench {name}" + (f" (run {repeat + 1}/{bc.repeats})" if bc.repeats > 1 else "")
-                log.info("%s", label)
                 load = sample_load()
-                note = load_warning(load)
-                if note:
-                    log.warning("%s: %s", label, note)
-                    warnings.append({"engine": name, "repeat": repeat, "message": note})
+                log.info("%s: %s", label, describe(load))
+                samples.append((label.removeprefix("bench "), load))
                 raw = measure_engine({**job_base, "spec": spec}, bc.isolate, bar, label)
                 produced = [r["produced_len"] for r in raw["records"]]
                 if produced != [r.output_len for r in requests]:
@@ -277,9 +274,9 @@ def run_bench(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: A
     finally:
         bar.finish()
     engines = {name: combine_runs(engine_runs) for name, engine_runs in runs.items()}
-    for mismatch in thread_mismatches(engines, threads["intra_op"]):
-        log.warning("bench: %s", mismatch)
-        warnings.append({"engine": None, "repeat": None, "message": mismatch})
+    warnings = [w for w in (busy_warning(samples), *thread_mismatches(engines, threads["intra_op"])) if w]
+    for warning in warnings:
+        log.warning("bench: %s", warning)
     baseline = BASELINE_NAME if BASELINE_NAME in engines else None
     for name, engine in engines.items():
         engine["ratios"] = ratios(engine, engines[baseline]) if baseline else {}

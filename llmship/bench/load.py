@@ -40,12 +40,26 @@ def sample_load(seconds: float = PROBE_S) -> dict[str, Any]:
             "others_fraction": others / wall / cpus}
 
 
-def load_warning(sample: dict[str, Any]) -> str | None:
-    """One line when the sample says other work was running, else None."""
-    busy = sample["others_fraction"] > BUSY_FRACTION_WARNING
+def is_busy(sample: dict[str, Any]) -> bool:
+    """Other processes took over BUSY_FRACTION_WARNING of the CPUs, or more threads were runnable than CPUs."""
     queued = sample["load_average_1m"] is not None and sample["load_average_1m"] > LOAD_PER_CPU_WARNING * sample["cpus"]
-    if not (busy or queued):
-        return None
+    return sample["others_fraction"] > BUSY_FRACTION_WARNING or queued
+
+
+def describe(sample: dict[str, Any]) -> str:
     load = "" if sample["load_average_1m"] is None else f", 1-minute load average {sample['load_average_1m']:.2f}"
-    return (f"machine busy: other processes used {sample['others_cpus']:.2f} of {sample['cpus']} CPUs during a "
-            f"{sample['probe_s']:.0f} s probe{load}; figures are slowed and ratios between engines less reliable")
+    return f"other processes used {sample['others_cpus']:.2f} of {sample['cpus']} CPUs during a {sample['probe_s']:.0f} s probe{load}"
+
+
+def busy_warning(samples: list[tuple[str, dict[str, Any]]]) -> str | None:
+    """One line for all runs, (label, sample) each, when any was busy; None when every run had the machine to itself."""
+    busy = [(label, sample) for label, sample in samples if is_busy(sample)]
+    if not busy:
+        return None
+    which = f" ({busy[0][0]})" if len(busy) == 1 else ""
+    most = max(sample["others_cpus"] for _, sample in busy)
+    loads = [sample["load_average_1m"] for _, sample in busy if sample["load_average_1m"] is not None]
+    load = f", 1-minute load average up to {max(loads):.2f}" if loads else ""
+    return (f"machine busy before {len(busy)} of {len(samples)} runs{which}: other processes used up to {most:.2f} of "
+            f"{busy[0][1]['cpus']} CPUs during the {busy[0][1]['probe_s']:.0f} s probes{load}; figures are slowed and "
+            "ratios between engines less reliable")

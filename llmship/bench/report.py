@@ -29,7 +29,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# llmship bench",
         "",
-        *(f"- **Warning**{_where(w)}: {w['message']}." for w in result["warnings"]),
+        *(f"- **Warning**: {w}." for w in result["warnings"]),
         *([""] if result["warnings"] else []),
         f"{s['used']} ShareGPT requests ({s['read']} conversations read, {s['examined']} examined, {s['kept']} kept, "
         f"{s['oversampled']} oversampled); batch size {result['config']['bench']['batch_size']}, "
@@ -128,13 +128,6 @@ def load_table(result: dict[str, Any]) -> list[str]:
 def _threads(info: dict[str, Any]) -> str:
     inter = info.get("interop_threads")
     return f"{info.get('threads')}" + (f" ({inter})" if inter is not None else "")
-
-
-def _where(warning: dict[str, Any]) -> str:
-    if warning.get("engine") is None:
-        return ""
-    run = f", run {warning['repeat'] + 1}" if warning.get("repeat") is not None else ""
-    return f" ({warning['engine']}{run})"
 
 
 def plots(result: dict[str, Any], folder: Path) -> list[str]:

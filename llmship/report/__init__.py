@@ -163,8 +163,7 @@ def _speed_section(doc: Document, bench: dict, images: list[tuple[Path, str]]) -
         return
     doc.heading("Speed")
     for warning in bench.get("warnings") or []:
-        where = f" ({warning['engine']})" if warning.get("engine") else ""
-        doc.text(f"Warning{where}: {warning['message']}.")
+        doc.text(f"Warning: {warning}.")
     rows = []
     for e in engines:
         m = e.get("metrics", {})
