@@ -345,7 +345,7 @@ def summary(result: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     threads = result["threads"]
     repeats = f", median of {result['repeats']} runs" if result["repeats"] > 1 else ""
     caption = (f"{result['sampling']['used']} ShareGPT requests, batch size {bc['batch_size']}, "
-               f"{threads['intra_op']} intra-op threads for every engine ({threads['source']}){repeats}; bandwidth limit "
+               f"{threads['intra_op']} intra-op thread(s) for every engine ({threads['source']}){repeats}; bandwidth limit "
                f"from a measured {result['bandwidth']['gb_per_s']:.1f} GB/s read bandwidth.")
     return {**keep, "engines": [engine_row(n, e) for n, e in result["engines"].items()], "caption": caption,
             "dir": str(out_dir), "files": ["bench.json", "bench.md", *result.get("plots", [])],

@@ -33,7 +33,8 @@ def markdown(result: dict[str, Any]) -> str:
         *([""] if result["warnings"] else []),
         f"{s['used']} ShareGPT requests ({s['read']} conversations read, {s['examined']} examined, {s['kept']} kept, "
         f"{s['oversampled']} oversampled); batch size {result['config']['bench']['batch_size']}, "
-        f"{threads['intra_op']} intra-op threads ({threads['source']}) and {threads['inter_op']} inter-op thread set "
+        f"{_count(threads['intra_op'], 'intra-op thread')} ({threads['source']}) and "
+        f"{_count(threads['inter_op'], 'inter-op thread')} set "
         f"for every engine, provider {result['config']['runtime']['provider']}; "
         "generation ignores EOS, every request produced exactly its output length."
         + (f" Every engine ran {repeats} times (interleaved); figures are medians over the runs." if repeats > 1 else ""),
@@ -123,6 +124,10 @@ def load_table(result: dict[str, Any]) -> list[str]:
     lines += ["", "CPU time that other processes took during a probe just before the run (this process idle), and the "
               "kernel's 1-minute load average; a warning above when either says other work was running.", ""]
     return lines
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _threads(info: dict[str, Any]) -> str:
