@@ -135,7 +135,7 @@ class CalibrationConfig(Section):
 # --------------------------------------------------------------------------- runtime
 class RuntimeConfig(Section):
     provider: Literal["cpu", "cuda"] = Field("cpu", description="ONNX Runtime execution provider (cuda needs onnxruntime-gpu).")
-    threads: int = Field(0, ge=0, description="Intra-op threads for ORT and torch (0 = the library default).")
+    threads: int = Field(0, ge=0, description="Intra-op threads for ORT and torch (0 = the library default; the bench: physical cores).")
 
 
 # --------------------------------------------------------------------------- bench
@@ -153,6 +153,7 @@ class BenchConfig(Section):
     engine: Literal["ort", "genai"] = Field("ort", description="Engine for compiled variants: plain ORT or onnxruntime-genai.")
     oversample: bool = Field(True, description="Top up to num_prompts by repeating sampled requests (vLLM default; off = --no-oversample).")
     isolate: bool = Field(True, description="Measure each engine in a fresh process (clean load time and peak RSS).")
+    repeats: int = Field(1, ge=1, description="Timed runs of every engine (interleaved); figures are medians, with min-max.")
 
 
 # --------------------------------------------------------------------------- eval

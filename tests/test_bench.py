@@ -347,3 +347,118 @@ def test_real_sharegpt_with_llama_tokenizer():
         assert r.prompt_ids == [1, *sp.encode(turns[0]["value"])]
         assert r.output_len == 1 + len(sp.encode(turns[1]["value"]))
         assert 4 <= r.prompt_len <= 1024 and r.prompt_len + r.output_len <= 2048
+
+
+# --------------------------------------------------------------------------- threads, machine load, repeats
+def test_every_engine_runs_the_same_threads_under_omp_num_threads_1(tiny, tmp_path, monkeypatch):
+    """PyTorch follows OMP_NUM_THREADS and ONNX Runtime does not: the bench sets both explicitly (fresh workers inherit
+    the environment, so torch there starts from the variable)."""
+    from llmship.bench import run_bench
+    from llmship.runtime.threads import default_threads
+
+    cfg, root = tiny
+    cfg = cfg.model_copy(deep=True)
+    cfg.runtime.threads = 0  # the default: the machine's physical cores
+    cfg.bench.isolate = True
+    cfg.bench.num_prompts = 1
+    cfg.bench.warmup = 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    result = run_bench(cfg, {"fp32": root / "fp32"}, tmp_path / "threads")
+    cores = default_threads()
+    assert result["threads"] == {"intra_op": cores, "inter_op": 1, "source": "physical cores"}
+    assert {e["name"]: e["threads"] for e in result["engines"]} == {"pytorch": cores, "fp32": cores}
+    assert {e["name"]: e["info"]["interop_threads"] for e in result["engines"]} == {"pytorch": 1, "fp32": 1}
+    assert not [w for w in result["warnings"] if "intra-op threads" in w]
+    md = (tmp_path / "threads" / "bench.md").read_text()
+    assert f"{cores} intra-op threads (physical cores)" in md and f"| fp32 | {cores} (1) |" in md
+
+
+def test_runtime_threads_reach_every_engine(tiny):
+    import torch
+
+    from llmship.bench import runner
+    from llmship.bench.genai import GenaiEngine
+
+    cfg, root = tiny
+    runtime = {**cfg.runtime.model_dump(), "threads": 3}
+    before = torch.get_num_threads()
+    try:
+        for spec in ({"kind": "torch", "model": cfg.model.model_dump()}, {"kind": "ort", "folder": str(root / "fp32")}):
+            engine = runner.load(spec, runtime)
+            try:
+                assert engine.info()["threads"] == 3, spec["kind"]
+            finally:
+                engine.close()
+    finally:
+        torch.set_num_threads(before)  # torch's pool is process-wide: later tests get theirs back
+    pytest.importorskip("onnxruntime_genai")
+    genai = GenaiEngine(root / "fp32", cfg.runtime.model_copy(update={"threads": 3}))
+    try:
+        decoder = json.loads((genai._view / "genai_config.json").read_text())["model"]["decoder"]
+        assert decoder["session_options"]["intra_op_num_threads"] == 3 == genai.info()["threads"]
+    finally:
+        genai.close()
+
+
+def test_load_probe_sees_another_process_spinning():
+    import subprocess
+    import sys
+
+    from llmship.bench.load import busy_warning, is_busy, sample_load
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        sample = sample_load(1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 0.9 < sample["probe_s"] < 5 and sample["cpus"] >= 1
+    # one spinning process alone takes a whole CPU (less only if this loaded machine starves it)
+    assert sample["others_cpus"] > 0.3 and sample["others_fraction"] == pytest.approx(sample["others_cpus"] / sample["cpus"])
+    assert is_busy(sample)
+    idle = {**sample, "others_cpus": 0.02 * sample["cpus"], "others_fraction": 0.02, "load_average_1m": 0.1}
+    queued = {**idle, "load_average_1m": sample["cpus"] + 0.5}  # more runnable threads than CPUs
+    assert not is_busy(idle) and is_busy(queued)
+    assert busy_warning([("a", idle), ("b", idle)]) is None
+    one = busy_warning([("a", idle), ("b", sample)])
+    assert one.startswith("machine busy before 1 of 2 runs (b): other processes used up to "
+                          f"{sample['others_cpus']:.2f} of {sample['cpus']} CPUs")
+    assert busy_warning([("a", queued), ("b", sample)]).startswith("machine busy before 2 of 2 runs: ")
+
+
+def test_repeats_report_median_and_spread(tiny, tmp_path):
+    from llmship.bench import run_bench
+    from llmship.bench.load import is_busy
+    from llmship.report import write_report
+
+    cfg, root = tiny
+    cfg = cfg.model_copy(deep=True)
+    cfg.bench.repeats = 3
+    cfg.bench.num_prompts = 2
+    result = run_bench(cfg, {"fp32": root / "fp32"}, tmp_path / "rep")
+    full = json.loads((tmp_path / "rep" / "bench.json").read_text())
+    assert full["repeats"] == 3
+    for name, engine in full["engines"].items():
+        figure = engine["spread"]["output_throughput"]
+        assert len(figure["runs"]) == 3 and figure["min"] <= figure["median"] <= figure["max"]
+        assert figure["median"] == pytest.approx(sorted(figure["runs"])[1])
+        assert engine["metrics"]["output_throughput"] == pytest.approx(figure["median"])
+        tpot = engine["spread"]["tpot_median"]
+        assert engine["metrics"]["latency"]["tpot"]["median_ms"] == pytest.approx(tpot["median"])
+        assert len(engine["load"]) == 3 and [r["repeat"] for r in engine["records"]] == [0, 0, 1, 1, 2, 2], name
+    base, var = full["engines"]["pytorch"]["spread"], full["engines"]["fp32"]["spread"]
+    paired = [v / b for v, b in zip(var["output_throughput"]["runs"], base["output_throughput"]["runs"], strict=True)]
+    assert var["ratio_output_throughput"]["runs"] == pytest.approx(paired)
+    assert "ratio_output_throughput" not in base
+    md = (tmp_path / "rep" / "bench.md").read_text()
+    assert "## Spread over 3 runs" in md and "Every engine ran 3 times" in md and "## Machine load before each run" in md
+    assert md.count("| fp32 | 1 |") + md.count("| fp32 | 2 |") + md.count("| fp32 | 3 |") >= 3  # a load row per run
+    busy = sum(is_busy(sample) for engine in full["engines"].values() for sample in engine["load"])
+    assert ("- **Warning**: machine busy before" in md) == (busy > 0)  # the load of this shared machine decides which
+    if busy:
+        assert f"machine busy before {busy} of 6 runs" in md
+    write_report(cfg, {"fp32": root / "fp32"}, None, result, tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert ("Warning: machine busy before" in report) == (busy > 0)
+    assert "| engine | threads | output tok/s |" in report and "Spread over 3 runs" in report
+    assert f"| fp32 | 1 | {var['output_throughput']['median']:.2f} |" in report

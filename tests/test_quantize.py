@@ -430,3 +430,32 @@ def test_true_sequential_gptq_quantizes_each_projection_after_the_ones_before(ti
     err = {name: float(np.mean((value - ref) ** 2)) for name, value in logits.items()}
     assert not np.array_equal(logits["layer"], logits["true_sequential"])
     assert err["true_sequential"] < 1.25 * err["layer"] and err["actorder"] < 1.25 * err["layer"], err
+
+
+# --------------------------------------------------------------------------- ONNX Runtime's quantizers stay quiet
+@pytest.mark.parametrize("variant", [{"scheme": "w8a8-static", "options": {"smoothquant": True}},
+                                     {"scheme": "w8a8-dynamic", "options": {"activations": "per_tensor", "fine_layers": []}}],
+                         ids=["w8a8-static-smoothquant", "w8a8-dynamic-per-tensor"])
+def test_ort_quantizers_do_not_log_the_preprocessing_hint(tiny_decoder, tmp_path, caplog, variant):
+    """quantize_static / quantize_dynamic log 'Please consider ... pre-processing' with an image-classification link
+    through the root logger; llmship drops that message around its calls and nothing else."""
+    import logging
+
+    from llmship.quantize.ort_quiet import without_preprocess_hint
+
+    root_filters = list(logging.getLogger().filters)
+    scheme = build_scheme(VariantConfig(**variant))
+    job = QuantizeJob(source=tiny_decoder / "model.onnx", folder=tiny_decoder, target=tmp_path / "q",
+                      samples=tiny_samples(4, 16), exclude=[])
+    with caplog.at_level(logging.WARNING):
+        scheme.quantize(job)
+        with without_preprocess_hint():
+            logging.warning("another root warning")
+        logging.warning("Please consider to run pre-processing before quantization.")  # outside: not filtered
+    messages = [r.getMessage() for r in caplog.records]
+    assert "another root warning" in messages
+    assert [m for m in messages if "pre-processing" in m] == ["Please consider to run pre-processing before quantization."]
+    assert not [m for m in messages if "image_classification" in m]
+    assert logging.getLogger().filters == root_filters
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node}
+    assert ops & {"QuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}  # ORT's quantizer really ran

@@ -2,7 +2,10 @@
 
 `run_bench(cfg, variants, out_dir, progress=None) -> dict` samples requests as vLLM's serving benchmark does
 (bench/sharegpt.py), runs the baseline and every variant over the same batches (bench/runner.py, each engine in a
-fresh process by default), computes vLLM's metrics (bench/metrics.py), the bandwidth roofline (bench/roofline.py)
+fresh process by default) with one explicit intra-op thread count for all (llmship.runtime.threads), samples the
+machine's load before each run (bench/load.py), repeats the whole round `bench.repeats` times (engines interleaved,
+so slow drift of the machine hits them alike; figures are medians, with min-max per figure in `spread`), computes
+vLLM's metrics (bench/metrics.py), the bandwidth roofline (bench/roofline.py)
 and writes bench.json, bench.md and PNG plots to `out_dir` atomically. The returned dict is bench.json's summary:
 no per-request records; `engines` is a list of rows (name, flat metrics such as mean_ttft_ms / p90_tpot_ms,
 ratio_output_throughput, load_time_s, peak_rss_mb, roofline_fraction); `plots` holds absolute paths and captions.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llmship.bench import metrics, roofline, runner
+from llmship.bench.load import busy_warning, describe, sample_load
 from llmship.bench.sharegpt import Limits, load_conversations, sample_requests
 from llmship.config import Config
 from llmship.errors import CheckFailed, UserError
@@ -34,6 +39,8 @@ BASELINE_NAME = "pytorch"
 # Figures divided by the baseline's in `ratios` (higher is better for throughputs, lower for the rest).
 RATIO_FIGURES = ("output_throughput", "request_throughput", "total_token_throughput", "ttft_median", "tpot_median",
                  "e2el_median", "load_s", "peak_rss_bytes", "size_bytes")
+# Figures whose per-run ratio to the baseline's run of the same round also goes into `spread`, as ratio_<figure>.
+SPREAD_RATIOS = ("output_throughput",)
 
 
 # --------------------------------------------------------------------------- model facts
@@ -137,13 +144,92 @@ def ratios(engine: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float 
     return {k: (mine[k] / base[k] if mine[k] is not None and base[k] else None) for k in RATIO_FIGURES}
 
 
+def run_figures(engine: dict[str, Any]) -> dict[str, float | None]:
+    """The headline figures of one run plus prefill and decode tokens/s: what `spread` summarizes over repeats."""
+    return {**_headline(engine), "prefill_tokens_per_s": engine["prefill"]["tokens_per_s"],
+            "decode_tokens_per_s": engine["decode"]["tokens_per_s"]}
+
+
+def spread(runs: list[dict[str, Any]], baseline_runs: list[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """Median, min and max of every run figure over the repeats; with a baseline, also of the per-repeat ratio of each
+    SPREAD_RATIOS figure (paired: repeat k of the engine against repeat k of the baseline, run back to back)."""
+    per_run = [run_figures(r) for r in runs]
+    if baseline_runs is not None and baseline_runs is not runs:
+        for figures, base in zip(per_run, baseline_runs, strict=True):
+            base_figures = run_figures(base)
+            for key in SPREAD_RATIOS:
+                figures[f"ratio_{key}"] = figures[key] / base_figures[key] if base_figures[key] else None
+    out = {}
+    for key in per_run[0]:
+        values = [f[key] for f in per_run if f[key] is not None]
+        if values:
+            out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+    return out
+
+
+def median_tree(trees: list[Any]) -> Any:
+    """Element-wise median of same-shaped dicts of numbers; other values (text, None, lists) from the first."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {key: median_tree([t[key] for t in trees]) for key in first}
+    numbers = [t for t in trees if isinstance(t, int | float) and not isinstance(t, bool)]
+    return statistics.median(numbers) if len(numbers) == len(trees) else first
+
+
+def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One engine entry from its repeats: every measured figure is the median over the runs; records of all runs,
+    each tagged with its repeat; the load sample of each run."""
+    first = runs[0]
+    engine = {key: first[key] for key in ("spec", "info", "size_bytes", "weights")}
+    for key in ("load_s", "memory", "metrics", "roofline", "decode", "prefill"):
+        engine[key] = median_tree([r[key] for r in runs])
+    engine["repeats"] = len(runs)
+    engine["load"] = [r["load"] for r in runs]
+    engine["records"] = [{**record, "repeat": number} for number, r in enumerate(runs) for record in r["records"]]
+    return engine
+
+
 def environment(cfg: Config) -> dict[str, Any]:
     import os
+
+    import psutil
 
     from llmship.pipeline import library_versions
 
     return {"python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "libraries": library_versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "cpu_count": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
+            "libraries": library_versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def thread_setting(cfg: Config) -> dict[str, Any]:
+    """The intra-op thread count every engine gets, and where it came from."""
+    from llmship.runtime.threads import resolve_threads
+
+    source = "runtime.threads" if cfg.runtime.threads > 0 else "physical cores"
+    return {"intra_op": resolve_threads(cfg.runtime.threads), "inter_op": 1, "source": source}
+
+
+def engine_run(spec: dict[str, Any], raw: dict[str, Any], lengths: list[tuple[int, int]], batches: list[list[int]],
+               bandwidth: dict[str, Any], load: dict[str, Any]) -> dict[str, Any]:
+    """One engine's figures from one timed run of the worker."""
+    output_after_first = sum(out - 1 for _, out in lengths)
+    return {
+        "spec": spec, "info": raw["info"], "load_s": raw["load_s"], "memory": raw["memory"],
+        "size_bytes": raw["size_bytes"], "weights": raw["weights"],
+        "metrics": metrics.aggregate(raw["records"], raw["duration_s"]),
+        "roofline": roofline.roofline(raw["weights"]["bytes_per_step"], bandwidth["bytes_per_s"],
+                                      raw["decode_steps"], raw["decode_s"], _cache_bytes_per_step(lengths, batches, raw)),
+        "decode": {"steps": raw["decode_steps"], "seconds": raw["decode_s"],
+                   "tokens_per_s": output_after_first / raw["decode_s"] if raw["decode_s"] else None},
+        "prefill": {"seconds": raw["prefill_s"], "tokens_per_s": sum(prompt for prompt, _ in lengths) / raw["prefill_s"]},
+        "records": raw["records"], "load": load,
+    }
+
+
+def thread_mismatches(engines: dict[str, dict[str, Any]], threads: int) -> list[str]:
+    """Engines that report another intra-op thread count than the one the bench set (a library ignoring it)."""
+    return [f"{name} ran {e['info'].get('threads')} intra-op threads, not the {threads} set for every engine"
+            for name, e in engines.items() if e["info"].get("threads") != threads]
 
 
 # --------------------------------------------------------------------------- entry point
@@ -156,6 +242,7 @@ def run_bench(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: A
     specs = engine_specs(cfg, variants)
     tokenizer = bench_tokenizer(cfg, variants)
     positions = max_positions(cfg, variants)
+    threads = thread_setting(cfg)
     limits = Limits.clipped(bc.min_len, bc.max_prompt_len, bc.max_total_len, positions)
     requests, sampling = sample_requests(load_conversations(bc.dataset), tokenizer, bc.num_prompts, seed=bc.seed,
                                          output_len=bc.output_len, limits=limits, oversample=bc.oversample)
@@ -166,35 +253,34 @@ def run_bench(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: A
         "requests": [{"prompt_ids": r.prompt_ids, "output_len": r.output_len} for r in requests],
         "batches": batches,
         "warmup_batches": [warm[i : i + bc.batch_size] for i in range(0, len(warm), bc.batch_size)],
-        "runtime": cfg.runtime.model_dump(),
+        "runtime": {**cfg.runtime.model_dump(), "threads": threads["intra_op"]},
     }
     bar = Counter(progress)
-    bandwidth = roofline.measure_read_bandwidth(cfg.runtime.threads)
-    engines: dict[str, dict[str, Any]] = {}
+    bandwidth = roofline.measure_read_bandwidth(threads["intra_op"])
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in specs}
+    samples: list[tuple[str, dict[str, Any]]] = []
     try:
-        for name, spec in specs.items():
-            log.info("bench: %s", name)
-            raw = measure_engine({**job_base, "spec": spec}, bc.isolate, bar, f"bench {name}")
-            produced = [r["produced_len"] for r in raw["records"]]
-            if produced != [r.output_len for r in requests]:
-                raise CheckFailed(f"{name}: produced output lengths differ from the requested ones")
-            engines[name] = {
-                "spec": spec, "info": raw["info"], "load_s": raw["load_s"], "memory": raw["memory"],
-                "size_bytes": raw["size_bytes"], "weights": raw["weights"],
-                "metrics": metrics.aggregate(raw["records"], raw["duration_s"]),
-                "roofline": roofline.roofline(raw["weights"]["bytes_per_step"], bandwidth["bytes_per_s"],
-                                              raw["decode_steps"], raw["decode_s"],
-                                              _cache_bytes_per_step(lengths, batches, raw)),
-                "decode": {"steps": raw["decode_steps"], "seconds": raw["decode_s"],
-                           "tokens_per_s": (sum(r.output_len - 1 for r in requests) / raw["decode_s"]) if raw["decode_s"] else None},
-                "prefill": {"seconds": raw["prefill_s"], "tokens_per_s": sum(r.prompt_len for r in requests) / raw["prefill_s"]},
-                "records": raw["records"],
-            }
+        for repeat in range(bc.repeats):
+            for name, spec in specs.items():
+                label = f"bench {name}" + (f" (run {repeat + 1}/{bc.repeats})" if bc.repeats > 1 else "")
+                load = sample_load()
+                log.info("%s: %s", label, describe(load))
+                samples.append((label.removeprefix("bench "), load))
+                raw = measure_engine({**job_base, "spec": spec}, bc.isolate, bar, label)
+                produced = [r["produced_len"] for r in raw["records"]]
+                if produced != [r.output_len for r in requests]:
+                    raise CheckFailed(f"{name}: produced output lengths differ from the requested ones")
+                runs[name].append(engine_run(spec, raw, lengths, batches, bandwidth, load))
     finally:
         bar.finish()
+    engines = {name: combine_runs(engine_runs) for name, engine_runs in runs.items()}
+    warnings = [w for w in (busy_warning(samples), *thread_mismatches(engines, threads["intra_op"])) if w]
+    for warning in warnings:
+        log.warning("bench: %s", warning)
     baseline = BASELINE_NAME if BASELINE_NAME in engines else None
-    for engine in engines.values():
+    for name, engine in engines.items():
         engine["ratios"] = ratios(engine, engines[baseline]) if baseline else {}
+        engine["spread"] = spread(runs[name], runs[baseline] if baseline else None)
     result = {
         "config": {"bench": bc.model_dump(), "runtime": cfg.runtime.model_dump(), "model": cfg.model.model_dump()},
         "environment": environment(cfg),
@@ -205,6 +291,9 @@ def run_bench(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: A
         "batches": batches,
         "padding": runner.padding_overhead(lengths, batches),
         "bandwidth": bandwidth,
+        "threads": threads,
+        "repeats": bc.repeats,
+        "warnings": warnings,
         "baseline": baseline,
         "engines": engines,
     }
@@ -241,6 +330,7 @@ def engine_row(name: str, engine: dict[str, Any]) -> dict[str, Any]:
         "size_mb": engine["size_bytes"] / (1 << 20), "roofline_fraction": engine["roofline"]["fraction_of_limit"],
         "prefill_tokens_per_s": engine["prefill"]["tokens_per_s"], "decode_tokens_per_s": engine["decode"]["tokens_per_s"],
         "roofline": engine["roofline"], "memory": engine["memory"], "weights": engine["weights"],
+        "threads": engine["info"].get("threads"), "spread": engine["spread"], "load": engine["load"],
     }
 
 
@@ -252,9 +342,11 @@ def summary(result: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """The result without per-request data: engines as a list of flat rows, plots with absolute paths and captions."""
     bc = result["config"]["bench"]
     keep = {k: v for k, v in result.items() if k not in ("engines", "requests", "batches", "plots")}
+    threads = result["threads"]
+    repeats = f", median of {result['repeats']} runs" if result["repeats"] > 1 else ""
     caption = (f"{result['sampling']['used']} ShareGPT requests, batch size {bc['batch_size']}, "
-               f"threads {result['config']['runtime']['threads'] or 'default'}; bandwidth limit from a measured "
-               f"{result['bandwidth']['gb_per_s']:.1f} GB/s read bandwidth.")
+               f"{threads['intra_op']} intra-op thread(s) for every engine ({threads['source']}){repeats}; bandwidth limit "
+               f"from a measured {result['bandwidth']['gb_per_s']:.1f} GB/s read bandwidth.")
     return {**keep, "engines": [engine_row(n, e) for n, e in result["engines"].items()], "caption": caption,
             "dir": str(out_dir), "files": ["bench.json", "bench.md", *result.get("plots", [])],
             "plots": [{"path": str(Path(out_dir).absolute() / p), "caption": PLOT_CAPTIONS.get(p, p)} for p in result.get("plots", [])]}

@@ -24,13 +24,20 @@ def markdown(result: dict[str, Any]) -> str:
     engines = result["engines"]
     baseline = result.get("baseline")
     s = result["sampling"]
+    threads = result["threads"]
+    repeats = result["repeats"]
     lines = [
         "# llmship bench",
         "",
+        *(f"- **Warning**: {w}." for w in result["warnings"]),
+        *([""] if result["warnings"] else []),
         f"{s['used']} ShareGPT requests ({s['read']} conversations read, {s['examined']} examined, {s['kept']} kept, "
         f"{s['oversampled']} oversampled); batch size {result['config']['bench']['batch_size']}, "
-        f"threads {result['config']['runtime']['threads'] or 'default'}, provider {result['config']['runtime']['provider']}; "
-        "generation ignores EOS, every request produced exactly its output length.",
+        f"{_count(threads['intra_op'], 'intra-op thread')} ({threads['source']}) and "
+        f"{_count(threads['inter_op'], 'inter-op thread')} set "
+        f"for every engine, provider {result['config']['runtime']['provider']}; "
+        "generation ignores EOS, every request produced exactly its output length."
+        + (f" Every engine ran {repeats} times (interleaved); figures are medians over the runs." if repeats > 1 else ""),
         "",
         "Dropped: " + (", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s["dropped"].items() if v) or "none") + ".",
         f"Padding overhead: prompt {result['padding']['prompt_padding']:.1%}, decode slots {result['padding']['decode_padding']:.1%}.",
@@ -60,14 +67,14 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"## Resources and roofline (read bandwidth {bw['gb_per_s']:.1f} GB/s, {bw['threads']} threads)",
         "",
-        "| engine | load s | peak RSS MiB | size MiB | size vs baseline | prefill tok/s | decode tok/s | weights read/step MB "
-        "| KV cache read/step MB | limit steps/s | decode steps/s | % of limit | % of limit, weights only |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| engine | threads | load s | peak RSS MiB | size MiB | size vs baseline | prefill tok/s | decode tok/s "
+        "| weights read/step MB | KV cache read/step MB | limit steps/s | decode steps/s | % of limit | % of limit, weights only |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, e in engines.items():
         r = e["roofline"]
         lines.append(
-            f"| {name} | {_f(e['load_s'])} | {_f(e['memory']['peak_rss_bytes'] / MIB, 0)} | {_f(e['size_bytes'] / MIB, 1)} "
+            f"| {name} | {_threads(e['info'])} | {_f(e['load_s'])} | {_f(e['memory']['peak_rss_bytes'] / MIB, 0)} | {_f(e['size_bytes'] / MIB, 1)} "
             f"| {_ratio(e.get('ratios', {}).get('size_bytes'))} | {_f(e['prefill']['tokens_per_s'], 1)} "
             f"| {_f(e['decode']['tokens_per_s'], 1)} | {_f(r['weight_bytes_per_step'] / 1e6, 1)} | {_f(r['cache_bytes_per_step'] / 1e6, 1)} "
             f"| {_f(r['limit_steps_per_s'], 1)} | {_f(r['decode_steps_per_s'], 1)} | {r['fraction_of_limit']:.0%} "
@@ -79,10 +86,53 @@ def markdown(result: dict[str, Any]) -> str:
         "(embedding); KV cache read per step: the keys and values of every live sequence's context, mean over the run's "
         "steps. % of limit = (weights + KV cache) bytes streamed per second / measured read bandwidth. "
         "Prefill tok/s = prompt tokens / time to the first token of each batch; decode tok/s = tokens after the first / "
-        "time after the first token.",
+        "time after the first token. Threads: intra-op (inter-op) as the engine reports them.",
         "",
     ]
+    if repeats > 1:
+        lines += spread_table(result)
+    lines += load_table(result)
     return "\n".join(lines)
+
+
+SPREAD_ROWS = (("output_throughput", "output tok/s", 1), ("ratio_output_throughput", "output tok/s vs baseline", 2),
+               ("ttft_median", "TTFT median ms", 1), ("tpot_median", "TPOT median ms", 1),
+               ("prefill_tokens_per_s", "prefill tok/s", 1), ("decode_tokens_per_s", "decode tok/s", 1))
+
+
+def spread_table(result: dict[str, Any]) -> list[str]:
+    lines = ["", f"## Spread over {result['repeats']} runs", "", "| engine | figure | median | min | max | runs |",
+             "|---|---|---:|---:|---:|---|"]
+    for name, e in result["engines"].items():
+        for key, label, digits in SPREAD_ROWS:
+            figure = e["spread"].get(key)
+            if figure is not None:
+                runs = ", ".join(_f(float(v), digits) for v in figure["runs"])
+                lines.append(f"| {name} | {label} | {_f(float(figure['median']), digits)} | {_f(float(figure['min']), digits)} "
+                             f"| {_f(float(figure['max']), digits)} | {runs} |")
+    lines += ["", "Ratios are paired: each run of an engine against the baseline's run of the same round.", ""]
+    return lines
+
+
+def load_table(result: dict[str, Any]) -> list[str]:
+    lines = ["## Machine load before each run", "",
+             "| engine | run | other processes' CPUs | share of all CPUs | 1-minute load average |", "|---|---:|---:|---:|---:|"]
+    for name, e in result["engines"].items():
+        for number, sample in enumerate(e["load"], start=1):
+            lines.append(f"| {name} | {number} | {sample['others_cpus']:.2f} of {sample['cpus']} | {sample['others_fraction']:.0%} "
+                         f"| {_f(sample['load_average_1m'])} |")
+    lines += ["", "CPU time that other processes took during a probe just before the run (this process idle), and the "
+              "kernel's 1-minute load average; a warning above when either says other work was running.", ""]
+    return lines
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def _threads(info: dict[str, Any]) -> str:
+    inter = info.get("interop_threads")
+    return f"{info.get('threads')}" + (f" ({inter})" if inter is not None else "")
 
 
 def plots(result: dict[str, Any], folder: Path) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ SUPPORTED = "llmship supports LLaMA-family models (LlamaForCausalLM, model_type 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"  # transformers >= 5.2x, raised through peft
 # Files that make up a tokenizer folder; copied beside the exported graph.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
@@ -308,7 +310,11 @@ def merge_adapter(model: Any, adapter_dir: Path) -> Any:
         # embed_tokens/lm_head then replace every row, so the new rows need no careful init).
         model.resize_token_embeddings(rows, mean_resizing=False)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        with warnings.catch_warnings():
+            # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` while wrapping the model: a
+            # FutureWarning about the two libraries, not about this adapter or anything the user can change.
+            warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
         merged = peft_model.merge_and_unload()
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"cannot merge the adapter into the base model: {_one_line(exc)}", where=where) from None

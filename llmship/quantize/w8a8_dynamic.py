@@ -35,6 +35,7 @@ from llmship.quantize.graph import (
     load_model,
     save_model,
 )
+from llmship.quantize.ort_quiet import without_preprocess_hint
 from llmship.quantize.per_token import rewrite_per_token
 from llmship.quantize.registry import QuantizeJob, Scheme, SchemeOptions, register
 from llmship.quantize.weight_only import quantize_matmuls
@@ -129,10 +130,11 @@ class W8A8Dynamic(Scheme):
         staged = job.target / "_float"
         save_model(model, staged, job.external_data)
         big = (staged / (MODEL_FILE + ".data")).exists()
-        quantize_dynamic(staged / MODEL_FILE, job.target / MODEL_FILE, op_types_to_quantize=["MatMul"],
-                         per_channel=opts.per_channel, reduce_range=opts.reduce_range, weight_type=QuantType.QInt8,
-                         nodes_to_quantize=[n.name for n in nodes], use_external_data_format=big,
-                         extra_options={"MatMulConstBOnly": True})
+        with without_preprocess_hint():
+            quantize_dynamic(staged / MODEL_FILE, job.target / MODEL_FILE, op_types_to_quantize=["MatMul"],
+                             per_channel=opts.per_channel, reduce_range=opts.reduce_range, weight_type=QuantType.QInt8,
+                             nodes_to_quantize=[n.name for n in nodes], use_external_data_format=big,
+                             extra_options={"MatMulConstBOnly": True})
         quantized = load_model(job.target / MODEL_FILE)
         for path in staged.iterdir():
             path.unlink()

@@ -23,6 +23,7 @@ from llmship.quantize.graph import (
     load_model,
     save_model,
 )
+from llmship.quantize.ort_quiet import without_preprocess_hint
 from llmship.quantize.registry import QuantizeJob, Scheme, SchemeOptions, register
 from llmship.quantize.smoothquant import DEFAULT_ALPHA, smooth_model
 
@@ -93,11 +94,12 @@ class W8A8Static(Scheme):
         if opts.num_bins is not None:
             extra["CalibNumBins"] = opts.num_bins
         job.progress(f"{self.name}: calibrating {len(todo)} linear layers ({self.method}, {len(feeds)} samples)")
-        quantize_static(staged / MODEL_FILE, job.target / MODEL_FILE, FeedReader(packed), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["MatMul"], per_channel=opts.per_channel,
-                        activation_type=QuantType.QInt8 if opts.activation_type == "int8" else QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, nodes_to_quantize=[n.name for n in todo],
-                        use_external_data_format=big, calibrate_method=CALIBRATORS[self.method], extra_options=extra)
+        with without_preprocess_hint():
+            quantize_static(staged / MODEL_FILE, job.target / MODEL_FILE, FeedReader(packed), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul"], per_channel=opts.per_channel,
+                            activation_type=QuantType.QInt8 if opts.activation_type == "int8" else QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_quantize=[n.name for n in todo],
+                            use_external_data_format=big, calibrate_method=CALIBRATORS[self.method], extra_options=extra)
         quantized = load_model(job.target / MODEL_FILE)
         for path in sorted(staged.iterdir()):
             path.unlink()

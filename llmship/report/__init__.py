@@ -45,25 +45,35 @@ def _manifest(folder: Path) -> dict:
 def variant_rows(folders: dict[str, Path]) -> list[dict[str, Any]]:
     """Scheme, options, size and parity of every compiled variant, from its manifest."""
     rows = []
-    fp32_size = None
     for name, folder in folders.items():
         manifest = _manifest(folder)
-        size = manifest.get("model_bytes")  # graph + weights: what a size ratio compares (tokenizer files excluded)
-        if manifest.get("scheme", "none") == "none":
-            fp32_size = size
+        size, ratio = variant_size(manifest)
         rows.append({
             "variant": name,
             "scheme": manifest.get("scheme", "none"),
             "method": manifest.get("method"),
             "options": manifest.get("options") or {},
             "model_bytes": size,
+            "size_ratio": ratio,
             "parity": manifest.get("parity") or {},
             "quantized": (manifest.get("quantization") or {}).get("summary"),
             "folder": str(folder),
         })
-    for row in rows:
-        row["size_ratio"] = row["model_bytes"] / fp32_size if fp32_size and row["model_bytes"] else None
     return rows
+
+
+def variant_size(manifest: dict[str, Any]) -> tuple[int | None, float | None]:
+    """(graph + weight bytes, size / fp32) as the variant's manifest records them.
+
+    A variant's manifest carries `size` (its bytes and its fp32 source's, measured at compile time), so the ratio holds
+    whether or not fp32 is among the listed variants; the fp32 folder is the reference itself (ratio 1)."""
+    size = manifest.get("size") or {}
+    model_bytes = size.get("model_bytes", manifest.get("model_bytes"))  # tokenizer files excluded
+    if size.get("ratio") is not None:
+        return model_bytes, float(size["ratio"])
+    if manifest.get("scheme", "none") == "none" and model_bytes:
+        return model_bytes, 1.0
+    return model_bytes, None
 
 
 def build_summary(cfg: Config, folders: dict[str, Path], eval_result: dict, bench_result: dict) -> dict[str, Any]:
@@ -166,13 +176,15 @@ def _speed_section(doc: Document, bench: dict, images: list[tuple[Path, str]]) -
     if not engines:
         return
     doc.heading("Speed")
+    for warning in bench.get("warnings") or []:
+        doc.text(f"Warning: {warning}.")
     rows = []
     for e in engines:
         m = e.get("metrics", {})
-        rows.append([e.get("name"), m.get("output_throughput"), e.get("ratio_output_throughput"), m.get("request_throughput"),
+        rows.append([e.get("name"), e.get("threads"), m.get("output_throughput"), e.get("ratio_output_throughput"), m.get("request_throughput"),
                      m.get("mean_ttft_ms"), m.get("p90_ttft_ms"), m.get("mean_tpot_ms"), m.get("p90_tpot_ms"),
                      m.get("mean_e2el_ms"), e.get("load_time_s"), e.get("peak_rss_mb"), _percent(e.get("roofline_fraction"))])
-    doc.table(["engine", "output tok/s", "x baseline", "req/s", "TTFT mean ms", "TTFT p90 ms", "TPOT mean ms",
+    doc.table(["engine", "threads", "output tok/s", "x baseline", "req/s", "TTFT mean ms", "TTFT p90 ms", "TPOT mean ms",
                "TPOT p90 ms", "E2EL mean ms", "load s", "peak RSS MB", "of bandwidth limit"], rows,
               bench.get("caption", ""))
     latency = []
@@ -187,8 +199,17 @@ def _speed_section(doc: Document, bench: dict, images: list[tuple[Path, str]]) -
                "of bandwidth limit"], latency,
               "Latency and memory ratios to the PyTorch baseline (below 1 is better); roofline: decode steps/s if every "
               "step read its weights and KV cache at the measured bandwidth")
+    if (bench.get("repeats") or 1) > 1:
+        doc.table(["engine", "figure", "median", "min", "max"],
+                  [[e.get("name"), label, figure["median"], figure["min"], figure["max"]]
+                   for e in engines for key, label in SPREAD_FIGURES if (figure := (e.get("spread") or {}).get(key))],
+                  f"Spread over {bench['repeats']} runs of every engine (ratios paired run by run)")
     for path, caption in images:
         doc.image(path, caption)
+
+
+SPREAD_FIGURES = (("output_throughput", "output tok/s"), ("ratio_output_throughput", "output tok/s / baseline"),
+                  ("tpot_median", "TPOT median ms"), ("ttft_median", "TTFT median ms"))
 
 
 def _percent(value: float | None) -> str | None:

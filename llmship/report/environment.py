@@ -17,6 +17,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def physical_cores() -> int | None:
+    try:
+        import psutil
+    except ImportError:  # psutil is a dependency; keep the report working without it
+        return None
+    return psutil.cpu_count(logical=False)
+
+
 def environment(threads: int) -> dict[str, Any]:
     from llmship.pipeline import library_versions
 
@@ -29,7 +37,8 @@ def environment(threads: int) -> dict[str, Any]:
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "threads": threads or "library default",
+        "physical_cores": physical_cores(),
+        "threads": threads or "0 (eval: each library's default; bench: the physical cores, for every engine)",
         "memory_gib": memory_gib,
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -213,7 +213,9 @@ class OrtEngine(Engine):
     def info(self) -> dict[str, Any]:
         in_place = self.padding == "right" and self.provider == "CPUExecutionProvider"
         kv_cache = "in-place (GroupQueryAttention, I/O binding)" if in_place else "concatenated per step"
-        return {"engine": self.name, "provider": self.provider, "threads": self.threads, "dtype": self.dtype,
+        options = self.session.get_session_options()  # what the session was built with, 0 = ONNX Runtime's default
+        return {"engine": self.name, "provider": self.provider, "threads": options.intra_op_num_threads,
+                "interop_threads": options.inter_op_num_threads, "dtype": self.dtype,
                 "padding": self.padding, "kv_cache": kv_cache,
                 "path": str(self.path), "scheme": self.manifest.get("scheme", "none")}
 

@@ -31,7 +31,9 @@ class TorchEngine(Engine):
 
     def __init__(self, model: Any, tokenizer: Any = None, *, threads: int = 0, path: str | None = None, dtype: str | None = None):
         if threads > 0:
-            torch.set_num_threads(threads)
+            from llmship.runtime.threads import set_torch_threads
+
+            set_torch_threads(threads)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.threads = torch.get_num_threads()
@@ -75,7 +77,8 @@ class TorchEngine(Engine):
 
     def info(self) -> dict[str, Any]:
         device = str(next(self.model.parameters()).device)
-        return {"engine": self.name, "provider": f"torch-{device}", "threads": self.threads, "dtype": self.dtype, "path": self.path}
+        return {"engine": self.name, "provider": f"torch-{device}", "threads": torch.get_num_threads(),
+                "interop_threads": torch.get_num_interop_threads(), "dtype": self.dtype, "path": self.path}
 
     def close(self) -> None:
         self.model = None
