@@ -51,7 +51,7 @@ class ParityConfig(Section):
         1.0, ge=0, le=1, description="Smallest allowed fraction of greedy tokens matched before a divergence that is not a tie."
     )
     tie_gap_floor: float = Field(
-        1e-4, ge=0, description="Smallest tie tolerance: a greedy divergence whose logit gaps are within it is a tie."
+        1e-4, ge=0, description="Logit gap within which two argmaxes tie: top-1 agreement forgives these; greedy's tolerance starts here."
     )
     tie_gap: float | None = Field(
         None, ge=0, description="Fixed tie tolerance (logits); default: max(tie_gap_floor, 4 x measured logit noise), at most max_logits_diff."

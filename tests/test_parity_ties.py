@@ -14,6 +14,7 @@ from llmship.export import export_fp32
 from llmship.export.parity import check_parity, parity_failures, parity_prompts
 from llmship.export.source import load_tokenizer
 from llmship.quantize.fp16 import Fp16
+from llmship.quantize.w4a16 import W4A16
 from llmship.runtime import OrtEngine
 from llmship.runtime.torch_engine import TorchEngine
 
@@ -113,6 +114,7 @@ def test_damaged_weight_matrix_still_fails_greedy(setup, tolerances):
     base = _parity() if tolerances == "fp32" else Fp16.parity.model_copy(update={"greedy_tokens": GREEDY,
                                                                                         "decode_steps": 4})
     figures = check_parity(setup["reference"], setup["faulty"], base, setup["prompts"])
+    assert figures["tie_tolerance"] < 1.0  # the floor or 4 sigma, capped by the scheme's max_logits_diff
     diverged = [p for p in figures["greedy_prompts"] if p["verdict"] == "diverged"]
     assert diverged, figures["greedy_prompts"]
     gap = diverged[0]["divergence"]["reference_gap"]
@@ -120,3 +122,12 @@ def test_damaged_weight_matrix_still_fails_greedy(setup, tolerances):
     failures = parity_failures(figures, base)
     assert any("(tie-aware); diverged at token" in f for f in failures), failures
     assert np.isfinite(figures["max_logits_diff"]) and figures["max_logits_diff"] > base.max_logits_diff
+
+
+def test_damaged_weight_matrix_fails_int4_tolerances(setup):
+    """Under w4a16's loose tolerances (its tie tolerance grows with the candidate's noise, up to max_logits_diff) the
+    teacher-forced gates still refuse the damaged candidate."""
+    base = W4A16.parity.model_copy(update={"greedy_tokens": GREEDY, "decode_steps": 4})
+    figures = check_parity(setup["reference"], setup["faulty"], base, setup["prompts"])
+    failures = parity_failures(figures, base)
+    assert any(f.startswith(("top-1 agreement", "NLL increase")) for f in failures), failures

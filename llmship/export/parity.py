@@ -4,6 +4,7 @@ Checks, each reported as figures:
 - prefill: every prompt alone, logits at every position;
 - decode: `decode_steps` steps fed the reference's greedy tokens, each engine on its own cache;
 - batch: all prompts as one left-padded batch (the candidate's padded rows vs the reference's unpadded rows);
+  (top-1 agreement of these three counts an argmax disagreement within `tie_gap_floor` logits as agreement: a tie)
 - greedy (tie-aware, gated): the reference's greedy run of `greedy_tokens` is fed to the candidate step by step; where
   the candidate's argmax differs, the two tokens' logits decide: when the reference's preference for its token and
   the candidate's for its own are both within the tie tolerance (see `tie_tolerance`), the step is a tie (recorded,
@@ -309,6 +310,9 @@ def check_parity(reference: Engine, candidate: Engine, parity: ParityConfig, pro
         batch.add(ref.prefill[row], cand_batch[row, width - len(prompt):])
 
     tolerance, noise = tie_tolerance(parity, [prefill, decode, batch])
+    # Teacher-forced top-1 forgives only ties within the fixed floor (exact or near-exact ties): a tolerance scaled by
+    # the candidate's own noise would let a noisy candidate excuse its own flips there.
+    top1_tolerance = parity.tie_gap if parity.tie_gap is not None else parity.tie_gap_floor
     greedy: dict[str, Any] = {"greedy_tokens": parity.greedy_tokens, "greedy_match": 1.0, "greedy_raw_match": 1.0}
     if parity.greedy_tokens > 0:
         per_prompt = [tie_aware_greedy(candidate, prompt, ref.path_tokens[row], ref.path_logits[row], tolerance)
@@ -332,11 +336,12 @@ def check_parity(reference: Engine, candidate: Engine, parity: ParityConfig, pro
         "max_logits_diff": max(prefill.diff, decode.diff, batch.diff),
         # Largest |reference logit|: puts the absolute diff in scale (fp32 kernels differ by ~1e-7 of it).
         "logits_scale": max(prefill.scale, decode.scale, batch.scale),
-        # Ties (see tie_tolerance) count as agreement: noise within the scheme's bound may flip them either way.
-        "top1_agreement": min(t.top1(tolerance) for t in (prefill, decode, batch)),
+        "top1_agreement": min(t.top1(top1_tolerance) for t in (prefill, decode, batch)),
+        "top1_tie_tolerance": top1_tolerance,
         "tie_tolerance": tolerance,
         "logit_noise": noise,
-        **prefill.figures("prefill", tolerance), **decode.figures("decode", tolerance), **batch.figures("batch", tolerance),
+        **prefill.figures("prefill", top1_tolerance), **decode.figures("decode", top1_tolerance),
+        **batch.figures("batch", top1_tolerance),
         **greedy,
         "nll_reference": nll_ref,
         "nll_candidate": nll_cand,
