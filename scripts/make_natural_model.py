@@ -204,7 +204,7 @@ untied head, {params:,} parameters, fp32 ({size_mb:.2f} MB with the tokenizer). 
 fallback, dummy prefix (LLaMA settings).
 
 Trained by `scripts/make_natural_model.py` for {steps} steps x {batch} x {seq_len} tokens ({train_seconds:.0f} s on
-{threads} CPU threads) on {train_tokens:,} tokens of real text: 270 C4 documents, the alpaca-cleaned records llmship
+{threads} CPU thread(s); {seen:,} tokens seen) from a stream of {train_tokens:,} tokens of real text: 270 C4 documents, the alpaca-cleaned records llmship
 calibrates on (4 in 5 of a 1,000-record sample), 300 ShareGPT conversations (each cut at {sharegpt} characters) and
 the C-Eval dev rows (all 52 subjects) from the real-data samples beside the project (`../shared/data`, not shipped),
 plus the project's own samples that llmship does not score (`llmship/assets/samples`: C4 train split, C-Eval dev,
@@ -225,6 +225,7 @@ def write_model_card(folder: Path, figures: dict) -> None:
         kv=MODEL_SHAPE["num_key_value_heads"], inter=MODEL_SHAPE["intermediate_size"], params=figures["params"],
         size_mb=figures["size_bytes"] / 1e6, vocab=figures["vocab"], steps=figures["steps"], batch=BATCH, seq_len=SEQ_LEN,
         train_seconds=figures["train_seconds"], threads=figures["threads"], train_tokens=figures["train_tokens"],
+        seen=figures["steps"] * BATCH * SEQ_LEN,
         sharegpt=SHAREGPT_CHARS, ppl_len=PPL_SEQ_LEN, every=HELDOUT_EVERY, ppl_shared=figures["heldout_ppl_shared_c4"],
         ppl_samples=figures["heldout_ppl_samples_c4"])
     (folder / "README.md").write_text(text, encoding="utf-8")
