@@ -47,7 +47,18 @@ class ParityConfig(Section):
     max_logits_diff: float = Field(1e-4, ge=0, description="Largest allowed |ORT - PyTorch| over all compared logits.")
     min_top1_agreement: float = Field(1.0, ge=0, le=1, description="Smallest allowed fraction of positions whose argmax agrees.")
     greedy_tokens: int = Field(32, ge=0, description="Tokens generated greedily by both engines and compared.")
-    min_greedy_match: float = Field(1.0, ge=0, le=1, description="Smallest allowed fraction of identical greedy tokens (1.0 = identical).")
+    min_greedy_match: float = Field(
+        1.0, ge=0, le=1, description="Smallest allowed fraction of greedy tokens matched before a divergence that is not a tie."
+    )
+    tie_gap_floor: float = Field(
+        1e-4, ge=0, description="Logit gap within which two argmaxes tie: top-1 agreement forgives these; greedy's tolerance starts here."
+    )
+    tie_gap: float | None = Field(
+        None, ge=0, description="Fixed tie tolerance (logits); default: max(tie_gap_floor, 4 x measured logit noise), at most max_logits_diff."
+    )
+    prompts: Literal["model", "samples"] = Field(
+        "model", description="Parity prompts: sampled from the reference model (seeded), or the bundled sample texts."
+    )
     decode_steps: int = Field(8, ge=0, description="Decode steps fed with ORT's own cache whose logits are compared.")
     max_nll_increase: float = Field(
         0.05, ge=0, description="Largest allowed relative increase of the variant's NLL on the parity prompts (catches collapse)."

@@ -179,7 +179,7 @@ def export_fp32(cfg: Config, target: Path, progress: Any = None) -> Artifact:
     """Load the source (+ adapter), export the fp32 decoder, run parity, optionally fuse, write the manifest; atomic."""
     from llmship.export.genai_config import write_folder_genai_config
     from llmship.export.onnx_export import export_decoder, parameter_bytes
-    from llmship.export.parity import check_parity, default_prompts, parity_failures
+    from llmship.export.parity import check_parity, parity_failures, parity_prompts
     from llmship.export.source import load_source
     from llmship.runtime.ort_engine import OrtEngine
     from llmship.runtime.torch_engine import TorchEngine
@@ -211,7 +211,7 @@ def export_fp32(cfg: Config, target: Path, progress: Any = None) -> Artifact:
 
         steps("checking parity against PyTorch")
         candidate = OrtEngine(folder, provider=cfg.runtime.provider, threads=cfg.runtime.threads, onnx_file=onnx_info["file"])
-        prompts = default_prompts(source.tokenizer, reference.max_positions)
+        prompts, prompt_source = parity_prompts(reference, source.tokenizer, cfg.export.parity)
         figures = check_parity(reference, candidate, cfg.export.parity, prompts)
         candidate.close()
         failures = parity_failures(figures, cfg.export.parity)
@@ -236,6 +236,7 @@ def export_fp32(cfg: Config, target: Path, progress: Any = None) -> Artifact:
         onnx_info["external_data"] = (folder / f"{onnx_info['file']}.data").exists()
         steps.advance()
         figures["candidate"]["path"] = str(target)  # it ran from the temp folder that becomes `target`
+        figures["prompt_source"] = prompt_source
         write_folder_genai_config(folder, cfg.runtime.provider)
         manifest = new_manifest(
             "fp32",

@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from llmship.config import ParityConfig, VariantConfig
 from llmship.errors import UserError
 
+# Tie-aware greedy bar of the integer schemes: the run must match, near-ties forgiven, for at least half its tokens.
+# Their tie tolerance is 4 sigma of their measured logit noise, so over 4 prompts x 32 steps a correct variant may still
+# meet one flip beyond it late in a run; a broken one diverges within the first tokens (tests/test_parity_ties.py).
+QUANTIZED_GREEDY_MATCH = 0.5
+
 log = logging.getLogger("llmship")
 
 

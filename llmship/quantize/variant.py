@@ -89,15 +89,15 @@ def quantize_variant(fp32: Artifact, variant: VariantConfig, calib: Any, target:
 
 
 def check_against_reference(cfg: Config, fp32: Artifact, folder: Path, parity: ParityConfig) -> dict[str, Any]:
-    from llmship.export.parity import check_parity, default_prompts
+    from llmship.export.parity import check_parity, parity_prompts
     from llmship.export.source import load_tokenizer
     from llmship.runtime.ort_engine import OrtEngine
 
     reference = reference_engine(cfg)
     candidate = OrtEngine(folder, provider=cfg.runtime.provider, threads=cfg.runtime.threads)
     try:
-        prompts = default_prompts(load_tokenizer(fp32.path), reference.max_positions)
-        return check_parity(reference, candidate, parity, prompts)
+        prompts, prompt_source = parity_prompts(reference, load_tokenizer(fp32.path), parity)
+        return {**check_parity(reference, candidate, parity, prompts), "prompt_source": prompt_source}
     finally:
         candidate.close()
 

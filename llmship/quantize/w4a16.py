@@ -11,7 +11,7 @@ from pydantic import Field
 from llmship.config import ParityConfig
 from llmship.errors import UserError
 from llmship.quantize.graph import load_model, save_model
-from llmship.quantize.registry import QuantizeJob, Scheme, SchemeOptions, register
+from llmship.quantize.registry import QUANTIZED_GREEDY_MATCH, QuantizeJob, Scheme, SchemeOptions, register
 from llmship.quantize.weight_only import quantize_weight_only
 
 
@@ -43,7 +43,8 @@ class W4A16(Scheme):
     methods = ("rtn", "hqq", "gptq", "awq")
     needs_calibration = ("gptq", "awq")
     # int4 weights move logits visibly; a collapse shows as a large NLL increase.
-    parity = ParityConfig(max_logits_diff=8.0, min_top1_agreement=0.75, min_greedy_match=0.0, max_nll_increase=0.08)
+    parity = ParityConfig(max_logits_diff=8.0, min_top1_agreement=0.75, min_greedy_match=QUANTIZED_GREEDY_MATCH,
+                          max_nll_increase=0.08)
     bits = 4
     # 128 for every method: GPTQ's and AWQ's group size for LLaMA, and on CPU what MatMulNBits decodes fastest (a
     # 206.9M model on 2 threads: 217 tokens/s at block 128, 174 at 64, 153 at 32; the kernel does per-block work, so

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from llmship.config import ParityConfig
 from llmship.quantize.graph import load_model, save_model
-from llmship.quantize.registry import QuantizeJob, Scheme, SchemeOptions, register
+from llmship.quantize.registry import QUANTIZED_GREEDY_MATCH, QuantizeJob, Scheme, SchemeOptions, register
 from llmship.quantize.weight_only import quantize_weight_only
 
 
@@ -27,9 +27,9 @@ class W8A16(Scheme):
     name = "w8a16"
     Options = W8A16Options
     needs_calibration = False  # round-to-nearest weights, activations stay float
-    # Greedy continuations of a small model fork at near-ties, so greedy match is reported, not required; the NLL bound
-    # is what catches a broken variant.
-    parity = ParityConfig(max_logits_diff=4.0, min_top1_agreement=0.9, min_greedy_match=0.0, max_nll_increase=0.02)
+    # Greedy: tie-aware (llmship.export.parity); QUANTIZED_GREEDY_MATCH says why half. The NLL bound catches collapse.
+    parity = ParityConfig(max_logits_diff=4.0, min_top1_agreement=0.9, min_greedy_match=QUANTIZED_GREEDY_MATCH,
+                          max_nll_increase=0.02)
 
     def check(self, where: str) -> None:
         super().check(where)

@@ -37,7 +37,7 @@ from llmship.quantize.graph import (
 )
 from llmship.quantize.ort_quiet import without_preprocess_hint
 from llmship.quantize.per_token import rewrite_per_token
-from llmship.quantize.registry import QuantizeJob, Scheme, SchemeOptions, register
+from llmship.quantize.registry import QUANTIZED_GREEDY_MATCH, QuantizeJob, Scheme, SchemeOptions, register
 from llmship.quantize.weight_only import quantize_matmuls
 
 # On the embedded model (held-out C4, PyTorch fp32 reference: prefill-scored top-1 agreement, perplexity ratio) and on
@@ -69,7 +69,8 @@ class W8A8Dynamic(Scheme):
     Options = W8A8DynamicOptions
     needs_calibration = False  # weights: their own min/max; activations: their own range at run time
     # Run-time activation ranges add noise at every layer: top-1 on a few short prompts moves, the NLL bound is the guard.
-    parity = ParityConfig(max_logits_diff=6.0, min_top1_agreement=0.8, min_greedy_match=0.0, max_nll_increase=0.02)
+    parity = ParityConfig(max_logits_diff=6.0, min_top1_agreement=0.8, min_greedy_match=QUANTIZED_GREEDY_MATCH,
+                          max_nll_increase=0.02)
 
     def quantize(self, job: QuantizeJob) -> dict[str, Any]:
         opts: W8A8DynamicOptions = self.options

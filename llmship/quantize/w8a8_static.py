@@ -24,7 +24,7 @@ from llmship.quantize.graph import (
     save_model,
 )
 from llmship.quantize.ort_quiet import without_preprocess_hint
-from llmship.quantize.registry import QuantizeJob, Scheme, SchemeOptions, register
+from llmship.quantize.registry import QUANTIZED_GREEDY_MATCH, QuantizeJob, Scheme, SchemeOptions, register
 from llmship.quantize.smoothquant import DEFAULT_ALPHA, smooth_model
 
 # Packed calibration rows per ONNX Runtime run.
@@ -53,7 +53,8 @@ class W8A8Static(Scheme):
     methods = ("minmax", "entropy", "percentile")
     needs_calibration = True
     # Static activation ranges cost more than dynamic ones; the NLL bound is what catches a calibration collapse.
-    parity = ParityConfig(max_logits_diff=8.0, min_top1_agreement=0.75, min_greedy_match=0.0, max_nll_increase=0.05)
+    parity = ParityConfig(max_logits_diff=8.0, min_top1_agreement=0.75, min_greedy_match=QUANTIZED_GREEDY_MATCH,
+                          max_nll_increase=0.05)
 
     def check(self, where: str) -> None:
         super().check(where)
