@@ -62,7 +62,8 @@ GQA_CONTRACT = (
 # function of the position (HF computes it from position_ids, no table), so positions past the trained length are
 # well defined; OpenCompass truncates a C-Eval prompt at max positions and generates past them (METHODS.md (a)),
 # and llmship's GEN mode does the same. Twice the trained length leaves room for up to max_positions new tokens
-# (OpenCompass's hf_llama2_7b.py: 1024 of 4096) and costs head_dim x 4 bytes per row: 1 MiB more on LLaMA-7B.
+# (OpenCompass's hf_llama2_7b.py: 1024 of 4096) and costs head_dim x 4 bytes per row (cos and sin, fp32): 1 MiB
+# more on LLaMA-7B, 2 MiB on Llama-2-7B.
 ROTARY_TABLE_FACTOR = 2
 
 # Above this size the fused model's weights go to an external `.data` file (protobuf's 2 GB limit).

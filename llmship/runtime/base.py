@@ -115,7 +115,7 @@ class Engine(ABC):
             from llmship.errors import UserError
 
             raise UserError(f"{needed} positions needed, the graph's rotary cos/sin table has {self.position_limit} "
-                            "(graphs fused before llmship sized it at max positions: compile again)",
+                            "(an earlier llmship sized it at max positions: compile the graph again)",
                             where=str(getattr(self, "path", None) or self.name))
 
     def logits(self, sequences: Sequence[Sequence[int]], batch_size: int = 8) -> list[np.ndarray]:
