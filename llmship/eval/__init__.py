@@ -110,9 +110,9 @@ def check_position_limits(tasks: Tasks, variants: dict[str, Path]) -> None:
     for folder in variants.values():
         limit = folder_position_limit(folder)
         if limit is not None and needed > limit:
-            raise UserError(f"C-Eval needs {needed} positions (longest prompt + max_out_len {tasks.ceval.max_out_len} "
-                            f"new tokens) and the graph's rotary table has {limit}: compile the variant again with this "
-                            "llmship (tables of twice max positions) or lower eval.ceval.max_out_len / max_seq_len",
+            raise UserError(f"C-Eval needs {needed} positions (the longest prompt; GEN mode feeds max_out_len - 1 more) "
+                            f"and the graph's rotary table has {limit}: compile the variant again with this llmship "
+                            "(tables of twice max positions) or lower eval.ceval.max_out_len / max_seq_len",
                             where=str(folder))
 
 
