@@ -176,6 +176,8 @@ class CevalTask(Section):
     subjects: list[str] | None = Field(None, description="Subjects to score (default: every subject present).")
     max_questions: int | None = Field(None, ge=1, description="Cap on val questions per subject (default: all).")
     max_out_len: int = Field(8, ge=1, description="GEN mode: new tokens generated per question.")
+    max_seq_len: int | None = Field(None, ge=2, description="OpenCompass's max_seq_len: drop examples until a prompt "
+                                    "fits, truncate at it (default: none dropped, truncate at max positions).")
 
 
 class PerplexityTask(Section):

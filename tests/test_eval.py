@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from llmship.calib_data import templates
-from llmship.config import CevalTask, Goal
+from llmship.config import EMBEDDED_MODEL_DIR, SAMPLES_DIR, CevalTask, Goal
 from llmship.errors import UserError
 from llmship.eval import ceval, consistency, perplexity
 from llmship.eval.gate import check_metrics_known, evaluate_goals, failure_table, junit_xml
 from llmship.eval.summary import to_csv, to_md, to_txt
+from llmship.export.source import load_tokenizer
 from llmship.runtime.base import Cache, Engine
 
 H = "以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。\n"
@@ -283,8 +287,139 @@ def test_prepare_tokenizes_every_mode_and_checks_subjects():
     task = CevalTask(shots=2, max_questions=3, max_out_len=4)
     cset = ceval.prepare(task, data, _Tok(), max_positions=60)
     assert cset.subject_names == ["computer_network"]  # no val rows: not present
-    assert len(cset.questions) == 3 and all(len(q.ppl_ids["A"]) <= 60 and len(q.gen_ids) <= 56 for q in cset.questions)
+    assert len(cset.questions) == 3 and all(len(q.ppl_ids["A"]) == 60 == len(q.gen_ids) for q in cset.questions)
     assert all(q.truncated and q.ppl_ids["A"][0] == 1 for q in cset.questions)  # BOS kept by the left truncation
     assert set(cset.versions) == {"ppl", "gen"} and cset.versions["ppl"] != cset.versions["gen"]
     with pytest.raises(UserError, match="eval.ceval.subjects"):
         ceval.prepare(CevalTask(subjects=["nope"]), data, _Tok(), max_positions=60)
+
+
+# --------------------------------------------------------------------------- over-long prompts, OpenCompass rules
+# An independent transcription of /work/shared/METHODS.md (a): rows read with csv.reader, prompt strings built from
+# the table of that section, examples dropped while k > 0 and tokens(prompt, BOS included) > max_seq_len (PPL: labels
+# A-D in turn, k carried over), then BOS + the last L - 1 tokens with L = max_seq_len, else max positions.
+_QUESTION = "以下是中国关于{zh}考试的单项选择题，请选出其中的正确答案。\n{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\n答案: "
+_SHARED_CEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "ceval"
+
+
+def _csv_rows(file: Path) -> list[dict[str, str]]:
+    with file.open(encoding="utf-8", newline="") as fh:
+        header, *rows = list(csv.reader(fh))
+    return [{**{"explanation": "", "answer": ""}, **dict(zip(header, values, strict=True))} for values in rows]
+
+
+def _fill(text: str, row: dict) -> str:
+    for key in ("id", "question", "A", "B", "C", "D", "answer", "explanation"):  # safe_format's order
+        if key in row:
+            text = text.replace("{" + key + "}", str(row[key]))
+    return text
+
+
+def _reference_ppl_text(zh: str, dev: list[dict], row: dict, label: str, k: int) -> str:
+    h = _QUESTION.replace("{zh}", zh)
+    if k == 0:
+        return _fill("\n\n" + h + "\n" + label, row)
+    examples = [_fill(h + "\n" + ex["answer"], ex) for ex in dev[:k]]
+    return _fill("\n\n\n".join(examples) + "\n\n\n\n\n" + h + "\n" + label, row)
+
+
+def _reference_gen_text(zh: str, dev: list[dict], row: dict, k: int) -> str:
+    h = _QUESTION.replace("{zh}", zh)
+    examples = [_fill(h + "\n{answer}", ex) for ex in dev[:k]]
+    return _fill("\n".join(examples) + "\n" + h, {**row, "answer": ""})  # k = 0: "\n" H(test)
+
+
+def _reference_question(tok, zh, dev, row, shots, max_seq_len, max_positions):
+    """{'ppl': {label: (ids, k)}, 'gen': (ids, k)} by the rules above."""
+    length = max_seq_len or max_positions
+
+    def enc(text):
+        ids = list(tok(text, add_special_tokens=True)["input_ids"])
+        return ids if len(ids) <= length else [ids[0], *ids[len(ids) - (length - 1):]]
+
+    def fits(text):
+        return max_seq_len is None or len(tok(text, add_special_tokens=True)["input_ids"]) <= max_seq_len
+
+    out, k = {"ppl": {}}, shots
+    for label in "ABCD":
+        while k > 0 and not fits(_reference_ppl_text(zh, dev, row, label, k)):
+            k -= 1
+        out["ppl"][label] = (enc(_reference_ppl_text(zh, dev, row, label, k)), k)
+    k = shots
+    while k > 0 and not fits(_reference_gen_text(zh, dev, row, k)):
+        k -= 1
+    out["gen"] = (enc(_reference_gen_text(zh, dev, row, k)), k)
+    return out
+
+
+CEVAL_SOURCES = [pytest.param(SAMPLES_DIR / "ceval", 230, 1024, None, id="bundled-max_seq_len-230"),
+                 pytest.param(SAMPLES_DIR / "ceval", 30, 1024, None, id="bundled-max_seq_len-30"),
+                 pytest.param(SAMPLES_DIR / "ceval", None, 240, None, id="bundled-no-max_seq_len"),
+                 pytest.param(_SHARED_CEVAL, 1024, 1024, 3, id="shared-max_seq_len-1024",
+                              marks=pytest.mark.skipif(not _SHARED_CEVAL.is_dir(), reason="../shared/data is absent")),
+                 pytest.param(_SHARED_CEVAL, None, 1024, 3, id="shared-no-max_seq_len",
+                              marks=pytest.mark.skipif(not _SHARED_CEVAL.is_dir(), reason="../shared/data is absent"))]
+
+
+@pytest.mark.parametrize(("folder", "max_seq_len", "max_positions", "per_subject"), CEVAL_SOURCES)
+def test_prompts_and_kept_examples_follow_opencompass_rules(folder, max_seq_len, max_positions, per_subject):
+    from llmship.eval import data
+
+    tok = load_tokenizer(EMBEDDED_MODEL_DIR)
+    task = CevalTask(path=str(folder), max_seq_len=max_seq_len, max_questions=per_subject)
+    cset = ceval.prepare(task, data.read_ceval(str(folder)), tok, max_positions=max_positions)
+    mapping = json.loads((folder / "subject_mapping.json").read_text(encoding="utf-8"))
+    expected = []
+    for subject in sorted(p.name.removesuffix("_val.csv") for p in (folder / "val").glob("*_val.csv")):
+        dev = _csv_rows(folder / "dev" / f"{subject}_dev.csv")
+        for row in _csv_rows(folder / "val" / f"{subject}_val.csv")[:per_subject]:
+            expected.append(_reference_question(tok, mapping[subject][1], dev, row, 5, max_seq_len, max_positions))
+    assert len(cset.questions) == len(expected)
+    for q, ref in zip(cset.questions, expected, strict=True):
+        assert {label: (q.ppl_ids[label], q.ppl_shots[label]) for label in "ABCD"} == ref["ppl"], (q.subject, q.idx)
+        assert (q.gen_ids, q.gen_shots) == ref["gen"], (q.subject, q.idx)
+    # the case is not trivial: what the rules produce varies over the questions
+    kept = [q.gen_shots for q in cset.questions] + [k for q in cset.questions for k in q.ppl_shots.values()]
+    length = max_seq_len or max_positions
+    if max_seq_len is None:
+        assert set(kept) == {5} and any(q.truncated for q in cset.questions)
+    elif max_seq_len >= 200:
+        assert len(set(kept)) > 1 and max(kept) == 5
+    else:
+        assert set(kept) == {0} and any(q.truncated for q in cset.questions)
+    assert all(len(ids) <= length for q in cset.questions for ids in (q.gen_ids, *q.ppl_ids.values()))
+
+
+class _LongA(_Tok):
+    """_Tok with a candidate letter 'A' worth 21 tokens, so label A's prompt is 20 tokens longer than B's."""
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = super().__call__(text)["input_ids"]
+        return {"input_ids": ids + [4] * 20 if text.endswith("\nA") else ids}
+
+
+def test_a_label_reduced_count_carries_over_to_later_labels():
+    data = SimpleNamespace(subjects=[_subject("computer_network", "计算机网络", "STEM", DEV, [TEST])])
+    tok = _LongA()
+    fits_b_with_two = len(tok(templates.ceval_ppl_prompt("计算机网络", DEV, TEST, "B"))["input_ids"])
+    cset = ceval.prepare(CevalTask(shots=2, max_seq_len=fits_b_with_two, modes=["ppl"]), data, tok, max_positions=4096)
+    (q,) = cset.questions
+    # A does not fit with 2 examples, so it drops one; B-D would fit with 2 but start from A's 1 (OpenCompass mutates
+    # the question's example list while it walks the labels)
+    assert q.ppl_shots == {"A": 1, "B": 1, "C": 1, "D": 1}
+    assert q.ppl_ids["B"] == tok(templates.ceval_ppl_prompt("计算机网络", DEV[:1], TEST, "B"))["input_ids"]
+    assert not q.truncated
+    # the predictions record says how many examples each label kept
+    engine = BigramEngine(np.random.default_rng(0).normal(size=(64, 64)))
+    scored = ceval.score_engine(engine, cset, tok, batch_size=4)
+    assert scored["predictions"]["ppl"][0]["shots"] == {"A": 1, "B": 1, "C": 1, "D": 1}
+
+
+def test_gen_prompt_is_truncated_at_max_positions_with_no_room_kept():
+    # OpenCompass truncates the GEN prompt at max positions and generates past them (no room kept for new tokens)
+    data = SimpleNamespace(subjects=[_subject("computer_network", "计算机网络", "STEM", DEV * 3, [TEST])])
+    cset = ceval.prepare(CevalTask(shots=5, max_out_len=16), data, _Tok(), max_positions=40)
+    (q,) = cset.questions
+    full = _Tok()(templates.ceval_gen_prompt("计算机网络", (DEV * 3)[:5], TEST))["input_ids"]
+    assert q.gen_ids == [full[0], *full[-39:]] and q.gen_shots == 5 and q.truncated
+    assert cset.positions_needed == 40 + 16 - 1

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from llmship.errors import CheckFailed, UserError
-from llmship.export.fusion import compare_decoders, fuse_decoder, left_align, right_pad, runtime_padding
+from llmship.export.fusion import compare_decoders, fuse_decoder, left_align, right_pad, runtime_layout, runtime_padding
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 2, 4, 2, 128
 PROMPTS = [[5, 9, 17, 33, 2, 61, 8, 90, 11, 4, 7], [3, 44, 12, 100], [7, 8, 9, 10, 11, 12, 13]]
@@ -99,6 +99,31 @@ def test_fused_logits_match_left_padded_batch(exported: Path, fused: tuple[Path,
     assert figures["prefill_max_logits_diff"] <= 1e-4
     assert figures["decode_max_logits_diff"] <= 1e-4
     assert figures["greedy_tokens_equal"]
+
+
+def test_fused_graphs_run_past_max_positions_like_the_plain_export(exported: Path, fused: tuple[Path, dict],
+                                                                   tmp_path: Path) -> None:
+    # The plain export computes cos/sin from the positions (no limit); the fused graphs carry tables of twice the
+    # 256 trained positions, so a prompt that fills max positions decodes past them with the same logits.
+    gqa = tmp_path / "gqa.onnx"
+    fuse_decoder(exported, gqa, HEADS, KV_HEADS, HIDDEN, max_positions=256, attention="gqa")
+    assert runtime_layout(exported) == ("left", None)
+    assert runtime_layout(fused[0]) == ("left", 512) and runtime_layout(gqa) == ("right", 512)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(1, VOCAB, size=n).tolist() for n in (256, 250)]
+    for graph, padding in ((fused[0], "left"), (gqa, "right")):
+        figures = compare_decoders(exported, graph, prompts, decode_steps=12, candidate_padding=padding)
+        assert figures["decode_max_logits_diff"] <= 1e-4 and figures["greedy_tokens_equal"]
+    # a table of exactly max positions (graphs fused before the headroom) reports it, and ORT refuses position 256
+    small = tmp_path / "small.onnx"
+    proto = onnx.load(str(fused[0]))
+    for init in proto.graph.initializer:
+        if init.name.startswith(("rotary_cos_cache", "rotary_sin_cache")):
+            init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init)[:256], init.name))
+    onnx.save(proto, str(small))
+    assert runtime_layout(small) == ("left", 256)
+    with pytest.raises(Exception, match="out of range"):
+        compare_decoders(exported, small, prompts, decode_steps=2)
 
 
 def test_compare_decoders_catches_a_wrong_graph(exported: Path, tmp_path: Path) -> None:

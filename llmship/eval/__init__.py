@@ -59,8 +59,9 @@ __all__ = ["BASELINE_NAME", "run_eval"]
 log = logging.getLogger("llmship")
 
 BASELINE_NAME = "pytorch"
-CACHE_VERSION = 4  # bump when scoring code changes what a cached baseline holds (3: held-out alpaca part, C4 splits;
-#                   4: SentencePiece's dummy prefix on text that starts with a space)
+CACHE_VERSION = 5  # bump when scoring code changes what a cached baseline holds (3: held-out alpaca part, C4 splits;
+#                   4: SentencePiece's dummy prefix on text that starts with a space; 5: C-Eval GEN prompts truncated
+#                   at max positions, generation past them)
 
 
 @dataclass
@@ -99,6 +100,23 @@ def max_positions(cfg: Config, variants: dict[str, Path]) -> int:
     from llmship.artifact import max_positions as smallest
 
     return smallest(cfg.model, variants.values())
+
+
+def check_position_limits(tasks: Tasks, variants: dict[str, Path]) -> None:
+    """Before anything is scored: every variant graph runs the positions C-Eval needs (GEN mode generates past the
+    truncated prompt, beyond max positions when it fills them, as OpenCompass does)."""
+    from llmship.runtime.ort_engine import folder_position_limit
+
+    if tasks.ceval is None:
+        return
+    needed = tasks.ceval.positions_needed
+    for folder in variants.values():
+        limit = folder_position_limit(folder)
+        if limit is not None and needed > limit:
+            raise UserError(f"C-Eval needs {needed} positions (the longest prompt; GEN mode feeds max_out_len - 1 more) "
+                            f"and the graph's rotary table has {limit}: compile the variant again with this llmship "
+                            "(tables of twice max positions) or lower eval.ceval.max_out_len / max_seq_len",
+                            where=str(folder))
 
 
 def prepare_tasks(cfg: Config, tokenizer: Any, positions: int) -> Tasks:
@@ -299,6 +317,7 @@ def run_eval(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: An
     tokenizer = eval_tokenizer(cfg)
     tasks = prepare_tasks(cfg, tokenizer, max_positions(cfg, variants))
     check_goals(cfg, tasks.metric_names())
+    check_position_limits(tasks, variants)
 
     base, base_ref, from_cache = baseline_record(cfg, tasks, tokenizer, bar)
     engines: dict[str, dict[str, Any]] = {BASELINE_NAME: base}
@@ -429,7 +448,13 @@ def _notes(tasks: Tasks, from_cache: bool, cfg: Config) -> list[str]:
     if tasks.ceval is not None:
         truncated = sum(q.truncated for q in tasks.ceval.questions)
         if truncated:
-            notes.append(f"{truncated} C-Eval question(s) had prompts longer than the model's positions (left-truncated)")
+            limit = f"max_seq_len {cfg.eval.ceval.max_seq_len}" if cfg.eval.ceval.max_seq_len else "the model's positions"
+            notes.append(f"{truncated} C-Eval question(s) had prompts longer than {limit} (left-truncated)")
+        dropped = sum(min(q.ppl_shots.values(), default=tasks.ceval.shots) < tasks.ceval.shots or
+                      (bool(q.gen_ids) and q.gen_shots < tasks.ceval.shots) for q in tasks.ceval.questions)
+        if dropped:
+            notes.append(f"{dropped} C-Eval question(s) kept fewer than {tasks.ceval.shots} examples to fit max_seq_len "
+                         f"{cfg.eval.ceval.max_seq_len}")
     if tasks.alpaca is not None and len(tasks.alpaca) < cfg.eval.perplexity.alpaca_samples:
         notes.append(f"alpaca perplexity over {len(tasks.alpaca)} records (fewer fit than asked)")
     if cfg.gate.baseline_json:

@@ -13,9 +13,14 @@ Deviations from OpenCompass, all without effect on predictions in exact arithmet
 - Padding: batches are left-padded but pad positions never enter a loss. OpenCompass adds the loss of
   predicting BOS after the pads of a padded row (a quirk that depends on the batch's pad count, <= 0.04
   nats, same predictions per METHODS.md); scores here equal OpenCompass with batch size 1.
-- Over-long prompts (no `max_seq_len` configured, as OpenCompass's base configs): BOS + the last
-  max_positions - 1 tokens are kept (OpenCompass's left truncation at the model's max length); in GEN
-  mode room for `max_out_len` new tokens is kept too, since the engines cannot run past max_positions.
+- Over-long prompts, as OpenCompass: with `eval.ceval.max_seq_len` unset (OpenCompass's base configs) every
+  example is kept and BOS + the last max_positions - 1 tokens are scored or generated from (the tokenizer's
+  left truncation at the model's max length); with it set, in-context examples are dropped from the end while
+  the prompt (BOS included) has more than max_seq_len tokens (PPL: labels A-D in turn, a question's reduced
+  count carries over to the later labels), then prompts are left-truncated at max_seq_len. GEN mode generates
+  `max_out_len` tokens past that length, beyond max_position_embeddings when the prompt fills it: LLaMA's
+  rotary embedding is a function of the position, PyTorch computes it, fused ONNX graphs carry cos/sin tables
+  of twice max positions (llmship.export.fusion.ROTARY_TABLE_FACTOR).
 - Groups over a subset: OpenCompass marks a group with a missing subject as an error; here a group is the
   mean of its subjects that are present, and `results.json` records how many that was.
 
@@ -82,6 +87,8 @@ class Question:
     ppl_ids: dict[str, list[int]] = field(default_factory=dict)
     gen_ids: list[int] = field(default_factory=list)
     truncated: bool = False
+    ppl_shots: dict[str, int] = field(default_factory=dict)  # in-context examples kept in each label's prompt
+    gen_shots: int = 0
 
 
 @dataclass
@@ -93,6 +100,14 @@ class CevalSet:
     versions: dict[str, str]
     modes: list[str]
     max_out_len: int
+    shots: int = 0  # in-context examples asked (a question's prompts keep fewer when max_seq_len drops some)
+
+    @property
+    def positions_needed(self) -> int:
+        """Positions an engine must run: the longest PPL prompt, the longest GEN prompt plus the tokens fed back."""
+        needed = [len(ids) for q in self.questions for ids in q.ppl_ids.values()]
+        needed += [len(q.gen_ids) + self.max_out_len - 1 for q in self.questions if q.gen_ids]
+        return max(needed, default=0)
 
     @property
     def subject_names(self) -> list[str]:
@@ -110,6 +125,8 @@ def prompt_version(mode: str, task: CevalTask) -> str:
     else:
         template = templates.ceval_gen_prompt("{subject_zh}", examples, placeholder)
         infer = {"inferencer": "GenInferencer", "max_out_len": task.max_out_len, "postprocess": "first_capital"}
+    if task.max_seq_len is not None:  # absent by default, so versions of earlier runs stay as they were
+        infer["max_seq_len"] = task.max_seq_len
     blob = json.dumps({"template": template, "shots": task.shots, "retriever": "FixKRetriever", **infer}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:6]
 
@@ -128,10 +145,8 @@ def prepare(task: CevalTask, data: Any, tokenizer: Any, max_positions: int) -> C
         chosen = sorted(available.values(), key=lambda s: s.name)
     if not chosen:
         raise UserError("the C-Eval data has no subject with val questions", where="eval.ceval.path")
-    gen_room = max_positions - task.max_out_len
-    if "gen" in task.modes and gen_room < 2:
-        raise UserError(f"max_out_len {task.max_out_len} leaves no room for a prompt in {max_positions} positions",
-                        where="eval.ceval.max_out_len")
+    # OpenCompass truncates at the model's max_seq_len: the configured one, else max_position_embeddings.
+    length = task.max_seq_len or max_positions
     subjects, questions = [], []
     for subject in chosen:
         examples = list(subject.dev[: task.shots])
@@ -141,21 +156,47 @@ def prepare(task: CevalTask, data: Any, tokenizer: Any, max_positions: int) -> C
         rows = list(subject.val[: task.max_questions] if task.max_questions else subject.val)
         for idx, row in enumerate(rows):
             q = Question(subject=subject.name, idx=idx, gold=str(row.get("answer", "")).strip())
-            if "ppl" in task.modes:
-                for label in LABELS:
-                    ids = encode(tokenizer, templates.ceval_ppl_prompt(subject.name_zh, examples, row, label))
-                    q.truncated |= len(ids) > max_positions
-                    q.ppl_ids[label] = truncate_left(ids, max_positions)
-            if "gen" in task.modes:
-                ids = encode(tokenizer, templates.ceval_gen_prompt(subject.name_zh, examples, row))
-                q.truncated |= len(ids) > gen_room
-                q.gen_ids = truncate_left(ids, gen_room)
+            tokenize_question(q, subject.name_zh, examples, row, task, tokenizer, length)
             questions.append(q)
         subjects.append({"name": subject.name, "name_zh": subject.name_zh, "category": subject.category,
                          "slug": category_slug(subject.category), "questions": len(rows)})
     versions = {mode: prompt_version(mode, task) for mode in task.modes}
     return CevalSet(subjects=subjects, questions=questions, versions=versions, modes=list(task.modes),
-                    max_out_len=task.max_out_len)
+                    max_out_len=task.max_out_len, shots=task.shots)
+
+
+def tokenize_question(q: Question, name_zh: str, examples: Sequence[Any], row: Any, task: CevalTask, tokenizer: Any,
+                      length: int) -> None:
+    """Fill q's prompts of every mode: examples dropped to fit max_seq_len (when set), then left-truncated at `length`."""
+    if "ppl" in task.modes:
+        shots = task.shots
+        for label in LABELS:  # in turn: a count reduced for one label carries over to the next
+
+            def ppl_prompt(k: int, label: str = label) -> list[int]:
+                return encode(tokenizer, templates.ceval_ppl_prompt(name_zh, examples[:k], row, label))
+
+            ids, shots = fit_examples(ppl_prompt, shots, task.max_seq_len)
+            q.truncated |= len(ids) > length
+            q.ppl_ids[label], q.ppl_shots[label] = truncate_left(ids, length), shots
+    if "gen" in task.modes:
+
+        def gen_prompt(k: int) -> list[int]:
+            return encode(tokenizer, templates.ceval_gen_prompt(name_zh, examples[:k], row))
+
+        ids, q.gen_shots = fit_examples(gen_prompt, task.shots, task.max_seq_len)
+        q.truncated |= len(ids) > length
+        q.gen_ids = truncate_left(ids, length)
+
+
+def fit_examples(build: Callable[[int], list[int]], shots: int, max_seq_len: int | None) -> tuple[list[int], int]:
+    """(token ids, examples kept) of the prompt `build(k)` builds with k examples: OpenCompass's PPL and GEN
+    inferencers with max_seq_len set drop the last example while k > 0 and the prompt, BOS included, has more than
+    max_seq_len tokens (opencompass/openicl/icl_inferencer/icl_{ppl,gen}_inferencer.py)."""
+    ids = build(shots)
+    while max_seq_len is not None and shots > 0 and len(ids) > max_seq_len:
+        shots -= 1
+        ids = build(shots)
+    return ids, shots
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -252,8 +293,11 @@ def score_engine(engine: Engine, cset: CevalSet, tokenizer: Any, batch_size: int
             preds = [{"pred": first_capital_postprocess(t), "output": t} for t in texts]
         records = []
         for q, p in zip(cset.questions, preds, strict=True):
+            shots = q.ppl_shots if mode == "ppl" else q.gen_shots
+            dropped = min(shots.values()) < cset.shots if mode == "ppl" else shots < cset.shots
             records.append({"subject": q.subject, "idx": q.idx, "gold": q.gold, **p,
-                            "correct": str(p["pred"]) == q.gold, **({"truncated": True} if q.truncated else {})})
+                            "correct": str(p["pred"]) == q.gold, **({"truncated": True} if q.truncated else {}),
+                            **({"shots": shots} if dropped else {})})
         out["predictions"][mode] = records
         out["metrics"].update(accuracy_metrics(mode, cset.subjects, records))
     return out

@@ -8,8 +8,9 @@ The pass runs onnxscript's ORT fusions (`onnxscript.rewriter.ort_fusions`, the r
   as strings and would not match);
 - a cos/sin-cache rule for the rotary embedding as the exporter writes it (`pos * inv_freq` as a Mul,
   not HF's batched MatMul), so rotary becomes ORT's `com.microsoft.RotaryEmbedding` with a cos/sin
-  table of `max_positions` rows instead of Cos/Sin computed on every step (positions beyond the
-  table are an ORT error, never a silent wrong answer);
+  table of `rotary_table_rows(max_positions)` rows (room past the trained length, `ROTARY_TABLE_FACTOR`)
+  instead of Cos/Sin computed on every step (positions beyond the table are an ORT error, never a
+  silent wrong answer; `graph_position_limit` reads the table size back for the runtime);
 - a GroupQueryAttention rule for models without kv groups (LLaMA 1 / Llama 2 7B: HF skips repeat_kv);
 - packing of the projections that read the same activation (q/k/v, gate/up) into one MatMul
   followed by a Split: one weight read and one kernel per group, still a plain MatMul with a
@@ -57,13 +58,26 @@ GQA_CONTRACT = (
     "onnxruntime-genai drives it as is (past_present_share_buffer true or false)."
 )
 
+# Rows of the fused graph's cos/sin tables, as a multiple of max_position_embeddings. LLaMA's rotary embedding is a
+# function of the position (HF computes it from position_ids, no table), so positions past the trained length are
+# well defined; OpenCompass truncates a C-Eval prompt at max positions and generates past them (METHODS.md (a)),
+# and llmship's GEN mode does the same. Twice the trained length leaves room for up to max_positions new tokens
+# (OpenCompass's hf_llama2_7b.py: 1024 of 4096) and costs head_dim x 4 bytes per row (cos and sin, fp32): 1 MiB
+# more on LLaMA-7B, 2 MiB on Llama-2-7B.
+ROTARY_TABLE_FACTOR = 2
+
 # Above this size the fused model's weights go to an external `.data` file (protobuf's 2 GB limit).
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 
 
-def _cos_sin_cache_rule(max_positions: int):
+def rotary_table_rows(max_positions: int) -> int:
+    """Rows of the cos/sin tables the fusion writes for a model with `max_positions` trained positions."""
+    return ROTARY_TABLE_FACTOR * max_positions
+
+
+def _cos_sin_cache_rule(table_rows: int):
     """RotaryEmbedding (onnxscript's intermediate form) fed by Cos/Sin of `pos * inv_freq` ->
-    com.microsoft.RotaryEmbedding(x, position_ids, cos_cache, sin_cache)."""
+    com.microsoft.RotaryEmbedding(x, position_ids, cos_cache, sin_cache), tables of `table_rows` positions."""
     import onnx_ir as ir
     from onnxscript.rewriter import pattern
 
@@ -103,7 +117,7 @@ def _cos_sin_cache_rule(max_positions: int):
             key = id(inv_freq)
             if key not in self._tables:
                 freq = inv_freq.const_value.numpy().reshape(1, -1).astype(np.float32)
-                angles = np.arange(max_positions, dtype=np.float32).reshape(-1, 1) * freq
+                angles = np.arange(table_rows, dtype=np.float32).reshape(-1, 1) * freq
                 cos = op.initializer(ir.tensor(np.cos(angles).astype(np.float32)), name="rotary_cos_cache")
                 sin = op.initializer(ir.tensor(np.sin(angles).astype(np.float32)), name="rotary_sin_cache")
                 self._tables[key] = (cos, sin)
@@ -305,7 +319,7 @@ def fuse_graph(model, *, max_positions: int, attention: Attention = "mha", pack:
     counts["rms_normalization"] = rms_normalization.fuse_rms_normalization(model)
     counts["skip_rms_normalization"] = skip_normalization.fuse_skip_rms_normalization(model)
     counts["rotary_pattern"] = rotary_embedding.fuse_rotary_embedding(model)
-    counts["rotary_embedding"] = _cos_sin_cache_rule(max_positions).apply_to_model(model)
+    counts["rotary_embedding"] = _cos_sin_cache_rule(rotary_table_rows(max_positions)).apply_to_model(model)
     common_passes.CommonSubexpressionEliminationPass()(model)
     if attention != "none":
         canonical_symbolic_dims(model)
@@ -493,10 +507,38 @@ def pad_batch(prompts: list[list[int]], pad_id: int, padding: Padding) -> tuple[
 def runtime_padding(model_path: Path) -> Padding:
     """The batch layout a decoder graph needs: "right" when its attention is GroupQueryAttention (any
     variant made from a GQA-fused graph: fp16, int8, int4 keep the op), else "left". For OrtEngine."""
+    return runtime_layout(model_path)[0]
+
+
+# Input index of the cos table: RotaryEmbedding(input, position_ids, cos_cache, sin_cache) and
+# GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, ...).
+COS_CACHE_INPUT = {"RotaryEmbedding": 2, "GroupQueryAttention": 7}
+
+
+def runtime_layout(model_path: Path) -> tuple[Padding, int | None]:
+    """(batch layout, position limit) of a decoder graph, from one read of the graph without its weights' data."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    return "right" if any(n.op_type == "GroupQueryAttention" for n in graph.node) else "left"
+    padding: Padding = "right" if any(n.op_type == "GroupQueryAttention" for n in graph.node) else "left"
+    return padding, graph_position_limit(graph)
+
+
+def graph_position_limit(graph: Any) -> int | None:
+    """Positions a decoder graph (onnx GraphProto) can run: the rows of the smallest cos table its fused rotary
+    ops read (0 .. rows-1), or None when rotary is computed from the positions in the graph (no limit). Graphs fused
+    before `ROTARY_TABLE_FACTOR` have max_position_embeddings rows, so they report exactly that."""
+    rows = {init.name: int(init.dims[0]) for init in graph.initializer if init.dims}
+    for node in graph.node:  # tables kept as Constant nodes by a rewrite
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].t.dims:
+            rows[node.output[0]] = int(node.attribute[0].t.dims[0])
+    limits = []
+    for node in graph.node:
+        index = COS_CACHE_INPUT.get(node.op_type) if node.domain == "com.microsoft" else None
+        # a table computed by other nodes has no size to read here: ORT itself reports a position past it
+        if index is not None and len(node.input) > index and node.input[index] in rows:
+            limits.append(rows[node.input[index]])
+    return min(limits) if limits else None
 
 
 def right_pad(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -61,7 +61,10 @@ class Engine(ABC):
     vocab_size: int
     eos_token_id: int | None
     pad_token_id: int
-    max_positions: int
+    max_positions: int  # the model's trained length (max_position_embeddings): what prompts are truncated to
+    # Positions the engine can run, past max_positions too (None: no limit). LLaMA's rotary embedding is a function
+    # of the position, so PyTorch has none; a fused ONNX graph is bounded by its cos/sin table.
+    position_limit: int | None = None
 
     @abstractmethod
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, Cache]:
@@ -86,6 +89,7 @@ class Engine(ABC):
     ) -> list[list[int]]:
         """Greedy generation of a left-padded batch; each row stops at its own budget (or EOS)."""
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        self.check_positions(max((len(p) + max(b, 1) - 1 for p, b in zip(prompts, budgets, strict=True)), default=0))
         ids, mask = left_pad(prompts, self.pad_token_id)
         logits, cache = self.prefill_for_generation(ids, mask, max(budgets, default=0))
         step_logits = logits[:, -1, :]
@@ -104,6 +108,15 @@ class Engine(ABC):
                 break
             step_logits, cache = self.decode(tokens, cache)
         return outputs
+
+    def check_positions(self, needed: int) -> None:
+        """A clear error, before any work, when a run needs more positions than the engine has."""
+        if self.position_limit is not None and needed > self.position_limit:
+            from llmship.errors import UserError
+
+            raise UserError(f"{needed} positions needed, the graph's rotary cos/sin table has {self.position_limit} "
+                            "(an earlier llmship sized it at max positions: compile the graph again)",
+                            where=str(getattr(self, "path", None) or self.name))
 
     def logits(self, sequences: Sequence[Sequence[int]], batch_size: int = 8) -> list[np.ndarray]:
         """Full-sequence logits, one (len, V) float32 array per sequence (batched, left-padded)."""

@@ -49,11 +49,12 @@ class OrtEngine(Engine):
             self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
         except Exception as exc:  # noqa: BLE001 - invalid graph, missing .data, unsupported op
             raise UserError(f"ONNX Runtime cannot load the graph: {str(exc).splitlines()[0][:300]}", where=str(onnx_path)) from None
-        from llmship.export.fusion import runtime_padding
+        from llmship.export.fusion import runtime_layout
 
         # A GroupQueryAttention graph reads row lengths from position_ids and needs right-padded prompts
-        # (llmship.export.fusion.GQA_CONTRACT); the Engine interface stays left-padded for callers.
-        self.padding = runtime_padding(onnx_path)
+        # (llmship.export.fusion.GQA_CONTRACT); the Engine interface stays left-padded for callers. A fused graph
+        # runs as many positions as its rotary cos/sin table has rows (past max_position_embeddings).
+        self.padding, self.position_limit = runtime_layout(onnx_path)
         self.provider = self.session.get_providers()[0]
         self.threads = threads
         self.onnx_path = onnx_path
@@ -154,7 +155,9 @@ class OrtEngine(Engine):
 
         mask = np.asarray(attention_mask, dtype=np.int64)
         batch = len(mask)
-        capacity = min(mask.shape[1] + max(max_new_tokens, 1), self.max_positions)
+        capacity = mask.shape[1] + max(max_new_tokens, 1)  # one more than the run feeds (its last token is not)
+        if self.position_limit is not None:  # `generate` checked that the run itself fits
+            capacity = min(capacity, self.position_limit)
         buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, heads, capacity, size), dtype=self.input_types[n]))
                    for n, (heads, size) in self.past_shapes.items()]
         ids, positions, lengths = right_pad(np.asarray(input_ids, dtype=np.int64), mask)
@@ -221,6 +224,21 @@ class OrtEngine(Engine):
 
     def close(self) -> None:
         self.session = None
+
+
+def folder_position_limit(folder: str | Path) -> int | None:
+    """`OrtEngine.position_limit` of a compiled folder without starting a session (None: no limit, or no graph
+    to read: loading the engine then reports what is wrong with the folder)."""
+    from llmship.export.fusion import runtime_layout
+
+    path = Path(folder)
+    graph = path / read_json_object(path / "manifest.json").get("onnx", {}).get("file", "model.onnx")
+    if not graph.is_file():
+        return None
+    try:
+        return runtime_layout(graph)[1]
+    except Exception:  # noqa: BLE001 - an unreadable graph: OrtEngine's load gives the one-line error
+        return None
 
 
 def _right_mask(lengths: np.ndarray, width: int | None = None) -> np.ndarray:
