@@ -1,0 +1,226 @@
+"""Checkpoint readers that hand out one tensor at a time (the streaming compile's only view of the weights).
+
+Formats: sharded safetensors with `model.safetensors.index.json` and single `model.safetensors` (memory-mapped
+through `safetensors.safe_open`), `pytorch_model*.bin` shards with or without an index (`torch.load(mmap=True,
+weights_only=True)`: LLaMA 1 era and many merged Chinese-LLaMA-Alpaca releases). Tensors may be bf16, fp16 or
+fp32; `tensor(name)` returns an fp32 copy of that one tensor.
+
+`open_checkpoint` validates everything before any expensive step: every shard the index names exists and holds
+the tensors the index says it does, no safetensors shard is truncated, every tensor is floating point, every
+tensor the LLaMA graph needs is present with the shape config.json implies. Each problem is a `UserError` naming
+the file and tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmship.errors import UserError
+
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+# safetensors header dtype names (and torch dtypes) the graph can take; anything else is not a weight.
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# Buffers some old checkpoints saved beside the weights; the graph recomputes them.
+IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+# A header larger than this is corrupt (safetensors' own limit is 100 MB).
+MAX_HEADER = 100 << 20
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: str          # safetensors dtype name (F32, F16, BF16, ...) or str(torch dtype) for .bin
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes_fp32(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return 4 * n
+
+
+def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor a LlamaForCausalLM of this config.json holds, with its shape (lm_head absent when tied)."""
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    inter = config["intermediate_size"]
+    vocab = config["vocab_size"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (heads * head_dim, hidden), p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden), p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+        })
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def _safetensors_header(file: Path) -> dict[str, Any]:
+    """The header of a .safetensors file, checked against the file size (a truncated download fails here)."""
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise UserError("shard is empty or truncated", where=str(file))
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > MAX_HEADER:
+                raise UserError("shard header is corrupt or the file is truncated", where=str(file))
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"shard header is unreadable ({str(exc).splitlines()[0][:200]})", where=str(file)) from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if size < 8 + n + end:
+        last = max(header, key=lambda k: header[k]["data_offsets"][1])
+        raise UserError(f"shard is truncated ({size} of {8 + n + end} bytes; tensor {last} is cut)", where=str(file))
+    return header
+
+
+def _bin_state(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt zip/pickle surfaces as many types
+        raise UserError(f"shard is unreadable or truncated ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})",
+                        where=str(file)) from None
+    if not isinstance(state, dict):
+        raise UserError("shard does not hold a state dict", where=str(file))
+    return state
+
+
+class Checkpoint:
+    """A validated checkpoint folder: names, shapes and dtypes of its tensors, read one at a time."""
+
+    def __init__(self, folder: Path, config: dict[str, Any], entries: dict[str, TensorEntry]):
+        self.folder = folder
+        self.config = config
+        self.entries = entries
+        self._open: tuple[Path, Any] | None = None  # one shard open at a time
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[self._alias(name)].shape
+
+    def _alias(self, name: str) -> str:
+        # Tied embeddings: the output projection reads the input table.
+        if name == "lm_head.weight" and name not in self.entries:
+            return "model.embed_tokens.weight"
+        return name
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """An fp32 copy of one tensor (only that tensor is read from disk)."""
+        entry = self.entries[self._alias(name)]
+        name = self._alias(name)
+        if entry.file.suffix == ".safetensors":
+            handle = self._handle(entry.file, lambda f: __import__("safetensors").safe_open(str(f), framework="pt"))
+            value = handle.get_tensor(name)
+        else:
+            value = self._handle(entry.file, _bin_state)[name]
+        return value.to(torch.float32).clone() if value.dtype == torch.float32 else value.to(torch.float32)
+
+    def _handle(self, file: Path, opener) -> Any:
+        if self._open is None or self._open[0] != file:
+            self._open = None
+            self._open = (file, opener(file))
+        return self._open[1]
+
+    def close(self) -> None:
+        self._open = None
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the checkpoint's tensors in fp32."""
+        return sum(e.nbytes_fp32 for e in self.entries.values())
+
+
+def _shard_files(folder: Path) -> tuple[list[Path], dict[str, str] | None, Path | None]:
+    """(shard files, index weight_map or None, index file) of a model folder; UserError when there are no weights."""
+    for name in INDEX_FILES:
+        index_file = folder / name
+        if index_file.is_file():
+            try:
+                weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"weight index is unreadable: {str(exc)[:200]}", where=str(index_file)) from None
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                if not (folder / shard).is_file():
+                    tensor = next(t for t, s in weight_map.items() if s == shard)
+                    raise UserError(f"shard {shard} named by the index (e.g. for tensor {tensor}) is missing",
+                                    where=str(folder / shard))
+            return [folder / s for s in shards], weight_map, index_file
+    for name in SINGLE_FILES:
+        if (folder / name).is_file():
+            return [folder / name], None, None
+    shards = sorted(folder.glob("pytorch_model-*.bin")) or sorted(folder.glob("model-*.safetensors"))
+    if shards:
+        return shards, None, None
+    raise UserError(f"no weights in the model folder (expected one of {', '.join(INDEX_FILES + SINGLE_FILES)})",
+                    where=str(folder))
+
+
+def _entries_of(file: Path) -> dict[str, TensorEntry]:
+    if file.suffix == ".safetensors":
+        header = _safetensors_header(file)
+        return {k: TensorEntry(file, v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+    state = _bin_state(file)
+    entries = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"tensor {key} is not a tensor ({type(value).__name__})", where=str(file))
+        name = next((k for k, d in FLOAT_DTYPES.items() if d == value.dtype), str(value.dtype))
+        entries[key] = TensorEntry(file, name, tuple(value.shape))
+    return entries
+
+
+def open_checkpoint(folder: str | Path, config: dict[str, Any]) -> Checkpoint:
+    """Validate a model folder's weights against its config.json (see the module doc) and return the reader."""
+    folder = Path(folder)
+    files, weight_map, index_file = _shard_files(folder)
+    entries: dict[str, TensorEntry] = {}
+    for file in files:
+        found = _entries_of(file)
+        if weight_map is not None:
+            for tensor, shard in weight_map.items():
+                if folder / shard == file and tensor not in found:
+                    raise UserError(f"the index names tensor {tensor} in shard {shard}, which does not hold it",
+                                    where=str(index_file))
+        entries.update(found)
+    entries = {k: v for k, v in entries.items() if not IGNORED.match(k)}
+    for name, entry in entries.items():
+        if entry.dtype not in FLOAT_DTYPES:
+            raise UserError(f"tensor {name} is {entry.dtype}, not a float tensor (bf16, fp16 or fp32 expected)",
+                            where=str(entry.file))
+    expected = expected_shapes(config)
+    for name, shape in expected.items():
+        entry = entries.get(name)
+        if entry is None:
+            raise UserError(f"tensor {name} is in no shard of the checkpoint", where=str(index_file or folder))
+        if entry.shape != shape:
+            raise UserError(f"tensor {name} has shape {list(entry.shape)}, config.json implies {list(shape)}",
+                            where=str(entry.file))
+    extra = sorted(set(entries) - set(expected) - {"lm_head.weight"})
+    if extra:
+        raise UserError(f"tensor {extra[0]} is not part of a LLaMA model of this config.json "
+                        f"({len(extra)} unexpected tensor(s))", where=str(entries[extra[0]].file))
+    if "lm_head.weight" in entries and entries["lm_head.weight"].shape != expected["model.embed_tokens.weight"]:
+        raise UserError(f"tensor lm_head.weight has shape {list(entries['lm_head.weight'].shape)}, config.json implies "
+                        f"{list(expected['model.embed_tokens.weight'])}", where=str(entries["lm_head.weight"].file))
+    return Checkpoint(folder, config, entries)
