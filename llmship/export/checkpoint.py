@@ -111,7 +111,6 @@ class Checkpoint:
         self.folder = folder
         self.config = config
         self.entries = entries
-        self._open: tuple[Path, Any] | None = None  # one shard open at a time
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[self._alias(name)].shape
@@ -123,24 +122,18 @@ class Checkpoint:
         return name
 
     def tensor(self, name: str) -> torch.Tensor:
-        """An fp32 copy of one tensor (only that tensor is read from disk)."""
-        entry = self.entries[self._alias(name)]
+        """An fp32 copy of one tensor. The shard is mapped for this read only: pages of a mapping left open would
+        count in the resident memory up to the whole shard."""
         name = self._alias(name)
+        entry = self.entries[name]
         if entry.file.suffix == ".safetensors":
-            handle = self._handle(entry.file, lambda f: __import__("safetensors").safe_open(str(f), framework="pt"))
-            value = handle.get_tensor(name)
+            from safetensors import safe_open
+
+            with safe_open(str(entry.file), framework="pt") as handle:
+                value = handle.get_tensor(name)
         else:
-            value = self._handle(entry.file, _bin_state)[name]
-        return value.to(torch.float32).clone() if value.dtype == torch.float32 else value.to(torch.float32)
-
-    def _handle(self, file: Path, opener) -> Any:
-        if self._open is None or self._open[0] != file:
-            self._open = None
-            self._open = (file, opener(file))
-        return self._open[1]
-
-    def close(self) -> None:
-        self._open = None
+            value = _bin_state(entry.file)[name]
+        return value.to(torch.float32, copy=True)
 
     @property
     def weight_bytes(self) -> int:

@@ -332,7 +332,7 @@ def _resolve_inputs(cfg: Any) -> dict[str, Any]:
     if tok_dir is None:
         raise UserError("no tokenizer files (tokenizer.model or tokenizer.json) in the model folder", where=str(model_dir))
     tokenizer = load_tokenizer(tok_dir)
-    if len(tokenizer) != config["vocab_size"]:
+    if len(tokenizer) > config["vocab_size"]:  # fewer tokens than rows is harmless: the extra rows are never read
         raise UserError(f"tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is {config['vocab_size']}",
                         where=str(tok_dir))
     return {"model_dir": model_dir, "config": config, "checkpoint": checkpoint, "tok_dir": tok_dir, "tokenizer": tokenizer}
