@@ -28,6 +28,9 @@ from llmship.errors import CheckFailed, UserError
 # Rows of the skeleton's vocabulary: a prime no LLaMA width equals, so the one output axis that carries it is found
 # unambiguously and replaced by the real vocabulary size.
 SKELETON_VOCAB = 61
+# MLP width of the skeleton: no node of the fused graph but the three MLP MatMuls depends on it (their weights are
+# placeholders sized from the checkpoint), so the one-layer export costs the attention weights only.
+SKELETON_MLP = 67
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 PACKED_FROM_KEY = "llmship.packed_from"
 LAYER0 = re.compile(r"layers\.0(?=[._'\"]|$)")
@@ -91,7 +94,8 @@ def _hf_name(scope: str) -> str:
 
 
 def export_one_layer(config: dict[str, Any], folder: Path, *, opset: int, attention: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray], dict]:
-    """Export + fuse the one-layer, tiny-vocabulary copy of `config`; returns (fused graph, its weights, fusion report)."""
+    """Export + fuse the one-layer copy of `config` with a tiny vocabulary and MLP; returns (fused graph, its weights,
+    fusion report)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -99,7 +103,7 @@ def export_one_layer(config: dict[str, Any], folder: Path, *, opset: int, attent
     from llmship.export.onnx_export import cache_shape, export_decoder
 
     small = dict(config)
-    small.update(num_hidden_layers=1, vocab_size=SKELETON_VOCAB, tie_word_embeddings=False, dtype="float32",
+    small.update(num_hidden_layers=1, vocab_size=SKELETON_VOCAB, intermediate_size=SKELETON_MLP, tie_word_embeddings=False, dtype="float32",
                  torch_dtype="float32", pad_token_id=None, bos_token_id=1, eos_token_id=2)
     small.pop("auto_map", None)
     llama_config = LlamaConfig(**small)
@@ -111,7 +115,7 @@ def export_one_layer(config: dict[str, Any], folder: Path, *, opset: int, attent
             # distinct values everywhere (norm weights too: equal ones would be merged by the fusion's CSE)
             param.copy_(torch.rand(param.shape, generator=generator) * 0.2 - 0.1 if param.ndim > 1
                         else 1.0 + 0.1 * torch.rand(param.shape, generator=generator))
-    weights = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}  # views: the model is dropped below
     folder.mkdir(parents=True, exist_ok=True)
     export_decoder(model, folder, opset=opset, external_data="auto")
     kv_heads, _ = cache_shape(llama_config)

@@ -198,11 +198,10 @@ def write_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exc
                 nodes.append(node)
                 produced.update(node.output)
                 continue
-            weight = specs[target].build(read)
-            result, report = _quantize_one(scheme, node, target, weight, source, scratch, exclude, QuantizeJob)
+            result, report, nbytes = _quantize_one(scheme, node, target, lambda t=target: specs[t].build(read), source,
+                                                   scratch, exclude, QuantizeJob)
             written.add(target)
-            progress(target, weight.nbytes)
-            del weight
+            progress(target, nbytes)
             quantized_rows += report.get("quantized", [])
             kept_rows += report.get("kept_float", [])
             for new in result.graph.node:
@@ -247,21 +246,25 @@ def write_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exc
     return model, report
 
 
-def _quantize_one(scheme: Any, node: onnx.NodeProto, weight_name: str, weight: np.ndarray, template: onnx.ModelProto,
-                  scratch: Path, exclude: list[str], job_class: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """The scheme's own rewrite of one node (see the module doc); returns the rewritten one-node graph."""
+def _quantize_one(scheme: Any, node: onnx.NodeProto, weight_name: str, make_weight: Any, template: onnx.ModelProto,
+                  scratch: Path, exclude: list[str], job_class: Any) -> tuple[onnx.ModelProto, dict[str, Any], int]:
+    """The scheme's own rewrite of one node (see the module doc); returns (the rewritten one-node graph, the scheme's
+    report, fp32 bytes read). Only one copy of the weight is alive when the scheme starts."""
     work = scratch / "one"
     shutil.rmtree(work, ignore_errors=True)
     (work / "out").mkdir(parents=True)
+    weight = make_weight()
+    nbytes = weight.nbytes
     one = _single_node_model(node, weight_name, weight, template)
-    onnx.save(one, str(work / MODEL_FILE), save_as_external_data=weight.nbytes > 1 << 30, location=DATA_FILE)
+    del weight
+    onnx.save(one, str(work / MODEL_FILE), save_as_external_data=True, location=DATA_FILE, size_threshold=INLINE_LIMIT)
     del one
     job = job_class(source=work / MODEL_FILE, folder=work, target=work / "out", samples=None, exclude=list(exclude),
                     external_data="auto")
     report = scheme.quantize(job)
     result = onnx.load(str(work / "out" / MODEL_FILE), load_external_data=True)
     shutil.rmtree(work, ignore_errors=True)
-    return result, report
+    return result, report, nbytes
 
 
 # --------------------------------------------------------------------------- inputs
