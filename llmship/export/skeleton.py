@@ -176,6 +176,10 @@ def _in_layer0(node: onnx.NodeProto) -> bool:
 def replicate_layers(model: onnx.ModelProto, specs: dict[str, WeightSpec], num_layers: int, vocab: int) -> Skeleton:
     """The one-layer graph with its layer repeated `num_layers` times (see the module doc); placeholders empty."""
     graph = model.graph
+    for init in graph.initializer:
+        if init.name in specs:  # placeholder: the writer fills it (and copies per layer stay small)
+            init.ClearField("raw_data")
+            del init.float_data[:]
     layer = [n for n in graph.node if _in_layer0(n)]
     layer_ids = {id(n) for n in layer}
     first_norm = next((n for n in layer if n.op_type == "SimplifiedLayerNormalization"), None)
@@ -247,10 +251,6 @@ def replicate_layers(model: onnx.ModelProto, specs: dict[str, WeightSpec], num_l
     out.graph.initializer.extend(kept + new_inits)
     del out.graph.value_info[:]
     _replicate_io(out.graph, num_layers, vocab)
-    for init in out.graph.initializer:
-        if init.name in new_specs:  # placeholder: the writer fills it
-            init.ClearField("raw_data")
-            del init.float_data[:]
     return Skeleton(out, new_specs)
 
 
