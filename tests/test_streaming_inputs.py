@@ -160,3 +160,25 @@ def test_cli_bad_shard_exits_2_with_one_line_and_leaves_nothing(sharded, tmp_pat
     assert len(lines) == 1 and "model-00001-of-00003.safetensors" in lines[0] and "truncated" in lines[0]
     assert "Traceback" not in run.stderr
     assert not (out / "w4a16-rtn").exists() and not list(out.glob("w4a16-rtn*"))
+
+
+def test_lora_merged_while_streaming_equals_the_peft_merge(tmp_path):
+    """Chinese-LLaMA-Alpaca shape: LoRA on every projection, embed_tokens/lm_head of a larger vocabulary saved."""
+    from test_export_vocab import _make_adapter
+
+    from llmship.config import ModelConfig
+    from llmship.export.checkpoint import LoraMerged
+    from llmship.export.source import load_source
+    from llmship.export.tiny import make_llama
+
+    base_dir = make_llama(tmp_path / "base", num_key_value_heads=2)
+    adapter_dir, _ = _make_adapter(base_dir, tmp_path / "adapter", vocab=1001)
+    merged = load_source(ModelConfig(path=str(base_dir), adapter=str(adapter_dir))).model.state_dict()
+    config = json.loads((base_dir / "config.json").read_text())
+    base = open_checkpoint(base_dir, config)
+    streamed = LoraMerged(base, adapter_dir)
+    assert streamed.config["vocab_size"] == 1001 and streamed.shape("lm_head.weight") == (1001, config["hidden_size"])
+    for name in expected_shapes(streamed.config):
+        assert (streamed.tensor(name) - merged[name]).abs().max() <= 1e-6, name
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert (streamed.tensor(q) - base.tensor(q)).abs().max() > 1e-3  # the LoRA delta is really there

@@ -14,6 +14,7 @@ the file and tensor.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -217,3 +218,83 @@ def open_checkpoint(folder: str | Path, config: dict[str, Any]) -> Checkpoint:
         raise UserError(f"tensor lm_head.weight has shape {list(entries['lm_head.weight'].shape)}, config.json implies "
                         f"{list(expected['model.embed_tokens.weight'])}", where=str(entries["lm_head.weight"].file))
     return Checkpoint(folder, config, entries)
+
+
+class LoraMerged:
+    """A checkpoint seen through a PEFT LoRA adapter, merged one tensor at a time as PEFT's merge_and_unload does:
+    W + scaling * (B @ A) per target module (scaling = lora_alpha / r, or / sqrt(r) with rslora), and the adapter's
+    `modules_to_save` tensors (embed_tokens, lm_head of an extended vocabulary) in place of the base's."""
+
+    def __init__(self, base: Checkpoint, adapter_dir: str | Path):
+        from llmship.export.source import _adapter_state, _module_key
+
+        adapter_dir = Path(adapter_dir)
+        where = str(adapter_dir / "adapter_config.json")
+        try:
+            settings = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"adapter_config.json is missing or not valid JSON ({str(exc)[:120]})", where=where) from None
+        if str(settings.get("peft_type", "LORA")).upper() != "LORA":
+            raise UserError(f"only LoRA adapters are supported, this one is {settings.get('peft_type')}", where=where)
+        for key in ("rank_pattern", "alpha_pattern"):
+            if settings.get(key):
+                raise UserError(f"per-module {key} is not supported by the streaming merge", where=where)
+        if settings.get("fan_in_fan_out"):
+            raise UserError("fan_in_fan_out adapters (GPT-2 style Conv1D) do not fit LLaMA", where=where)
+        rank, alpha = int(settings.get("r", 8)), float(settings.get("lora_alpha", 8))
+        self.scaling = alpha / math.sqrt(rank) if settings.get("use_rslora") else alpha / rank
+        self.base = base
+        self.lora: dict[str, dict[str, torch.Tensor]] = {}
+        self.full: dict[str, torch.Tensor] = {}
+        state = _adapter_state(adapter_dir)
+        for key, tensor in state.items():
+            module, kind = _module_key(key)
+            if key.endswith(".original_module.weight"):
+                continue
+            if kind in ("lora_A", "lora_B"):
+                self.lora.setdefault(f"{module}.weight", {})[kind] = tensor
+            elif kind == "full":
+                self.full[f"{module}.weight"] = tensor
+            else:
+                raise UserError(f"adapter tensor {key} is neither LoRA A/B nor a module to save", where=str(adapter_dir))
+        self.config = dict(base.config)
+        for name, pair in self.lora.items():
+            if name not in base.entries or set(pair) != {"lora_A", "lora_B"}:
+                raise UserError(f"the adapter was made for another base model: no base tensor {name} "
+                                "(or a LoRA pair is incomplete)", where=str(adapter_dir))
+            out_features, in_features = base.entries[name].shape
+            if pair["lora_A"].shape[1] != in_features or pair["lora_B"].shape[0] != out_features:
+                raise UserError(f"the adapter was made for another base model: {name} is {[out_features, in_features]}, "
+                                f"LoRA B @ A is {[pair['lora_B'].shape[0], pair['lora_A'].shape[1]]}", where=str(adapter_dir))
+        for name, tensor in self.full.items():
+            if name not in ("model.embed_tokens.weight", "lm_head.weight") or tensor.shape[1] != base.config["hidden_size"]:
+                raise UserError(f"the adapter's saved module {name} {list(tensor.shape)} does not fit the base",
+                                where=str(adapter_dir))
+            self.config["vocab_size"] = int(tensor.shape[0])
+        self.entries = dict(base.entries)
+        for name, tensor in self.full.items():
+            self.entries[name] = TensorEntry(adapter_dir, str(tensor.dtype), tuple(tensor.shape))
+        rows = {self.shape(n)[0] for n in ("model.embed_tokens.weight", "lm_head.weight")}
+        if len(rows) != 1:
+            raise UserError(f"embed_tokens and lm_head disagree on the vocabulary after the adapter ({sorted(rows)})",
+                            where=str(adapter_dir))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.full:
+            return tuple(self.full[name].shape)
+        return self.base.shape(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name in self.full:
+            return self.full[name].to(torch.float32, copy=True)
+        weight = self.base.tensor(name)
+        pair = self.lora.get(name)
+        if pair is not None:
+            # PEFT's get_delta_weight then `base.weight.data += delta` (fp32 here, as the fp32 export merges)
+            delta = (pair["lora_B"].to(torch.float32) @ pair["lora_A"].to(torch.float32)) * self.scaling
+            weight += delta
+        return weight
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(e.nbytes_fp32 for e in self.entries.values())

@@ -318,8 +318,9 @@ def _resolve_inputs(cfg: Any) -> dict[str, Any]:
     model_dir = Path(path).expanduser()
     if not model_dir.is_dir():
         raise UserError("streaming compiles a local model folder; this one is not found", where=f"model.path ({path})")
-    if cfg.model.adapter:
-        raise UserError("streaming does not merge LoRA adapters yet; set export.streaming: false", where="model.adapter")
+    adapter_dir = Path(cfg.model.adapter).expanduser() if cfg.model.adapter else None
+    if adapter_dir is not None and not adapter_dir.is_dir():
+        raise UserError("adapter folder not found", where=f"model.adapter ({cfg.model.adapter})")
     if not cfg.export.optimize:
         raise UserError("streaming builds the fused graph; set export.optimize: true", where="export.streaming")
     config = _read_config(model_dir, str(model_dir))
@@ -331,14 +332,20 @@ def _resolve_inputs(cfg: Any) -> dict[str, Any]:
             raise UserError(f"scheme {variant.scheme} ({variant.method or 'default'}) needs the whole model and cannot "
                             f"stream; streaming builds: {', '.join(BYTES_PER_PARAM)} (w4a16 rtn/hqq)", where=f"{where}.scheme")
     checkpoint = open_checkpoint(model_dir, config)
-    tok_dir = _tokenizer_source(model_dir, None)
+    if adapter_dir is not None:
+        from llmship.export.checkpoint import LoraMerged
+
+        checkpoint = LoraMerged(checkpoint, adapter_dir)
+        config = checkpoint.config
+    tok_dir = _tokenizer_source(model_dir, adapter_dir)
     if tok_dir is None:
         raise UserError("no tokenizer files (tokenizer.model or tokenizer.json) in the model folder", where=str(model_dir))
     tokenizer = load_tokenizer(tok_dir)
     if len(tokenizer) > config["vocab_size"]:  # fewer tokens than rows is harmless: the extra rows are never read
         raise UserError(f"tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is {config['vocab_size']}",
                         where=str(tok_dir))
-    return {"model_dir": model_dir, "config": config, "checkpoint": checkpoint, "tok_dir": tok_dir, "tokenizer": tokenizer}
+    return {"model_dir": model_dir, "adapter_dir": adapter_dir, "config": config, "checkpoint": checkpoint,
+            "tok_dir": tok_dir, "tokenizer": tokenizer}
 
 
 def _check_excludes(skeleton: Any, patterns: list[str]) -> None:
@@ -364,7 +371,7 @@ def compile_streaming(cfg: Any, out: Path, progress: Any = None, force: bool = F
     checkpoint = inputs["checkpoint"]
     params = checkpoint.weight_bytes // 4
     variants = list(cfg.quantize.all_variants())
-    source_fp = folder_fingerprint(inputs["model_dir"])
+    source_fp = [folder_fingerprint(inputs["model_dir"]), inputs["adapter_dir"] and folder_fingerprint(inputs["adapter_dir"])]
     todo = []
     for variant in variants:
         target = out / ("fp32" if variant.scheme == "none" else variant.variant_name)
@@ -433,7 +440,8 @@ def build_variant(cfg: Any, variant: Any, target: Path, skeleton: Any, inputs: d
             "fp32" if scheme is None else "variant",
             scheme=variant.scheme, variant=name, method=scheme.method if scheme else None,
             options=scheme.options.model_dump() if scheme else {}, exclude=list(variant.exclude),
-            source={"path": str(inputs["model_dir"]), "adapter": None, "dtype": cfg.model.dtype,
+            source={"path": str(inputs["model_dir"]), "adapter": inputs["adapter_dir"] and str(inputs["adapter_dir"]),
+                    "dtype": cfg.model.dtype,
                     "checkpoint_dtypes": sorted({e.dtype for e in inputs["checkpoint"].entries.values()})},
             model={"parameters": inputs["checkpoint"].weight_bytes // 4, "fp32_bytes": inputs["checkpoint"].weight_bytes,
                    "vocab_size": config["vocab_size"], "max_positions": config.get("max_position_embeddings"),
