@@ -465,11 +465,15 @@ def build_variant(cfg: Any, variant: Any, target: Path, skeleton: Any, inputs: d
 
 
 def _parity(cfg: Any, folder: Path, inputs: dict[str, Any], tolerances: Any) -> dict[str, Any]:
+    from llmship.export.layerwise import layerwise_engine
     from llmship.export.parity import check_parity, default_prompts
-    from llmship.quantize.variant import reference_engine
     from llmship.runtime.ort_engine import OrtEngine
 
-    reference = reference_engine(cfg)
+    # one reference per compile: the variants share its parity trace (computed once, cached on the engine)
+    if "reference" not in inputs:
+        inputs["reference"] = layerwise_engine(inputs["checkpoint"], inputs["config"], inputs["tokenizer"],
+                                               threads=cfg.runtime.threads, model_dir=inputs["model_dir"])
+    reference = inputs["reference"]
     candidate = OrtEngine(folder, provider=cfg.runtime.provider, threads=cfg.runtime.threads)
     try:
         prompts = default_prompts(inputs["tokenizer"], reference.max_positions)
