@@ -41,6 +41,8 @@ ALIGN = 64
 # compares their sum with the free space before anything is written.
 BYTES_PER_PARAM = {"none": 4.0, "w8a16": 1.3, "w8a8-dynamic": 1.2, "w4a16": 0.75}
 DISK_MARGIN = 1.05
+# Embedding tables are quantized in row chunks of this many fp32 bytes (see `_quantize_table`).
+TABLE_CHUNK_BYTES = 64 << 20
 
 
 def streamable(scheme: str, method: str | None) -> bool:
@@ -198,8 +200,12 @@ def write_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exc
                 nodes.append(node)
                 produced.update(node.output)
                 continue
-            result, report, nbytes = _quantize_one(scheme, node, target, lambda t=target: specs[t].build(read), source,
-                                                   scratch, exclude, QuantizeJob)
+            if node.op_type == "Gather":
+                result, report, nbytes = _quantize_table(scheme, node, target, specs[target].build(read), source,
+                                                         scratch, exclude, QuantizeJob)
+            else:
+                result, report, nbytes = _quantize_one(scheme, node, target, lambda t=target: specs[t].build(read),
+                                                       source, scratch, exclude, QuantizeJob)
             written.add(target)
             progress(target, nbytes)
             quantized_rows += report.get("quantized", [])
@@ -265,6 +271,51 @@ def _quantize_one(scheme: Any, node: onnx.NodeProto, weight_name: str, make_weig
     result = onnx.load(str(work / "out" / MODEL_FILE), load_external_data=True)
     shutil.rmtree(work, ignore_errors=True)
     return result, report, nbytes
+
+
+def _quantize_table(scheme: Any, node: onnx.NodeProto, weight_name: str, table: np.ndarray, template: onnx.ModelProto,
+                    scratch: Path, exclude: list[str], job_class: Any) -> tuple[onnx.ModelProto, dict[str, Any], int]:
+    """An embedding table through the scheme's rewrite in row chunks (its blocks run along each row, so the rows are
+    independent): the quantized tables of the chunks, stacked, are the whole table's, without the whole-table
+    temporaries of the blockwise arithmetic (several copies of a 0.5 GB table at 7B)."""
+    rows = table.shape[0]
+    step = max(1, TABLE_CHUNK_BYTES // max(1, table.itemsize * int(np.prod(table.shape[1:]))))
+    if rows <= step:
+        return _quantize_one(scheme, node, weight_name, lambda: table, template, scratch, exclude, job_class)
+    parts: list[tuple[onnx.ModelProto, dict[str, Any]]] = []
+    for start in range(0, rows, step):
+        chunk = np.ascontiguousarray(table[start:start + step])
+        parts.append(_quantize_one(scheme, node, weight_name, lambda c=chunk: c, template, scratch, exclude, job_class)[:2])
+    first, report = parts[0]
+    if any([(n.op_type, list(n.attribute)) for n in p.graph.node] != [(n.op_type, list(n.attribute)) for n in first.graph.node]
+           for p, _ in parts):
+        raise CheckFailed(f"streaming: the scheme rewrote the chunks of {weight_name} differently")
+    stacked = []
+    for init in first.graph.initializer:
+        arrays = [numpy_helper.to_array(next(i for i in p.graph.initializer if i.name == init.name)) for p, _ in parts]
+        if arrays[0].ndim == 0 or arrays[0].shape[0] != min(step, rows):
+            stacked.append(init)  # not per row (a constant of the rewrite)
+            continue
+        stacked.append(numpy_helper.from_array(np.concatenate(arrays, axis=0), init.name))
+    del first.graph.initializer[:]
+    first.graph.initializer.extend(stacked)
+    merged = dict(report)
+    for key in ("quantized", "kept_float"):
+        rows_of = [r for _, rep in parts for r in rep.get(key, [])]
+        merged[key] = _merge_rows(rows_of, rows)
+    return first, merged, table.nbytes
+
+
+def _merge_rows(rows_of: list[dict], table_rows: int) -> list[dict]:
+    """One report row per node from its chunks' rows: the whole table's shape, the largest error."""
+    merged: dict[str, dict] = {}
+    for row in rows_of:
+        kept = merged.setdefault(row.get("node", ""), dict(row))
+        if "shape" in kept:
+            kept["shape"] = [table_rows, *kept["shape"][1:]]
+        if "max_abs_error" in row:
+            kept["max_abs_error"] = max(kept["max_abs_error"], row["max_abs_error"])
+    return list(merged.values())
 
 
 # --------------------------------------------------------------------------- inputs
