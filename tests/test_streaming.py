@@ -39,13 +39,19 @@ def _config(out: Path, streaming: bool) -> Config:
 
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
+    import llmship.export.streaming as streaming_module
     from llmship.pipeline import run_stage
 
     folders = {}
-    for streaming in (False, True):
-        out = tmp_path_factory.mktemp("stream" if streaming else "whole")
-        run_stage("compile", _config(out, streaming), quiet=True)
-        folders[streaming] = out
+    # row chunks of 200 embedding rows: the chunked table path runs here (a 7B table is chunked at 64 MB)
+    chunk, streaming_module.TABLE_CHUNK_BYTES = streaming_module.TABLE_CHUNK_BYTES, 200 * 128 * 4
+    try:
+        for streaming in (False, True):
+            out = tmp_path_factory.mktemp("stream" if streaming else "whole")
+            run_stage("compile", _config(out, streaming), quiet=True)
+            folders[streaming] = out
+    finally:
+        streaming_module.TABLE_CHUNK_BYTES = chunk
     return folders
 
 
