@@ -190,6 +190,11 @@ def replicate_layers(model: onnx.ModelProto, specs: dict[str, WeightSpec], num_l
                         "set export.optimize: true", where="export.streaming")
     stream_in = first_norm.input[0]
     produced = {o for n in layer for o in n.output}
+    for node in graph.node:
+        # a node outside the layer that reads inside it would be shared by every copy: only the final norm may
+        if id(node) not in layer_ids and node is not final_norm and any(i in produced for i in node.input):
+            raise CheckFailed(f"streaming skeleton: node {node.name} ({node.op_type}) reads layer 0 but carries no layer "
+                              "scope; this graph cannot be replicated")
     layer_inits = {i.name for i in graph.initializer if i.name in specs and any(LAYER0.search(s) for s in specs[i.name].sources)}
     layer_inits |= {i.name for i in graph.initializer if LAYER0.search(i.name)}
     inits = {i.name: i for i in graph.initializer}
