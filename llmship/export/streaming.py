@@ -191,8 +191,11 @@ def write_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exc
                 if name == target:
                     continue
                 value = specs[name].build(read)
-                inits[name].dims[:] = value.shape  # the skeleton's vocabulary-sized tables are placeholders
-                writer.put(inits[name], value.astype(np.float32, copy=False))
+                placeholder = onnx.TensorProto()  # a copy: the skeleton serves every variant of the run
+                placeholder.CopyFrom(inits[name])
+                placeholder.dims[:] = value.shape  # the skeleton's vocabulary- and MLP-sized tensors are placeholders
+                writer.put(placeholder, value.astype(np.float32, copy=False))
+                extra_inits[name] = placeholder
                 written.add(name)
                 progress(name, value.nbytes)
                 del value
@@ -216,8 +219,8 @@ def write_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exc
                 nodes.append(new)
                 produced.update(new.output)
             for init in result.graph.initializer:
-                if init.name in extra_inits or init.name in inits:
-                    continue
+                if init.name in extra_inits or (init.name in inits and init.name not in specs):
+                    continue  # written already, or one of the skeleton's constants
                 if len(init.raw_data) >= INLINE_LIMIT:
                     writer.put(init)
                 extra_inits[init.name] = init
@@ -238,7 +241,7 @@ def write_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exc
     model.graph.output.extend(source.graph.output)
     model.graph.node.extend(nodes)
     used = {i for n in nodes for i in n.input}
-    model.graph.initializer.extend([i for i in source.graph.initializer if i.name in used])
+    model.graph.initializer.extend([i for i in source.graph.initializer if i.name in used and i.name not in specs])
     model.graph.initializer.extend([i for i in extra_inits.values() if i.name in used])
     for domain, version in opsets.items():
         model.opset_import.append(helper.make_opsetid(domain, version))
