@@ -93,6 +93,24 @@ class PeakRss:
         return round(self.peak / 2**20, 1)
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc): tensors of a few MB fall under malloc's dynamic mmap threshold
+    and land on the heap, where the holes they leave would let the resident size creep up with every layer."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
 # --------------------------------------------------------------------------- writing
 class DataWriter:
     """Appends tensors to `model.onnx.data` and points their TensorProto at the bytes written."""
@@ -199,6 +217,7 @@ def write_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exc
                 written.add(name)
                 progress(name, value.nbytes)
                 del value
+                release_freed_memory()
             if target is None:
                 nodes.append(node)
                 produced.update(node.output)
@@ -213,20 +232,23 @@ def write_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exc
             progress(target, nbytes)
             quantized_rows += report.get("quantized", [])
             kept_rows += report.get("kept_float", [])
+            # Copies, not references: a kept sub-message keeps the whole one-node model's protobuf arena (its
+            # quantized tensors included) alive, and memory would grow with every layer.
             for new in result.graph.node:
                 if new.output and all(o in produced for o in new.output if o):
                     continue  # shared with an earlier node (e.g. the activation quantization of gate and up)
-                nodes.append(new)
+                nodes.append(_standalone(new, onnx.NodeProto))
                 produced.update(new.output)
             for init in result.graph.initializer:
                 if init.name in extra_inits or (init.name in inits and init.name not in specs):
                     continue  # written already, or one of the skeleton's constants
                 if len(init.raw_data) >= INLINE_LIMIT:
                     writer.put(init)
-                extra_inits[init.name] = init
+                extra_inits[init.name] = _standalone(init, onnx.TensorProto)
             for opset in result.opset_import:
                 opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
             del result
+            release_freed_memory()
     finally:
         writer.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -274,6 +296,12 @@ def _quantize_one(scheme: Any, node: onnx.NodeProto, weight_name: str, make_weig
     result = onnx.load(str(work / "out" / MODEL_FILE), load_external_data=True)
     shutil.rmtree(work, ignore_errors=True)
     return result, report, nbytes
+
+
+def _standalone(message: Any, kind: Any) -> Any:
+    copy = kind()
+    copy.CopyFrom(message)
+    return copy
 
 
 def _quantize_table(scheme: Any, node: onnx.NodeProto, weight_name: str, table: np.ndarray, template: onnx.ModelProto,
