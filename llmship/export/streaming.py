@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -374,7 +375,7 @@ def write_side_files(folder: Path, config: dict[str, Any], model_dir: Path, tok_
     for key in ("bos_token_id", "eos_token_id"):
         if generation.get(key) is None and config.get(key) is not None:
             generation[key] = config[key]
-    eos, pad = special_ids(tokenizer, type("G", (), generation)(), type("C", (), config)())
+    eos, pad = special_ids(tokenizer, SimpleNamespace(**generation), SimpleNamespace(**config))
     generation["pad_token_id"] = pad
     if generation.get("eos_token_id") is None and eos is not None:
         generation["eos_token_id"] = eos
@@ -390,8 +391,6 @@ def write_side_files(folder: Path, config: dict[str, Any], model_dir: Path, tok_
 # --------------------------------------------------------------------------- compile
 def _resolve_inputs(cfg: Any) -> dict[str, Any]:
     """Every input the streaming compile reads, validated before the first expensive step (module doc of checkpoint)."""
-    from types import SimpleNamespace
-
     from llmship.export import check_exportable
     from llmship.export.checkpoint import open_checkpoint
     from llmship.export.source import _read_config, _tokenizer_source, check_architecture, load_tokenizer, resolve_model_path
@@ -516,7 +515,7 @@ def build_variant(cfg: Any, variant: Any, target: Path, skeleton: Any, inputs: d
         write_folder_genai_config(folder, cfg.runtime.provider)
         from llmship.export.onnx_export import cache_shape
 
-        kv_heads, head_dim = cache_shape(type("C", (), config)())
+        kv_heads, head_dim = cache_shape(SimpleNamespace(**config))
         rss.sample()
         manifest = new_manifest(
             "fp32" if scheme is None else "variant",
