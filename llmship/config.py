@@ -75,6 +75,8 @@ class ExportConfig(Section):
         "mha", description="Fused attention op: mha (MultiHeadAttention) or gqa (GroupQueryAttention, right-padded prompts)."
     )
     slim: bool = Field(False, description="Run onnxslim graph clean-up after export.")
+    streaming: bool = Field(False, description="Build every variant straight from the checkpoint, one tensor at a time "
+                            "(memory independent of depth; schemes none, w8a16, w4a16 rtn/hqq, w8a8-dynamic).")
     parity: ParityConfig = Field(default_factory=ParityConfig, description="Tolerances of the fp32 export's parity check.")
 
 

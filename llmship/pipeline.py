@@ -257,6 +257,8 @@ def output_dir(cfg: Config) -> Path:
 
 def compile_stage(cfg: Config, out: Path, progress: Any, force: bool) -> dict[str, Path]:
     """Export fp32 once, then build every listed variant from it; returns variant name -> folder."""
+    if cfg.export.streaming:  # every variant from the checkpoint, no fp32 model in memory (llmship.export.streaming)
+        return _entry("llmship.export.streaming", "compile_streaming", "streaming compile")(cfg, out, progress, force)
     from llmship.quantize import reads_calibration as scheme_reads_calibration
 
     export_fp32 = _entry("llmship.export", "export_fp32", "export")

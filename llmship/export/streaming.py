@@ -1,0 +1,563 @@
+"""Streaming compile: checkpoint tensors -> each variant's external-data file, one tensor at a time.
+
+The graph comes from `llmship.export.skeleton` (the fused graph with empty weight placeholders). Each placeholder
+is filled from the checkpoint (`llmship.export.checkpoint`) in graph order and written straight to
+`model.onnx.data`. A weight read by a MatMul or Gather goes, for a quantized variant, through the scheme's own
+`quantize` on a graph of that one node (same node name, module path and weight name, so exclusions and fine layers
+match as in the whole graph): the replacement nodes and quantized tensors are exactly what the whole-graph rewrite
+writes for that node, and nodes the rewrite shares between MatMuls (one activation quantization for gate and up)
+are kept once. Peak memory is one tensor and its quantized form, whatever the depth of the model.
+
+Streaming-capable schemes: `none` (fp32), `w8a16`, `w4a16` (rtn, hqq), `w8a8-dynamic` (every layout).
+Calibrated schemes (gptq, w8a8-static, fp16's overflow scan) need the whole model and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from llmship.errors import CheckFailed, UserError
+
+log = logging.getLogger("llmship")
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+# Tensors at least this large go to the external-data file (the whole-graph path uses the same threshold).
+INLINE_LIMIT = 1024
+# Offsets of external tensors are aligned (ORT maps the file; aligned starts avoid unaligned copies).
+ALIGN = 64
+# Output bytes per checkpoint parameter of each scheme, with headroom for scales and the graph; the disk check
+# compares their sum with the free space before anything is written.
+BYTES_PER_PARAM = {"none": 4.0, "w8a16": 1.3, "w8a8-dynamic": 1.2, "w4a16": 0.75}
+DISK_MARGIN = 1.05
+# Embedding tables are quantized in row chunks of this many fp32 bytes (see `_quantize_table`).
+TABLE_CHUNK_BYTES = 64 << 20
+
+
+def streamable(scheme: str, method: str | None) -> bool:
+    return scheme in BYTES_PER_PARAM and not (scheme == "w4a16" and method == "gptq")
+
+
+# --------------------------------------------------------------------------- memory
+class PeakRss:
+    """Samples the resident memory of this process and its children (the whole process tree) in a thread."""
+
+    def __init__(self, interval: float = 0.2):
+        import psutil
+
+        self._process = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> int:
+        import psutil
+
+        total = 0
+        for proc in [self._process, *self._process.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        self.peak = max(self.peak, total)
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> PeakRss:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc): tensors of a few MB fall under malloc's dynamic mmap threshold
+    and land on the heap, where the holes they leave would let the resident size creep up with every layer."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
+# --------------------------------------------------------------------------- writing
+class DataWriter:
+    """Appends tensors to `model.onnx.data` and points their TensorProto at the bytes written."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / DATA_FILE
+        self.handle = self.path.open("wb")
+        self.offset = 0
+
+    def put(self, init: onnx.TensorProto, array: np.ndarray | None = None) -> int:
+        """Write `array` (or `init`'s own raw data) and make `init` external; returns the bytes written."""
+        data = memoryview(np.ascontiguousarray(array)).cast("B") if array is not None else memoryview(init.raw_data)
+        pad = -self.offset % ALIGN
+        if pad:
+            self.handle.write(b"\0" * pad)
+            self.offset += pad
+        self.handle.write(data)
+        init.ClearField("raw_data")
+        del init.float_data[:]
+        del init.external_data[:]
+        init.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", DATA_FILE), ("offset", str(self.offset)), ("length", str(len(data)))):
+            init.external_data.add(key=key, value=value)
+        self.offset += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class Throughput:
+    """Per-tensor progress: done/total tensors, MB/s read from the checkpoint, ETA."""
+
+    def __init__(self, steps: Any, title: str, total_tensors: int, total_bytes: int):
+        self.steps, self.title = steps, title
+        self.total_tensors, self.total_bytes = total_tensors, total_bytes
+        self.done_tensors = self.done_bytes = 0
+        self.started = time.perf_counter()
+
+    def __call__(self, name: str, nbytes: int) -> None:
+        self.done_tensors += 1
+        self.done_bytes += nbytes
+        elapsed = max(time.perf_counter() - self.started, 1e-6)
+        rate = self.done_bytes / elapsed
+        eta = (self.total_bytes - self.done_bytes) / rate if rate else 0.0
+        self.steps(f"{self.title}: tensor {self.done_tensors}/{self.total_tensors} {name} "
+                   f"({rate / 2**20:.0f} MB/s fp32, ETA {eta:.0f} s)")
+
+    @property
+    def mb_per_s(self) -> float:
+        return round(self.done_bytes / 2**20 / max(time.perf_counter() - self.started, 1e-6), 1)
+
+
+def _single_node_model(node: onnx.NodeProto, weight_name: str, weight: np.ndarray, template: onnx.ModelProto) -> onnx.ModelProto:
+    """A graph of `node` alone, its weight an initializer (what the scheme's rewrite needs to see)."""
+    if node.op_type == "MatMul":
+        data_in = helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, ["batch", "sequence", weight.shape[0]])
+    else:  # Gather over the embedding table
+        data_in = helper.make_tensor_value_info(node.input[1], onnx.TensorProto.INT64, ["batch", "sequence"])
+    out = helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "one_node", [data_in], [out], [numpy_helper.from_array(weight, weight_name)])
+    model = helper.make_model(graph, opset_imports=list(template.opset_import), ir_version=template.ir_version)
+    return model
+
+
+def quantizable(node: onnx.NodeProto, weight: str) -> bool:
+    return (node.op_type == "MatMul" and node.input[1] == weight) or (node.op_type == "Gather" and node.input[0] == weight)
+
+
+def write_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exclude: list[str], steps: Any,
+                  title: str) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Fill the skeleton's placeholders from the checkpoint into `folder/model.onnx(.data)`, quantizing each weight
+    node with `scheme` (None = fp32). Returns (graph written, report)."""
+    from llmship.quantize.graph import strip_metadata
+    from llmship.quantize.registry import QuantizeJob
+
+    source = skeleton.model
+    specs = skeleton.specs
+    writer = DataWriter(folder)
+    progress = Throughput(steps, title, len(specs), sum(4 * int(np.prod(s.shape(checkpoint.shape))) for s in specs.values()))
+    read = lambda name: checkpoint.tensor(name).numpy()  # noqa: E731
+    inits = {i.name: i for i in source.graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    produced: set[str] = set()
+    extra_inits: dict[str, onnx.TensorProto] = {}
+    opsets = {o.domain: o.version for o in source.opset_import}
+    quantized_rows: list[dict] = []
+    kept_rows: list[dict] = []
+    written: set[str] = set()
+    scratch = Path(tempfile.mkdtemp(prefix=".stream-", dir=folder))
+    try:
+        for node in source.graph.node:
+            weights = [i for i in node.input if i in specs and i not in written]
+            target = next((w for w in weights if quantizable(node, w)), None) if scheme is not None else None
+            for name in weights:
+                if name == target:
+                    continue
+                value = specs[name].build(read)
+                placeholder = onnx.TensorProto()  # a copy: the skeleton serves every variant of the run
+                placeholder.CopyFrom(inits[name])
+                placeholder.dims[:] = value.shape  # the skeleton's vocabulary- and MLP-sized tensors are placeholders
+                writer.put(placeholder, value.astype(np.float32, copy=False))
+                extra_inits[name] = placeholder
+                written.add(name)
+                progress(name, value.nbytes)
+                del value
+                release_freed_memory()
+            if target is None:
+                nodes.append(node)
+                produced.update(node.output)
+                continue
+            if node.op_type == "Gather":
+                result, report, nbytes = _quantize_table(scheme, node, target, specs[target].build(read), source,
+                                                         scratch, exclude, QuantizeJob)
+            else:
+                result, report, nbytes = _quantize_one(scheme, node, target, lambda t=target: specs[t].build(read),
+                                                       source, scratch, exclude, QuantizeJob)
+            written.add(target)
+            progress(target, nbytes)
+            quantized_rows += report.get("quantized", [])
+            kept_rows += report.get("kept_float", [])
+            # Copies, not references: a kept sub-message keeps the whole one-node model's protobuf arena (its
+            # quantized tensors included) alive, and memory would grow with every layer.
+            for new in result.graph.node:
+                if new.output and all(o in produced for o in new.output if o):
+                    continue  # shared with an earlier node (e.g. the activation quantization of gate and up)
+                nodes.append(_standalone(new, onnx.NodeProto))
+                produced.update(new.output)
+            for init in result.graph.initializer:
+                if init.name in extra_inits or (init.name in inits and init.name not in specs):
+                    continue  # written already, or one of the skeleton's constants
+                if len(init.raw_data) >= INLINE_LIMIT:
+                    writer.put(init)
+                extra_inits[init.name] = _standalone(init, onnx.TensorProto)
+            for opset in result.opset_import:
+                opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+            del result
+            release_freed_memory()
+    finally:
+        writer.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    missing = set(specs) - written
+    if missing:
+        raise CheckFailed(f"streaming: weight {sorted(missing)[0]} was never written")
+    model = onnx.ModelProto()
+    model.ir_version = source.ir_version
+    model.producer_name = "llmship-streaming"
+    model.graph.name = source.graph.name
+    model.graph.input.extend(source.graph.input)
+    model.graph.output.extend(source.graph.output)
+    model.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    model.graph.initializer.extend([i for i in source.graph.initializer if i.name in used and i.name not in specs])
+    model.graph.initializer.extend([i for i in extra_inits.values() if i.name in used])
+    for domain, version in opsets.items():
+        model.opset_import.append(helper.make_opsetid(domain, version))
+    strip_metadata(model)
+    onnx.save(model, str(folder / MODEL_FILE))
+    report = {"streamed": True, "tensors": len(specs), "read_mb_s": progress.mb_per_s,
+              "data_bytes": writer.offset}
+    if scheme is not None:
+        report.update({"quantized": quantized_rows, "kept_float": kept_rows,
+                       "summary": f"{len(quantized_rows)} weight(s) quantized while streaming, {len(kept_rows)} kept float"})
+    return model, report
+
+
+def _quantize_one(scheme: Any, node: onnx.NodeProto, weight_name: str, make_weight: Any, template: onnx.ModelProto,
+                  scratch: Path, exclude: list[str], job_class: Any) -> tuple[onnx.ModelProto, dict[str, Any], int]:
+    """The scheme's own rewrite of one node (see the module doc); returns (the rewritten one-node graph, the scheme's
+    report, fp32 bytes read). Only one copy of the weight is alive when the scheme starts."""
+    work = scratch / "one"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "out").mkdir(parents=True)
+    weight = make_weight()
+    nbytes = weight.nbytes
+    one = _single_node_model(node, weight_name, weight, template)
+    del weight
+    onnx.save(one, str(work / MODEL_FILE), save_as_external_data=True, location=DATA_FILE, size_threshold=INLINE_LIMIT)
+    del one
+    job = job_class(source=work / MODEL_FILE, folder=work, target=work / "out", samples=None, exclude=list(exclude),
+                    external_data="auto")
+    report = scheme.quantize(job)
+    result = onnx.load(str(work / "out" / MODEL_FILE), load_external_data=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return result, report, nbytes
+
+
+def _standalone(message: Any, kind: Any) -> Any:
+    copy = kind()
+    copy.CopyFrom(message)
+    return copy
+
+
+def _quantize_table(scheme: Any, node: onnx.NodeProto, weight_name: str, table: np.ndarray, template: onnx.ModelProto,
+                    scratch: Path, exclude: list[str], job_class: Any) -> tuple[onnx.ModelProto, dict[str, Any], int]:
+    """An embedding table through the scheme's rewrite in row chunks (its blocks run along each row, so the rows are
+    independent): the quantized tables of the chunks, stacked, are the whole table's, without the whole-table
+    temporaries of the blockwise arithmetic (several copies of a 0.5 GB table at 7B)."""
+    rows = table.shape[0]
+    step = max(1, TABLE_CHUNK_BYTES // max(1, table.itemsize * int(np.prod(table.shape[1:]))))
+    if rows <= step:
+        return _quantize_one(scheme, node, weight_name, lambda: table, template, scratch, exclude, job_class)
+    parts: list[tuple[onnx.ModelProto, dict[str, Any]]] = []
+    for start in range(0, rows, step):
+        chunk = np.ascontiguousarray(table[start:start + step])
+        parts.append(_quantize_one(scheme, node, weight_name, lambda c=chunk: c, template, scratch, exclude, job_class)[:2])
+    first, report = parts[0]
+    if any([(n.op_type, list(n.attribute)) for n in p.graph.node] != [(n.op_type, list(n.attribute)) for n in first.graph.node]
+           for p, _ in parts):
+        raise CheckFailed(f"streaming: the scheme rewrote the chunks of {weight_name} differently")
+    stacked = []
+    for init in first.graph.initializer:
+        arrays = [numpy_helper.to_array(next(i for i in p.graph.initializer if i.name == init.name)) for p, _ in parts]
+        if arrays[0].ndim == 0 or arrays[0].shape[0] != min(step, rows):
+            stacked.append(init)  # not per row (a constant of the rewrite)
+            continue
+        stacked.append(numpy_helper.from_array(np.concatenate(arrays, axis=0), init.name))
+    del first.graph.initializer[:]
+    first.graph.initializer.extend(stacked)
+    merged = dict(report)
+    for key in ("quantized", "kept_float"):
+        rows_of = [r for _, rep in parts for r in rep.get(key, [])]
+        merged[key] = _merge_rows(rows_of, rows)
+    return first, merged, table.nbytes
+
+
+def _merge_rows(rows_of: list[dict], table_rows: int) -> list[dict]:
+    """One report row per node from its chunks' rows: the whole table's shape, the largest error."""
+    merged: dict[str, dict] = {}
+    for row in rows_of:
+        kept = merged.setdefault(row.get("node", ""), dict(row))
+        if "shape" in kept:
+            kept["shape"] = [table_rows, *kept["shape"][1:]]
+        if "max_abs_error" in row:
+            kept["max_abs_error"] = max(kept["max_abs_error"], row["max_abs_error"])
+    return list(merged.values())
+
+
+# --------------------------------------------------------------------------- inputs
+def check_disk(out: Path, params: int, schemes: list[str]) -> dict[str, float]:
+    """UserError when the output folder's disk cannot hold the variants (estimated per scheme, see BYTES_PER_PARAM)."""
+    need = int(sum(params * BYTES_PER_PARAM.get(s, 4.0) for s in schemes) * DISK_MARGIN)
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise UserError(f"too little disk space: the variants need about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free",
+                        where=f"output.dir ({out})")
+    return {"estimated_gb": round(need / 1e9, 2), "free_gb": round(free / 1e9, 2)}
+
+
+def write_side_files(folder: Path, config: dict[str, Any], model_dir: Path, tok_dir: Path, tokenizer: Any) -> list[str]:
+    """config.json (fp32, final vocab), generation_config.json with the pad id the engines use, tokenizer files."""
+    from llmship.export.source import TOKENIZER_FILES
+    from llmship.runtime.base import special_ids
+
+    graph_config = dict(config, dtype="float32")
+    graph_config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(graph_config, indent=2), encoding="utf-8")
+    generation: dict[str, Any] = {}
+    if (model_dir / "generation_config.json").is_file():
+        generation = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8"))
+    for key in ("bos_token_id", "eos_token_id"):
+        if generation.get(key) is None and config.get(key) is not None:
+            generation[key] = config[key]
+    eos, pad = special_ids(tokenizer, SimpleNamespace(**generation), SimpleNamespace(**config))
+    generation["pad_token_id"] = pad
+    if generation.get("eos_token_id") is None and eos is not None:
+        generation["eos_token_id"] = eos
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            shutil.copy2(tok_dir / name, folder / name)
+            copied.append(name)
+    return copied
+
+
+# --------------------------------------------------------------------------- compile
+def _resolve_inputs(cfg: Any) -> dict[str, Any]:
+    """Every input the streaming compile reads, validated before the first expensive step (module doc of checkpoint)."""
+    from llmship.export import check_exportable
+    from llmship.export.checkpoint import open_checkpoint
+    from llmship.export.source import _read_config, _tokenizer_source, check_architecture, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(cfg.model.path)
+    model_dir = Path(path).expanduser()
+    if not model_dir.is_dir():
+        raise UserError("streaming compiles a local model folder; this one is not found", where=f"model.path ({path})")
+    adapter_dir = Path(cfg.model.adapter).expanduser() if cfg.model.adapter else None
+    if adapter_dir is not None and not adapter_dir.is_dir():
+        raise UserError("adapter folder not found", where=f"model.adapter ({cfg.model.adapter})")
+    if not cfg.export.optimize:
+        raise UserError("streaming builds the fused graph; set export.optimize: true", where="export.streaming")
+    config = _read_config(model_dir, str(model_dir))
+    check_architecture(config, str(model_dir / "config.json"), cfg.model.trust_remote_code)
+    check_exportable(SimpleNamespace(**config), f"model.path ({model_dir})")
+    for i, variant in enumerate(cfg.quantize.all_variants()):
+        if not streamable(variant.scheme, variant.method):
+            where = "quantize" if i == 0 else f"quantize.variants.{i - 1}"
+            raise UserError(f"scheme {variant.scheme} ({variant.method or 'default'}) needs the whole model and cannot "
+                            f"stream; streaming builds: {', '.join(BYTES_PER_PARAM)} (w4a16 rtn/hqq)", where=f"{where}.scheme")
+    checkpoint = open_checkpoint(model_dir, config)
+    if adapter_dir is not None:
+        from llmship.export.checkpoint import LoraMerged
+
+        checkpoint = LoraMerged(checkpoint, adapter_dir)
+        config = checkpoint.config
+    tok_dir = _tokenizer_source(model_dir, adapter_dir)
+    if tok_dir is None:
+        raise UserError("no tokenizer files (tokenizer.model or tokenizer.json) in the model folder", where=str(model_dir))
+    tokenizer = load_tokenizer(tok_dir)
+    if len(tokenizer) > config["vocab_size"]:  # fewer tokens than rows is harmless: the extra rows are never read
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is {config['vocab_size']}",
+                        where=str(tok_dir))
+    return {"model_dir": model_dir, "adapter_dir": adapter_dir, "config": config, "checkpoint": checkpoint,
+            "tok_dir": tok_dir, "tokenizer": tokenizer}
+
+
+def _check_excludes(skeleton: Any, patterns: list[str]) -> None:
+    import fnmatch
+
+    from llmship.quantize.graph import initializers, node_names
+
+    inits = initializers(skeleton.model)
+    names = {n for node in skeleton.model.graph.node for n in node_names(node, inits)}
+    missing = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if missing:
+        raise UserError(f"exclude pattern(s) {', '.join(repr(p) for p in missing)} match no node, weight or module "
+                        "of the model", where="quantize.exclude")
+
+
+def compile_streaming(cfg: Any, out: Path, progress: Any = None, force: bool = False, *, parity: bool = True) -> dict[str, Path]:
+    """`export.streaming: true`: every variant built straight from the checkpoint; returns variant name -> folder."""
+    from llmship.pipeline import cached, folder_fingerprint, rebuilding, record, stage_key
+    from llmship.progress import Steps
+    from llmship.quantize.registry import build_scheme
+
+    inputs = _resolve_inputs(cfg)
+    checkpoint = inputs["checkpoint"]
+    params = checkpoint.weight_bytes // 4
+    variants = list(cfg.quantize.all_variants())
+    source_fp = [folder_fingerprint(inputs["model_dir"]), inputs["adapter_dir"] and folder_fingerprint(inputs["adapter_dir"])]
+    todo = []
+    for variant in variants:
+        target = out / ("fp32" if variant.scheme == "none" else variant.variant_name)
+        resolved = build_scheme(variant).describe() if variant.scheme != "none" else {}
+        key = stage_key("stream", source_fp, cfg.model.model_dump(), cfg.export.model_dump(), variant.model_dump(),
+                        resolved, cfg.runtime.provider)
+        stage = "export" if variant.scheme == "none" else f"variant-{variant.variant_name}"
+        if force or not cached(out, stage, key, target):
+            todo.append((variant, target, key, stage))
+    folders = {v.variant_name: out / ("fp32" if v.scheme == "none" else v.variant_name) for v in variants}
+    if not todo:
+        return folders
+    disk = check_disk(out, params, [v.scheme for v, *_ in todo])
+    steps = Steps(progress, "streaming compile")
+    steps("building the graph skeleton (one layer, exported and fused)")
+    scratch = Path(tempfile.mkdtemp(prefix=".skeleton-", dir=out))
+    try:
+        from llmship.export.skeleton import build_skeleton
+
+        skeleton = build_skeleton(inputs["config"], scratch, opset=cfg.export.opset, attention=cfg.export.attention)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    for variant, target, key, stage in todo:
+        if variant.exclude:
+            _check_excludes(skeleton, variant.exclude)
+        with rebuilding(out, stage):
+            build_variant(cfg, variant, target, skeleton, inputs, steps, disk=disk, parity=parity)
+        record(out, stage, key, target)
+    steps.done()
+    return folders
+
+
+def build_variant(cfg: Any, variant: Any, target: Path, skeleton: Any, inputs: dict[str, Any], steps: Any, *,
+                  disk: dict[str, float] | None = None, parity: bool = True) -> Path:
+    """One variant folder from the skeleton and the checkpoint (atomic; parity against PyTorch unless `parity` is off)."""
+    from llmship.artifact import atomic_folder, model_size, new_manifest, write_manifest
+    from llmship.export.genai_config import write_folder_genai_config
+    from llmship.quantize.registry import build_scheme, default_parity
+
+    scheme = build_scheme(variant) if variant.scheme != "none" else None
+    name = "fp32" if scheme is None else variant.variant_name
+    config = inputs["config"]
+    started = time.perf_counter()
+    with PeakRss() as rss, atomic_folder(target) as folder:
+        tokenizer_files = write_side_files(folder, config, inputs["model_dir"], inputs["tok_dir"], inputs["tokenizer"])
+        _, report = write_variant(skeleton, inputs["checkpoint"], folder, scheme, list(variant.exclude), steps, name)
+        build_s = time.perf_counter() - started
+        tolerances = cfg.export.parity if scheme is None else default_parity(variant)
+        figures: dict[str, Any] = {"skipped": True}
+        failures: list[str] = []
+        if parity:
+            steps(f"{name}: checking parity against PyTorch")
+            figures = _parity(cfg, folder, inputs, tolerances)
+            figures["candidate"]["path"] = str(target)
+            from llmship.export.parity import parity_failures
+
+            failures = parity_failures(figures, tolerances)
+            if failures:
+                raise CheckFailed(f"streamed {name} failed parity against PyTorch: " + "; ".join(failures))
+        write_folder_genai_config(folder, cfg.runtime.provider)
+        from llmship.export.onnx_export import cache_shape
+
+        kv_heads, head_dim = cache_shape(SimpleNamespace(**config))
+        rss.sample()
+        manifest = new_manifest(
+            "fp32" if scheme is None else "variant",
+            scheme=variant.scheme, variant=name, method=scheme.method if scheme else None,
+            options=scheme.options.model_dump() if scheme else {}, exclude=list(variant.exclude),
+            source={"path": str(inputs["model_dir"]), "adapter": inputs["adapter_dir"] and str(inputs["adapter_dir"]),
+                    "dtype": cfg.model.dtype,
+                    "checkpoint_dtypes": sorted({e.dtype for e in inputs["checkpoint"].entries.values()})},
+            model={"parameters": inputs["checkpoint"].weight_bytes // 4, "fp32_bytes": inputs["checkpoint"].weight_bytes,
+                   "vocab_size": config["vocab_size"], "max_positions": config.get("max_position_embeddings"),
+                   "hidden_size": config["hidden_size"], "heads": config["num_attention_heads"],
+                   "layers": config["num_hidden_layers"]},
+            onnx={"file": MODEL_FILE, "external_data": True, "opset": cfg.export.opset, "layers": config["num_hidden_layers"],
+                  "kv_heads": kv_heads, "head_dim": head_dim, "exporter": "llmship.export.skeleton (streaming)"},
+            optimize={"applied": True, "fusions": skeleton.fusion.get("fusions"), "attention": skeleton.fusion.get("attention")},
+            tokenizer_files=tokenizer_files,
+            config=cfg.model_dump(mode="json"),
+            quantization=report,
+            size={"model_bytes": model_size(folder), "fp32_model_bytes": inputs["checkpoint"].weight_bytes},
+            parity={"passed": parity and not failures, "failures": failures, "tolerances": tolerances.model_dump(), **figures},
+            streaming={"disk": disk, "read_mb_s": report.get("read_mb_s")},
+            timings={"build_s": round(build_s, 2), "total_s": round(time.perf_counter() - started, 2),
+                     "peak_rss_mb": rss.peak_mb},
+        )
+        write_manifest(folder, manifest)
+    log.info("streamed %s: %.0f s, peak RSS %.0f MB (process tree)", name, time.perf_counter() - started, rss.peak_mb)
+    return target
+
+
+def _parity(cfg: Any, folder: Path, inputs: dict[str, Any], tolerances: Any) -> dict[str, Any]:
+    from llmship.export.layerwise import layerwise_engine
+    from llmship.export.parity import check_parity, default_prompts
+    from llmship.runtime.ort_engine import OrtEngine
+
+    # one reference per compile: the variants share its parity trace (computed once, cached on the engine)
+    if "reference" not in inputs:
+        inputs["reference"] = layerwise_engine(inputs["checkpoint"], inputs["config"], inputs["tokenizer"],
+                                               threads=cfg.runtime.threads, model_dir=inputs["model_dir"])
+    reference = inputs["reference"]
+    candidate = OrtEngine(folder, provider=cfg.runtime.provider, threads=cfg.runtime.threads)
+    try:
+        prompts = default_prompts(inputs["tokenizer"], reference.max_positions)
+        return check_parity(reference, candidate, tolerances, prompts)
+    finally:
+        candidate.close()

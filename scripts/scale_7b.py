@@ -1,0 +1,173 @@
+"""Scale benchmark of the streaming compile: a random LLaMA-7B-shaped bf16 checkpoint, compiled variant by variant.
+
+    python scripts/scale_7b.py --scratch /work/scratch-7b [--layers 32] [--vocab 32000 --vocab 49953] \
+        [--variants w4a16 w8a8-dynamic w8a16] [--out scale_7b.json]
+
+Per vocabulary: writes a sharded bf16 safetensors checkpoint with an index as Hugging Face does (hidden 4096, 32 heads,
+MLP 11008; vocab 49953 gets untied embeddings as Chinese-LLaMA), then for each variant runs one compile in a child
+process (`export.streaming`, parity off: the PyTorch reference of a 7B does not fit the machine), samples the peak RSS
+of the child's whole process tree, loads the output in ONNX Runtime and generates 8 tokens. Writes JSON and Markdown
+(the table of README's "Large models"). Targets: peak RSS <= 3 GB per compile, wall <= 20 min per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# LLaMA-7B (Touvron et al. 2023, Hugging Face config of huggyllama/llama-7b)
+LLAMA_7B = {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6}
+# Hugging Face's default shard size of save_pretrained in transformers 4.x
+SHARD_BYTES = 5 * 10**9
+VARIANTS = {"w4a16": {"scheme": "w4a16", "method": "rtn", "options": {"block_size": 128}},
+            "w8a8-dynamic": {"scheme": "w8a8-dynamic"}, "w8a16": {"scheme": "w8a16"}, "none": {"scheme": "none"}}
+
+
+def make_checkpoint(folder: Path, layers: int, vocab: int, tied: bool) -> dict:
+    """Random bf16 LLaMA checkpoint, sharded like save_pretrained; returns what the report records."""
+    import torch
+    from safetensors.torch import save_file
+
+    from llmship.config import EMBEDDED_MODEL_DIR
+    from llmship.export.checkpoint import expected_shapes
+
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "bos_token_id": 1,
+              "eos_token_id": 2, "hidden_act": "silu", "tie_word_embeddings": tied, "torch_dtype": "bfloat16",
+              "rope_theta": 10000.0, **LLAMA_7B, "num_hidden_layers": layers}
+    done = folder / "config.json"
+    if done.is_file() and json.loads(done.read_text()) == config:
+        return {"reused": True}
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(0)
+    shapes = expected_shapes(config)
+    shards: list[dict] = [{}]
+    size = 0
+    for name, shape in shapes.items():
+        value = (torch.randn(shape, generator=generator) * (0.02 if len(shape) == 2 else 1.0)).to(torch.bfloat16)
+        if len(shape) == 1:
+            value = (1.0 + 0.05 * torch.randn(shape, generator=generator)).to(torch.bfloat16)
+        if size + value.nbytes > SHARD_BYTES and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    count = len(shards)
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{count:05d}.safetensors"
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        for name, value in shard.items():
+            weight_map[name] = file
+            total += value.nbytes
+    del shards
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                      "weight_map": weight_map}, indent=2))
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (EMBEDDED_MODEL_DIR / name).is_file():
+            shutil.copy2(EMBEDDED_MODEL_DIR / name, folder / name)
+    done.write_text(json.dumps(config))
+    return {"reused": False, "write_s": round(time.perf_counter() - started, 1), "bytes": total, "shards": count}
+
+
+def compile_child(model_dir: str, out: str, variant: str) -> None:
+    """Child process: one streaming compile (parity off), then 8 greedy tokens from ONNX Runtime."""
+    from llmship.config import Config
+    from llmship.export.streaming import compile_streaming
+    from llmship.runtime.ort_engine import OrtEngine
+
+    cfg = Config.model_validate({"model": {"path": model_dir}, "export": {"streaming": True},
+                                 "output": {"dir": out}, "quantize": VARIANTS[variant]})
+    Path(out).mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    folders = compile_streaming(cfg, Path(out), force=True, parity=False)
+    compiled = time.perf_counter() - started
+    folder = next(iter(folders.values()))
+    engine = OrtEngine(folder, threads=0)
+    tokens = engine.generate([[1, 450, 7483, 310]], 8, ignore_eos=True)
+    engine.close()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    print(json.dumps({"compile_s": round(compiled, 1), "generate_s": round(time.perf_counter() - started - compiled, 1),
+                      "tokens": tokens[0], "manifest_peak_rss_mb": manifest["timings"]["peak_rss_mb"],
+                      "build_s": manifest["timings"]["build_s"], "model_bytes": manifest["size"]["model_bytes"],
+                      "folder": str(folder)}))
+
+
+def run_variant(model_dir: Path, out: Path, variant: str) -> dict:
+    """One compile in a child process, its whole process tree's RSS sampled every 0.5 s."""
+    import psutil
+
+    started = time.perf_counter()
+    child = subprocess.Popen([sys.executable, __file__, "--child", str(model_dir), str(out), variant],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = psutil.Process(child.pid)
+    peak = 0
+    while child.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            peak = max(peak, sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]))
+        time.sleep(0.5)
+    stdout, stderr = child.communicate()
+    row = {"variant": variant, "wall_s": round(time.perf_counter() - started, 1), "peak_rss_mb": round(peak / 2**20),
+           "returncode": child.returncode}
+    if child.returncode == 0:
+        row.update(json.loads(stdout.strip().splitlines()[-1]))
+    else:
+        row["error"] = stderr.strip().splitlines()[-1] if stderr.strip() else "failed"
+    return row
+
+
+def markdown(report: dict) -> str:
+    lines = ["| checkpoint | variant | peak RSS (process tree) | wall | output | 8 tokens from ORT |",
+             "|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        ok = "yes" if row.get("tokens") and len(row["tokens"]) == 8 else f"no ({row.get('error', '')})"
+        size = f"{row['model_bytes'] / 1e9:.2f} GB" if row.get("model_bytes") else "-"
+        lines.append(f"| {row['checkpoint']} | {row['variant']} | {row['peak_rss_mb'] / 1024:.2f} GB | "
+                     f"{row['wall_s'] / 60:.1f} min | {size} | {ok} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scratch", type=Path, default=Path("/work/scratch-7b"))
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--vocab", type=int, action="append")
+    parser.add_argument("--variants", nargs="+", default=["w4a16", "w8a8-dynamic", "w8a16"])
+    parser.add_argument("--out", type=Path, default=Path("scale_7b.json"))
+    parser.add_argument("--child", nargs=3)
+    args = parser.parse_args()
+    if args.child:
+        compile_child(*args.child)
+        return
+    report = {"layers": args.layers, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": [],
+              "checkpoints": {}}
+    for vocab in args.vocab or [32000]:
+        name = f"llama7b-v{vocab}-l{args.layers}"
+        model_dir = args.scratch / name
+        report["checkpoints"][name] = make_checkpoint(model_dir, args.layers, vocab, tied=False)
+        for variant in args.variants:
+            row = {"checkpoint": name, **run_variant(model_dir, args.scratch / f"out-{name}", variant)}
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            args.out.write_text(json.dumps(report, indent=2))
+            args.out.with_suffix(".md").write_text(markdown(report))
+            shutil.rmtree(args.scratch / f"out-{name}" / VARIANTS[variant].get("name", _folder(variant)), ignore_errors=True)
+
+
+def _folder(variant: str) -> str:
+    return {"w4a16": "w4a16-rtn", "none": "fp32"}.get(variant, variant)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
