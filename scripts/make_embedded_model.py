@@ -533,6 +533,18 @@ def train_tokenizer(texts: list[str], out: Path) -> Path:
     return work / "tokenizer.model"
 
 
+def save_model_folder(model, work: Path) -> None:
+    """Write the trained model and its tokenizer files into `work`, then drop the training scratch folders."""
+    import shutil
+
+    save_tokenizer(work / "_spm" / "tokenizer.model", work)
+    model.generation_config.bos_token_id = 1
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(str(work), safe_serialization=True)
+    for scratch in ("_spm", "_tok"):
+        shutil.rmtree(work / scratch, ignore_errors=True)
+
+
 def save_tokenizer(spm_file: Path, out: Path) -> None:
     """tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json: LlamaTokenizer and AutoTokenizer
     both give SentencePiece's own ids with BOS in front (the test checks it)."""
@@ -675,14 +687,7 @@ def train(corpora: dict, args: argparse.Namespace) -> None:
             log(f"step {step + 1}: C-Eval val accuracy (PPL mode) {val_accuracy(model, sp, corpora):.1f}%")
     model.eval()
     train_seconds = time.time() - started
-    save_tokenizer(work / "_spm" / "tokenizer.model", work)
-    model.generation_config.bos_token_id = 1
-    model.generation_config.eos_token_id = 2
-    model.save_pretrained(str(work), safe_serialization=True)
-    for scratch in ("_spm", "_tok"):
-        import shutil
-
-        shutil.rmtree(work / scratch, ignore_errors=True)
+    save_model_folder(model, work)
     figures = measure(work, corpora)
     figures.update(train_seconds=round(train_seconds, 1), params=params, steps=steps, threads=args.threads)
     write_model_card(work, figures)

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from make_embedded_model import PPL_SEQ_LEN, heldout_perplexity, save_tokenizer  # noqa: E402
+from make_embedded_model import PPL_SEQ_LEN, heldout_perplexity, save_model_folder  # noqa: E402
 
 from llmship.calib_data import sources, templates  # noqa: E402
 
@@ -175,12 +175,7 @@ def train(args: argparse.Namespace) -> None:
             log(f"step {step}/{steps} loss {loss.item():.3f} ({time.time() - train_started:.0f} s)")
     train_seconds = time.time() - train_started
     model.eval()
-    save_tokenizer(work / "_spm" / "tokenizer.model", work)
-    model.generation_config.bos_token_id = 1
-    model.generation_config.eos_token_id = 2
-    model.save_pretrained(str(work), safe_serialization=True)
-    for scratch in ("_spm", "_tok"):
-        shutil.rmtree(work / scratch, ignore_errors=True)
+    save_model_folder(model, work)
     tok = AutoTokenizer.from_pretrained(str(work))
     reloaded = AutoModelForCausalLM.from_pretrained(str(work), dtype=torch.float32).eval()
     figures = {
