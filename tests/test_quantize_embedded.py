@@ -138,7 +138,9 @@ def test_fp16_is_all_but_exact(compiled):
 def test_int8_weight_schemes(compiled, name, top1):
     r = compiled[name]
     assert r["ppl_ratio"] <= 1.005 + SLACK and r["top1"] >= top1 - SLACK
-    assert r["size_ratio"] <= 0.30
+    # 0.31: w8a16 measures 0.306 since the fused rotary tables hold 2x max positions (C-Eval GEN past them): 131 KB of
+    # float tables that no scheme quantizes, 2% of this 1.5M-parameter model (2 MiB of a 7B).
+    assert r["size_ratio"] <= 0.31
     assert r["manifest"]["quantization"]["embeddings_quantized"]
 
 
