@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmship.cache import library_versions
 from llmship.errors import UserError
+from llmship.files import MANIFEST_FILE, MODEL_FILE, fsync_file, read_json_object, write_json_atomic
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE
 FORMAT = 1  # bump when the folder layout changes incompatibly
 
 
@@ -45,13 +47,13 @@ class Artifact:
             raise UserError(f"manifest.json is unreadable: {exc}", where=str(file)) from None
         if not isinstance(manifest, dict) or "llmship" not in manifest:
             raise UserError("not an llmship artifact (manifest.json lacks the 'llmship' section)", where=str(file))
-        if not (folder / manifest.get("onnx", {}).get("file", "model.onnx")).is_file():
+        if not (folder / manifest.get("onnx", {}).get("file", MODEL_FILE)).is_file():
             raise UserError("the artifact's model.onnx is missing", where=str(folder))
         return cls(folder, manifest)
 
     @property
     def onnx_path(self) -> Path:
-        return self.path / self.manifest.get("onnx", {}).get("file", "model.onnx")
+        return self.path / self.manifest.get("onnx", {}).get("file", MODEL_FILE)
 
     @property
     def scheme(self) -> str:
@@ -62,34 +64,9 @@ class Artifact:
         return folder_size(self.path)
 
 
-def library_versions() -> dict[str, str]:
-    from llmship.pipeline import library_versions as versions
-
-    return versions()
-
-
-def folder_fingerprint(path: str | Path) -> str:
-    from llmship.pipeline import folder_fingerprint as fingerprint
-
-    return fingerprint(path)
-
-
 def read_config_json(folder: str | Path) -> dict[str, Any]:
     """A model or compiled folder's config.json ({} when absent); an unreadable one is a UserError naming it."""
     return read_json_object(Path(folder) / "config.json")
-
-
-def read_json_object(file: Path) -> dict[str, Any]:
-    """A JSON object file ({} when absent); an unreadable one, or one that is not an object, is a UserError naming it."""
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"unreadable JSON ({exc})", where=str(file)) from None
-    if not isinstance(data, dict):
-        raise UserError(f"expected a JSON object, got {type(data).__name__}", where=str(file))
-    return data
 
 
 def max_positions(model: Any, folders: Any) -> int:
@@ -134,12 +111,7 @@ def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
     manifest = dict(manifest)
     manifest["size_bytes"] = folder_size(folder) - ((folder / MANIFEST).stat().st_size if (folder / MANIFEST).exists() else 0)
     manifest["model_bytes"] = model_size(folder)
-    file = folder / MANIFEST
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    _fsync_file(tmp)
-    os.replace(tmp, file)
-    return file
+    return write_json_atomic(folder / MANIFEST, manifest, durable=True)
 
 
 # --------------------------------------------------------------------------- atomic folder writes
@@ -185,15 +157,10 @@ def recover_interrupted(folder: str | Path) -> None:
         _recover(folder / name)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
 def _fsync_tree(folder: Path) -> None:
     for p in folder.rglob("*"):
         if p.is_file():
-            _fsync_file(p)
+            fsync_file(p)
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:

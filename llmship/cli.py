@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from llmship.errors import CheckFailed, UserError
+from llmship.progress import stderr
 
 app = typer.Typer(
     add_completion=False,
@@ -28,7 +29,6 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect the YAML config format.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-stderr = Console(stderr=True)
 log = logging.getLogger("llmship")
 
 ConfigArg = Annotated[str, typer.Argument(help="YAML config file (see `llmship config schema`).")]

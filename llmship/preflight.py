@@ -21,6 +21,7 @@ from typing import Any
 
 from llmship.config import ASSETS_DIR, EMBEDDED, Config
 from llmship.errors import UserError
+from llmship.files import MANIFEST_FILE
 
 log = logging.getLogger("llmship")
 
@@ -190,7 +191,7 @@ def compiled_folders(cfg: Config, out: Path) -> dict[str, Path]:
     folders = {}
     for variant in cfg.quantize.all_variants():
         folder = out / ("fp32" if variant.scheme == "none" else variant.variant_name)
-        if not (folder / "manifest.json").is_file():
+        if not (folder / MANIFEST_FILE).is_file():
             raise UserError(f"variant '{variant.variant_name}' is not compiled in {out}; run `llmship compile` first",
                             where="quantize")
         folders[variant.variant_name] = folder
@@ -202,7 +203,7 @@ def _check_compiled(cfg: Config, plan: Plan) -> None:
     from llmship.artifact import read_config_json
 
     for name, folder in compiled_folders(cfg, Path(cfg.output.dir).expanduser()).items():
-        plan.add("quantize", "compiled variant", str(folder), "manifest.json", f"variant {name}")
+        plan.add("quantize", "compiled variant", str(folder), MANIFEST_FILE, f"variant {name}")
         if positions := read_config_json(folder).get("max_position_embeddings"):
             plan.max_positions = min(int(positions), plan.max_positions or int(positions))
 

@@ -7,7 +7,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from rich.console import Console
+
 log = logging.getLogger("llmship")
+
+# The console every progress bar and error line goes to (results go to files under output.dir).
+stderr = Console(stderr=True)
 
 
 class Counter:

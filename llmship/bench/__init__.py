@@ -194,7 +194,7 @@ def environment(cfg: Config) -> dict[str, Any]:
 
     import psutil
 
-    from llmship.pipeline import library_versions
+    from llmship.cache import library_versions
 
     return {"python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),

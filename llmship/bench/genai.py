@@ -22,27 +22,26 @@ from typing import Any
 import numpy as np
 
 from llmship.errors import UserError
+from llmship.files import GENAI_CONFIG_FILE, MANIFEST_FILE, MODEL_FILE
 from llmship.runtime.base import StepCallback
-
-GENAI_CONFIG = "genai_config.json"
 
 
 def view_folder(folder: Path, threads: int, provider: str) -> Path:
     """A temp folder linking `folder`'s files, with a genai_config.json set up for this run."""
     view = Path(tempfile.mkdtemp(prefix="llmship-genai-"))
     for item in folder.iterdir():
-        if item.name != GENAI_CONFIG:
+        if item.name != GENAI_CONFIG_FILE:
             (view / item.name).symlink_to(item.resolve())
-    if (folder / GENAI_CONFIG).is_file():
-        config = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))
+    if (folder / GENAI_CONFIG_FILE).is_file():
+        config = json.loads((folder / GENAI_CONFIG_FILE).read_text(encoding="utf-8"))
     else:
         from llmship.export.genai_config import build_genai_config
 
         hf = _json(folder / "config.json")
         if not hf:
             raise UserError("no config.json or genai_config.json in the folder (not a compiled llmship variant?)", where=str(folder))
-        manifest = _json(folder / "manifest.json")
-        filename = manifest.get("onnx", {}).get("file", "model.onnx")
+        manifest = _json(folder / MANIFEST_FILE)
+        filename = manifest.get("onnx", {}).get("file", MODEL_FILE)
         import onnx
 
         graph = onnx.load(str(folder / filename), load_external_data=False).graph
@@ -54,7 +53,7 @@ def view_folder(folder: Path, threads: int, provider: str) -> Path:
         session["intra_op_num_threads"] = threads
         session["inter_op_num_threads"] = 1
     session["provider_options"] = [{"cuda": {}}] if provider == "cuda" else []
-    (view / GENAI_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (view / GENAI_CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
     return view
 
 
@@ -86,7 +85,7 @@ class GenaiEngine:
         self.threads = runtime_cfg.threads
         self.provider = runtime_cfg.provider
         self._view = view_folder(self.path, runtime_cfg.threads, runtime_cfg.provider)
-        config = json.loads((self._view / GENAI_CONFIG).read_text(encoding="utf-8"))["model"]
+        config = json.loads((self._view / GENAI_CONFIG_FILE).read_text(encoding="utf-8"))["model"]
         self.pad_token_id = int(config["pad_token_id"] if config.get("pad_token_id") is not None else 0)
         self.eos_token_id = config.get("eos_token_id")
         self.max_positions = int(config["context_length"])

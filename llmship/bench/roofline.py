@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from llmship.files import GENAI_CONFIG_FILE
+
 BANDWIDTH_ARRAY_BYTES = 256 << 20  # far above any CPU's last-level cache
 BANDWIDTH_REPEATS = 8
 BANDWIDTH_ROW = 16384  # K of the probe's matrix (N follows from the size)
@@ -157,7 +159,7 @@ def onnx_cache_bytes_per_token(onnx_path: str | Path) -> int:
             tensor = value.type.tensor_type
             heads, size = (tensor.shape.dim[i].dim_value for i in (1, 3))
             if not (heads and size):
-                heads, size = _genai_cache_shape(path.parent / "genai_config.json")
+                heads, size = _genai_cache_shape(path.parent / GENAI_CONFIG_FILE)
             total += heads * size * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).itemsize
     return total
 

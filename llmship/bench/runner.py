@@ -19,6 +19,7 @@ from typing import Any
 
 from llmship.bench.metrics import request_latencies
 from llmship.errors import CheckFailed
+from llmship.files import MANIFEST_FILE, MODEL_FILE, write_json_atomic
 
 PROGRESS_TAG = "@@progress"
 WARMUP_OUTPUT_CAP = 8  # warm-up only needs every kernel and allocation exercised once; its figures are discarded
@@ -144,12 +145,12 @@ def cache_bytes_per_token(engine: Any, spec: dict[str, Any]) -> int:
 
 
 def _onnx_file(folder: Path) -> Path:
-    manifest = folder / "manifest.json"
+    manifest = folder / MANIFEST_FILE
     if manifest.is_file():
         name = json.loads(manifest.read_text(encoding="utf-8")).get("onnx", {}).get("file")
         if name and (folder / name).is_file():
             return folder / name
-    return folder / "model.onnx"
+    return folder / MODEL_FILE
 
 
 def size_on_disk(engine: Any, spec: dict[str, Any]) -> int:
@@ -239,9 +240,7 @@ def main(argv: list[str]) -> int:
         result = measure(job, report, isolated=True)
     except Exception as exc:  # noqa: BLE001 - handed to the parent, which re-raises it with its type
         result = {"error": {"type": type(exc).__name__, "message": str(exc)}}
-    tmp = result_file.with_name(result_file.name + ".tmp")
-    tmp.write_text(json.dumps(result), encoding="utf-8")
-    tmp.replace(result_file)
+    write_json_atomic(result_file, result, indent=None)
     return 0
 
 

@@ -44,6 +44,14 @@ def resolve(path: str | Path, kind: str) -> Path | str:
     return text
 
 
+def data_fingerprint(path: str, kind: str) -> str:
+    """Fingerprint of a dataset's local files ('@embedded' = the bundled sample; a hub id hashes as its name)."""
+    from llmship.cache import folder_fingerprint
+
+    source = resolve(path, kind)
+    return folder_fingerprint(source) if isinstance(source, Path) and source.exists() else f"hub:{path}"
+
+
 def looks_like_file(text: str) -> bool:
     return text.endswith((*C4_SUFFIXES, ".csv"))
 

@@ -173,8 +173,8 @@ def score_engine(engine: Any, tasks: Tasks, cfg: Config, tokenizer: Any, progres
 
 # --------------------------------------------------------------------------- baseline cache
 def baseline_key(cfg: Config) -> str:
+    from llmship.cache import folder_fingerprint, library_versions
     from llmship.export.source import resolve_model_path
-    from llmship.pipeline import folder_fingerprint, library_versions
 
     ev = cfg.eval
     parts = {

@@ -28,6 +28,6 @@ def read_alpaca(path: str) -> list[dict[str, Any]]:
 
 def fingerprint(path: str, kind: str) -> str:
     """Hash of the local data files (a hub dataset id hashes as its name)."""
-    from llmship.pipeline import data_fingerprint
+    from llmship.calib_data.sources import data_fingerprint
 
     return data_fingerprint(path, kind)

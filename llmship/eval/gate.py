@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from llmship.config import Goal
 from llmship.errors import UserError
+from llmship.files import write_atomic
 
 log = logging.getLogger("llmship")
 
@@ -165,10 +165,7 @@ def junit_xml(rows: Sequence[dict], suite: str = "llmship-gate") -> bytes:
 
 
 def write_junit(rows: Sequence[dict], path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(junit_xml(rows))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, junit_xml(rows))
 
 
 def _interval_text(row: Mapping[str, Any]) -> str:

@@ -12,24 +12,13 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llmship.files import write_atomic
+
 COLUMNS = ("dataset", "version", "metric", "mode")
-
-
-def write_atomic(path: Path, data: str | bytes) -> Path:
-    """Write to a temp sibling, then rename over the target (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def write_json(path: Path, data: Any) -> Path:

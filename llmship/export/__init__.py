@@ -19,6 +19,7 @@ import torch
 from llmship.artifact import Artifact, atomic_folder, new_manifest, write_manifest
 from llmship.config import Config
 from llmship.errors import CheckFailed, UserError
+from llmship.files import MODEL_DATA_FILE, MODEL_FILE
 from llmship.progress import Steps
 
 log = logging.getLogger("llmship")
@@ -86,19 +87,17 @@ def _external_data_policy(folder: Path, mode: str) -> None:
     """Move weights to model.onnx.data when the config asks for it and the graph holds them inline."""
     import onnx
 
-    from llmship.export.onnx_export import ONNX_FILE
 
-    data = folder / f"{ONNX_FILE}.data"
+    data = folder / MODEL_DATA_FILE
     if mode != "always" or data.exists():
         return
-    model = onnx.load(str(folder / ONNX_FILE))
-    onnx.save(model, str(folder / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+    model = onnx.load(str(folder / MODEL_FILE))
+    onnx.save(model, str(folder / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
               location=data.name, size_threshold=1024)  # small constants (split sizes, shapes) stay inline for ORT
 
 
 def _keep_if_parity(folder: Path, work: Path, reference: Any, prompts: list[list[int]], cfg: Config) -> tuple[dict, list[str]]:
     """Parity of the rewritten graph in `work` (beside `folder`'s side files); on success it replaces folder's graph."""
-    from llmship.export.onnx_export import ONNX_FILE
     from llmship.export.parity import check_parity, parity_failures
     from llmship.runtime.ort_engine import OrtEngine
 
@@ -109,8 +108,8 @@ def _keep_if_parity(folder: Path, work: Path, reference: Any, prompts: list[list
     candidate.close()
     failures = parity_failures(figures, cfg.export.parity)
     if not failures:
-        (folder / f"{ONNX_FILE}.data").unlink(missing_ok=True)
-        for file in (work / ONNX_FILE, work / f"{ONNX_FILE}.data"):
+        (folder / MODEL_DATA_FILE).unlink(missing_ok=True)
+        for file in (work / MODEL_FILE, work / MODEL_DATA_FILE):
             if file.exists():
                 os.replace(file, folder / file.name)
     shutil.rmtree(work, ignore_errors=True)
@@ -125,14 +124,14 @@ def optimize_graph(folder: Path, source: Any, reference: Any, prompts: list[list
     """Fuse the exported graph for ONNX Runtime (llmship.export.fusion) and keep the fused graph only when it
     passes the same parity check as the plain one; returns what the manifest records."""
     from llmship.export.fusion import fuse_decoder
-    from llmship.export.onnx_export import ONNX_FILE, cache_shape
+    from llmship.export.onnx_export import cache_shape
 
     config = source.model.config
     kv_heads, _ = cache_shape(config)
     work = folder / ".fused"
     work.mkdir()
     try:
-        report = fuse_decoder(folder / ONNX_FILE, work / ONNX_FILE, config.num_attention_heads, kv_heads,
+        report = fuse_decoder(folder / MODEL_FILE, work / MODEL_FILE, config.num_attention_heads, kv_heads,
                               config.hidden_size, max_positions=config.max_position_embeddings,
                               attention=cfg.export.attention)
         figures, failures = _keep_if_parity(folder, work, reference, prompts, cfg)
@@ -153,16 +152,15 @@ def slim_graph(folder: Path, reference: Any, prompts: list[list[int]], cfg: Conf
     import onnx
     import onnxslim
 
-    from llmship.export.onnx_export import ONNX_FILE
 
-    before = len(onnx.load(str(folder / ONNX_FILE), load_external_data=False).graph.node)
+    before = len(onnx.load(str(folder / MODEL_FILE), load_external_data=False).graph.node)
     work = folder / ".slim"
     work.mkdir()
     try:
-        slimmed = onnxslim.slim(str(folder / ONNX_FILE))
-        external = (folder / f"{ONNX_FILE}.data").exists()  # the export chose external data for > 2 GB
-        onnx.save(slimmed, str(work / ONNX_FILE), save_as_external_data=external, all_tensors_to_one_file=True,
-                  location=f"{ONNX_FILE}.data", size_threshold=1024)
+        slimmed = onnxslim.slim(str(folder / MODEL_FILE))
+        external = (folder / MODEL_DATA_FILE).exists()  # the export chose external data for > 2 GB
+        onnx.save(slimmed, str(work / MODEL_FILE), save_as_external_data=external, all_tensors_to_one_file=True,
+                  location=MODEL_DATA_FILE, size_threshold=1024)
         after = len(slimmed.graph.node)
         del slimmed
         figures, failures = _keep_if_parity(folder, work, reference, prompts, cfg)

@@ -38,6 +38,7 @@ from typing import Any, Literal
 import numpy as np
 
 from llmship.errors import CheckFailed, UserError
+from llmship.files import INLINE_WEIGHTS_LIMIT
 
 Attention = Literal["mha", "gqa", "none"]
 # Which projections sharing an input to pack: q/k/v only (default: measured as fast as onnxruntime-genai's
@@ -65,9 +66,6 @@ GQA_CONTRACT = (
 # (OpenCompass's hf_llama2_7b.py: 1024 of 4096) and costs head_dim x 4 bytes per row (cos and sin, fp32): 1 MiB
 # more on LLaMA-7B, 2 MiB on Llama-2-7B.
 ROTARY_TABLE_FACTOR = 2
-
-# Above this size the fused model's weights go to an external `.data` file (protobuf's 2 GB limit).
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 
 
 def rotary_table_rows(max_positions: int) -> int:
@@ -424,7 +422,7 @@ def _save_atomic(model, target: Path) -> None:
     tmp_data = tmp.with_name(f".{data_name}.tmp")
     for stale in (tmp, tmp_data):
         stale.unlink(missing_ok=True)
-    if size > EXTERNAL_DATA_THRESHOLD:
+    if size > INLINE_WEIGHTS_LIMIT:
         ir.save(model, str(tmp), external_data=tmp_data.name)
         os.replace(tmp_data, target.with_name(data_name))
         # The graph names its data file; point it at the final name before the rename.

@@ -15,15 +15,13 @@ Every compiled folder (fp32 and each variant) gets its genai_config.json written
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from llmship.errors import UserError
-
-GENAI_CONFIG_NAME = "genai_config.json"
+from llmship.files import GENAI_CONFIG_FILE, MODEL_FILE, write_json_atomic
 
 # onnxruntime-genai's builder defaults for the `search` block (HF GenerationConfig defaults).
 SEARCH_DEFAULTS: dict[str, Any] = {
@@ -96,7 +94,7 @@ def build_genai_config(hf_config: Any, generation_config: Any, onnx_io: Mapping[
     kv_heads = hf.get("num_key_value_heads") or heads
     head_size = hf.get("head_dim") or hf["hidden_size"] // heads
     context_length = int(onnx_io.get("context_length") or hf.get("max_position_embeddings") or 2048)
-    filename = str(onnx_io.get("filename", "model.onnx"))
+    filename = str(onnx_io.get("filename", MODEL_FILE))
     provider = str(onnx_io.get("provider", "cpu"))
     inputs, outputs = genai_io_block(list(onnx_io["inputs"]), list(onnx_io["outputs"]), where=filename)
 
@@ -155,7 +153,7 @@ def write_genai_config(folder: Path, hf_config: Any, generation_config: Any = No
     """
     folder = Path(folder)
     io = dict(onnx_io or {})
-    io.setdefault("filename", "model.onnx")
+    io.setdefault("filename", MODEL_FILE)
     if "inputs" not in io or "outputs" not in io:
         names_in, names_out = _onnx_names(folder / io["filename"])
         io.setdefault("inputs", names_in)
@@ -166,11 +164,8 @@ def write_genai_config(folder: Path, hf_config: Any, generation_config: Any = No
 
         io["past_present_share_buffer"] = runtime_padding(folder / io["filename"]) == "right"
     config = build_genai_config(hf_config, generation_config, io)
-    target = folder / GENAI_CONFIG_NAME
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    target = folder / GENAI_CONFIG_FILE
+    return write_json_atomic(target, config, indent=4)
 
 
 def write_folder_genai_config(folder: Path, provider: str = "cpu") -> Path:

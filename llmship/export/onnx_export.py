@@ -16,13 +16,11 @@ from typing import Any
 
 import torch
 
+from llmship.files import INLINE_WEIGHTS_LIMIT, MODEL_FILE
 from llmship.runtime.torch_engine import cache_kwarg, output_cache
 
 log = logging.getLogger("llmship")
 
-ONNX_FILE = "model.onnx"
-# protobuf's hard limit for one file; above it weights must go to external data.
-PROTOBUF_LIMIT = 2 * 1024**3
 # Example sizes used only for tracing; every one of these axes is exported as dynamic. Distinct values
 # (and none equal to 1) keep torch.export from specialising an axis or merging two of them.
 TRACE_BATCH, TRACE_SEQ, TRACE_PAST = 2, 3, 5
@@ -74,7 +72,7 @@ def wants_external_data(model: torch.nn.Module, mode: str) -> bool:
         return True
     if mode == "never":
         return False
-    return parameter_bytes(model) > PROTOBUF_LIMIT - (64 << 20)  # headroom for the graph itself
+    return parameter_bytes(model) > INLINE_WEIGHTS_LIMIT
 
 
 def export_decoder(model: torch.nn.Module, folder: Path, *, opset: int = 18, external_data: str = "auto") -> dict[str, Any]:
@@ -93,7 +91,7 @@ def export_decoder(model: torch.nn.Module, folder: Path, *, opset: int = 18, ext
                tuple({0: "batch", 2: "past_sequence_length"} for _ in range(2 * layers)))
     external = wants_external_data(model, external_data)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / ONNX_FILE
+    target = folder / MODEL_FILE
     wrapper = DecoderWithCache(model).eval()
     # The exporter prints its progress to stdout (llmship keeps stdout for results) and warns about optional
     # torchvision ops a decoder never uses.
@@ -103,5 +101,5 @@ def export_decoder(model: torch.nn.Module, folder: Path, *, opset: int = 18, ext
         program = torch.onnx.export(wrapper, (ids, mask, positions, *past), dynamo=True, opset_version=opset,
                                     input_names=inputs, output_names=outputs, dynamic_shapes=dynamic, verbose=False)
         program.save(str(target), external_data=external)
-    return {"file": ONNX_FILE, "external_data": external, "opset": opset, "inputs": inputs, "outputs": outputs,
+    return {"file": MODEL_FILE, "external_data": external, "opset": opset, "inputs": inputs, "outputs": outputs,
             "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "exporter": "torch.onnx.export(dynamo=True)"}

@@ -24,6 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from llmship.errors import CheckFailed, UserError
+from llmship.files import MODEL_FILE
 
 # Rows of the skeleton's vocabulary: a prime no LLaMA width equals, so the one output axis that carries it is found
 # unambiguously and replaced by the real vocabulary size.
@@ -120,7 +121,7 @@ def export_one_layer(config: dict[str, Any], folder: Path, *, opset: int, attent
     export_decoder(model, folder, opset=opset, external_data="auto")
     kv_heads, _ = cache_shape(llama_config)
     del model
-    report = fuse_decoder(folder / "model.onnx", folder / "fused.onnx", llama_config.num_attention_heads, kv_heads,
+    report = fuse_decoder(folder / MODEL_FILE, folder / "fused.onnx", llama_config.num_attention_heads, kv_heads,
                           llama_config.hidden_size, max_positions=llama_config.max_position_embeddings, attention=attention)
     fused = onnx.load(str(folder / "fused.onnx"), load_external_data=True)
     return fused, weights, report

@@ -331,7 +331,7 @@ def _tokenizer_source(model_dir: Path | None, adapter_dir: Path | None) -> Path 
 
 def load_source(model_cfg: ModelConfig) -> SourceModel:
     """Load and check the source model (+ adapter), in its configured dtype, eval mode."""
-    from llmship.pipeline import folder_fingerprint
+    from llmship.cache import folder_fingerprint
 
     path = resolve_model_path(model_cfg.path)
     local = _looks_local(path)

@@ -29,11 +29,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from llmship.errors import CheckFailed, UserError
+from llmship.files import MODEL_DATA_FILE, MODEL_FILE
 
 log = logging.getLogger("llmship")
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 # Tensors at least this large go to the external-data file (the whole-graph path uses the same threshold).
 INLINE_LIMIT = 1024
 # Offsets of external tensors are aligned (ORT maps the file; aligned starts avoid unaligned copies).
@@ -117,7 +116,7 @@ class DataWriter:
     """Appends tensors to `model.onnx.data` and points their TensorProto at the bytes written."""
 
     def __init__(self, folder: Path):
-        self.path = folder / DATA_FILE
+        self.path = folder / MODEL_DATA_FILE
         self.handle = self.path.open("wb")
         self.offset = 0
 
@@ -133,7 +132,7 @@ class DataWriter:
         del init.float_data[:]
         del init.external_data[:]
         init.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", DATA_FILE), ("offset", str(self.offset)), ("length", str(len(data)))):
+        for key, value in (("location", MODEL_DATA_FILE), ("offset", str(self.offset)), ("length", str(len(data)))):
             init.external_data.add(key=key, value=value)
         self.offset += len(data)
         return len(data)
@@ -289,7 +288,7 @@ def _quantize_one(scheme: Any, node: onnx.NodeProto, weight_name: str, make_weig
     nbytes = weight.nbytes
     one = _single_node_model(node, weight_name, weight, template)
     del weight
-    onnx.save(one, str(work / MODEL_FILE), save_as_external_data=True, location=DATA_FILE, size_threshold=INLINE_LIMIT)
+    onnx.save(one, str(work / MODEL_FILE), save_as_external_data=True, location=MODEL_DATA_FILE, size_threshold=INLINE_LIMIT)
     del one
     job = job_class(source=work / MODEL_FILE, folder=work, target=work / "out", samples=None, exclude=list(exclude),
                     external_data="auto")
@@ -444,7 +443,7 @@ def _check_excludes(skeleton: Any, patterns: list[str]) -> None:
 
 def compile_streaming(cfg: Any, out: Path, progress: Any = None, force: bool = False, *, parity: bool = True) -> dict[str, Path]:
     """`export.streaming: true`: every variant built straight from the checkpoint; returns variant name -> folder."""
-    from llmship.pipeline import cached, folder_fingerprint, rebuilding, record, stage_key
+    from llmship.cache import cached, folder_fingerprint, rebuilding, record, stage_key
     from llmship.progress import Steps
     from llmship.quantize.registry import build_scheme
 

@@ -19,7 +19,8 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
-from llmship.quantize.graph import PROTO_LIMIT, save_model
+from llmship.files import INLINE_WEIGHTS_LIMIT
+from llmship.quantize.graph import save_model
 
 _NUMPY_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                 onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
@@ -129,7 +130,7 @@ def probe_session(model: onnx.ModelProto, names: list[str], scratch: Path | None
     options.log_severity_level = 3  # no warnings about initializers left unused by the rewrites
     if exact:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if probe.ByteSize() > PROTO_LIMIT:
+    if probe.ByteSize() > INLINE_WEIGHTS_LIMIT:
         # Over protobuf's 2 GB limit the probe goes through a file; it is deleted as soon as the session holds the
         # weights, so no copy of the model is left in the variant folder or the working directory.
         base = scratch if scratch is not None and scratch.is_dir() else None

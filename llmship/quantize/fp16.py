@@ -23,8 +23,9 @@ from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_floa
 from pydantic import Field
 
 from llmship.config import ParityConfig
+from llmship.files import INLINE_WEIGHTS_LIMIT
 from llmship.quantize.feeds import calibration_feeds, decoder_inputs, probe_session
-from llmship.quantize.graph import PROTO_LIMIT, ensure_node_names, load_model, module_name, save_model
+from llmship.quantize.graph import ensure_node_names, load_model, module_name, save_model
 from llmship.quantize.registry import QuantizeJob, Scheme, SchemeOptions, register
 
 FP16_MAX = 65504.0
@@ -118,7 +119,7 @@ class Fp16(Scheme):
     def _convert(self, model: onnx.ModelProto, blocked: dict[str, Any], op_block: list[str]) -> onnx.ModelProto:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        big = model.ByteSize() > PROTO_LIMIT
+        big = model.ByteSize() > INLINE_WEIGHTS_LIMIT
         converted = convert_float_to_float16(copy, keep_io_types=self.options.keep_io_types, node_block_list=sorted(blocked),
                                              op_block_list=op_block, disable_shape_infer=big)
         cast_kept_inputs(converted, set(blocked), self._float_tensors(model))

@@ -18,10 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-# protobuf refuses messages over 2 GiB; keep a margin for the graph itself.
-PROTO_LIMIT = 1_800_000_000
+from llmship.files import INLINE_WEIGHTS_LIMIT, MODEL_DATA_FILE, MODEL_FILE
 
 # Metadata key under which torch.onnx (dynamo) records the module path of every node.
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
@@ -48,13 +45,13 @@ def save_model(model: onnx.ModelProto, folder: Path, external_data: str = "auto"
     strip_metadata(model)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MODEL_FILE
-    for stale in (path, folder / DATA_FILE):
+    for stale in (path, folder / MODEL_DATA_FILE):
         if stale.exists():
             stale.unlink()
-    external = external_data == "always" or (external_data == "auto" and model.ByteSize() > PROTO_LIMIT)
+    external = external_data == "always" or (external_data == "auto" and model.ByteSize() > INLINE_WEIGHTS_LIMIT)
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
+                        location=MODEL_DATA_FILE, size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
     return path

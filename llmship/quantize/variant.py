@@ -13,6 +13,7 @@ from typing import Any
 from llmship.artifact import Artifact, atomic_folder, model_size, new_manifest, write_manifest
 from llmship.config import Config, ParityConfig, VariantConfig
 from llmship.errors import CheckFailed, UserError
+from llmship.files import GENAI_CONFIG_FILE, MANIFEST_FILE, MODEL_DATA_FILE, MODEL_FILE
 from llmship.progress import Steps
 from llmship.quantize.graph import initializers, load_model, node_names
 from llmship.quantize.registry import QuantizeJob, Scheme, build_scheme, default_parity
@@ -21,7 +22,7 @@ log = logging.getLogger("llmship")
 
 # Files of the fp32 folder that a variant carries over unchanged (the graph is rewritten, the manifest new).
 # genai_config.json is written anew: it describes the variant's own graph.
-SKIP_FILES = ("model.onnx", "model.onnx.data", "manifest.json", "genai_config.json")
+SKIP_FILES = (MODEL_FILE, MODEL_DATA_FILE, MANIFEST_FILE, GENAI_CONFIG_FILE)
 
 _reference_cache: dict[str, Any] = {}
 
@@ -108,7 +109,7 @@ def variant_manifest(fp32: Artifact, variant: VariantConfig, scheme: Scheme, cal
     size = model_size(folder)
     fp32_size = model_size(fp32.path)
     onnx_info = dict(fp32.manifest.get("onnx", {}))
-    onnx_info.update({"file": "model.onnx", "external_data": (folder / "model.onnx.data").exists()})
+    onnx_info.update({"file": MODEL_FILE, "external_data": (folder / MODEL_DATA_FILE).exists()})
     return new_manifest(
         "variant",
         scheme=variant.scheme,

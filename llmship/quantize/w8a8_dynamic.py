@@ -24,9 +24,9 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from pydantic import Field
 
 from llmship.config import ParityConfig
+from llmship.files import MODEL_DATA_FILE, MODEL_FILE
 from llmship.quantize.embedding import quantize_embeddings
 from llmship.quantize.graph import (
-    MODEL_FILE,
     describe_node,
     ensure_node_names,
     excluded,
@@ -130,7 +130,7 @@ class W8A8Dynamic(Scheme):
         opts: W8A8DynamicOptions = self.options
         staged = job.target / "_float"
         save_model(model, staged, job.external_data)
-        big = (staged / (MODEL_FILE + ".data")).exists()
+        big = (staged / MODEL_DATA_FILE).exists()
         with without_preprocess_hint():
             quantize_dynamic(staged / MODEL_FILE, job.target / MODEL_FILE, op_types_to_quantize=["MatMul"],
                              per_channel=opts.per_channel, reduce_range=opts.reduce_range, weight_type=QuantType.QInt8,

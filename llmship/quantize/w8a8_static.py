@@ -11,10 +11,10 @@ from pydantic import Field
 
 from llmship.config import ParityConfig
 from llmship.errors import UserError
+from llmship.files import MODEL_DATA_FILE, MODEL_FILE
 from llmship.quantize.embedding import quantize_embeddings
 from llmship.quantize.feeds import FeedReader, calibration_feeds, decoder_inputs, packed_feeds
 from llmship.quantize.graph import (
-    MODEL_FILE,
     describe_node,
     ensure_node_names,
     excluded,
@@ -88,7 +88,7 @@ class W8A8Static(Scheme):
                  "op": "MatMul", "as": f"QDQ int8 ({self.method})"} for n in todo]
         staged = job.target / "_float"
         save_model(model, staged, job.external_data)
-        big = (staged / (MODEL_FILE + ".data")).exists()
+        big = (staged / MODEL_DATA_FILE).exists()
         extra: dict[str, Any] = {"MatMulConstBOnly": True, "ActivationSymmetric": opts.symmetric_activations}
         if self.method == "percentile":
             extra["CalibPercentile"] = opts.percentile

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmship.config import Config
+from llmship.files import MANIFEST_FILE
 from llmship.report.environment import environment
 from llmship.report.render import Document, to_html, to_markdown
 
@@ -38,7 +39,7 @@ def write_report(cfg: Config, folders: dict[str, Path], eval_result: dict | None
 
 
 def _manifest(folder: Path) -> dict:
-    path = Path(folder) / "manifest.json"
+    path = Path(folder) / MANIFEST_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

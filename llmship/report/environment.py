@@ -26,7 +26,7 @@ def physical_cores() -> int | None:
 
 
 def environment(threads: int) -> dict[str, Any]:
-    from llmship.pipeline import library_versions
+    from llmship.cache import library_versions
 
     try:
         import psutil

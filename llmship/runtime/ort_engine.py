@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from llmship.artifact import read_config_json, read_json_object
+from llmship.artifact import read_config_json
 from llmship.errors import UserError
+from llmship.files import MANIFEST_FILE, MODEL_FILE, read_json_object
 from llmship.runtime.base import Cache, Engine, positions_from_mask, special_ids
 
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -30,8 +31,8 @@ class OrtEngine(Engine):
         import onnxruntime as ort
 
         self.path = Path(folder)
-        manifest = read_json_object(self.path / "manifest.json")
-        onnx_path = self.path / (onnx_file or manifest.get("onnx", {}).get("file", "model.onnx"))
+        manifest = read_json_object(self.path / MANIFEST_FILE)
+        onnx_path = self.path / (onnx_file or manifest.get("onnx", {}).get("file", MODEL_FILE))
         if not onnx_path.is_file():
             raise UserError("no model.onnx in the folder (not a compiled llmship variant?)", where=str(self.path))
         if provider not in PROVIDERS:
@@ -232,7 +233,7 @@ def folder_position_limit(folder: str | Path) -> int | None:
     from llmship.export.fusion import runtime_layout
 
     path = Path(folder)
-    graph = path / read_json_object(path / "manifest.json").get("onnx", {}).get("file", "model.onnx")
+    graph = path / read_json_object(path / MANIFEST_FILE).get("onnx", {}).get("file", MODEL_FILE)
     if not graph.is_file():
         return None
     try:
