@@ -163,12 +163,10 @@ def compiled_variants(cfg: Config, out: Path) -> dict[str, Path]:
 def eval_stage(cfg: Config, out: Path, folders: dict[str, Path], progress: Any, force: bool) -> dict:
     run_eval = _entry("llmship.eval", "run_eval", "eval")
     eval_dir = out / "eval"
-    ev, gate = cfg.eval, cfg.gate
-    # The goals are left out of the key: a changed gate re-gates the stored scores instead of re-scoring.
-    key = stage_key("eval", _variant_keys(out, folders), folder_fingerprint(model_path(cfg)), cfg.model.model_dump(),
-                    ev.model_dump(), gate.baseline_json, gate.baseline_json and folder_fingerprint(gate.baseline_json),
-                    cfg.runtime.model_dump(), data_fingerprint(ev.ceval.path, "ceval"),
-                    data_fingerprint(ev.perplexity.c4_path, "c4"), data_fingerprint(ev.perplexity.alpaca_path, "alpaca"))
+    from llmship.eval import stage_inputs
+
+    # The goals are not inputs: a changed gate re-gates the stored scores instead of re-scoring.
+    key = stage_key("eval", _variant_keys(out, folders), stage_inputs(cfg))
     if not force and cached(out, "eval", key, eval_dir):
         log.info("eval scores are up to date: %s", eval_dir)
         from llmship.eval import regate
@@ -190,8 +188,9 @@ def eval_stage(cfg: Config, out: Path, folders: dict[str, Path], progress: Any, 
 def bench_stage(cfg: Config, out: Path, folders: dict[str, Path], progress: Any, force: bool) -> dict:
     run_bench = _entry("llmship.bench", "run_bench", "bench")
     bench_dir = out / "bench"
-    key = stage_key("bench", _variant_keys(out, folders), folder_fingerprint(model_path(cfg)), cfg.model.model_dump(),
-                    cfg.bench.model_dump(), cfg.runtime.model_dump(), data_fingerprint(cfg.bench.dataset, "sharegpt"))
+    from llmship.bench import stage_inputs
+
+    key = stage_key("bench", _variant_keys(out, folders), stage_inputs(cfg))
     if not force and cached(out, "bench", key, bench_dir):
         log.info("bench results are up to date: %s", bench_dir)
         return load_record(out, "bench")["result"]

@@ -350,3 +350,14 @@ def summary(result: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     return {**keep, "engines": [engine_row(n, e) for n, e in result["engines"].items()], "caption": caption,
             "dir": str(out_dir), "files": ["bench.json", "bench.md", *result.get("plots", [])],
             "plots": [{"path": str(Path(out_dir).absolute() / p), "caption": PLOT_CAPTIONS.get(p, p)} for p in result.get("plots", [])]}
+
+
+def stage_inputs(cfg: Config) -> dict[str, Any]:
+    """What the bench stage reads besides the variant folders: the stage's cache key is derived from this."""
+    from llmship.cache import folder_fingerprint
+    from llmship.calib_data.sources import data_fingerprint
+    from llmship.export.source import resolve_model_path
+
+    return {"model": folder_fingerprint(resolve_model_path(cfg.model.path)), "model_config": cfg.model.model_dump(),
+            "bench": cfg.bench.model_dump(), "runtime": cfg.runtime.model_dump(),
+            "data": data_fingerprint(cfg.bench.dataset, "sharegpt")}

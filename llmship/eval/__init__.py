@@ -462,3 +462,21 @@ def _notes(tasks: Tasks, from_cache: bool, cfg: Config) -> list[str]:
     elif from_cache:
         notes.append("baseline scores reused from the cache")
     return notes
+
+
+def stage_inputs(cfg: Config) -> dict[str, Any]:
+    """What the eval stage reads besides the variant folders, as fingerprints and config sections: the stage's cache key
+    is derived from this (llmship.pipeline). The gate's goals are left out: a changed gate re-gates the stored scores
+    instead of re-scoring."""
+    from llmship.cache import folder_fingerprint
+    from llmship.calib_data.sources import data_fingerprint
+    from llmship.export.source import resolve_model_path
+
+    ev, gate = cfg.eval, cfg.gate
+    return {
+        "model": folder_fingerprint(resolve_model_path(cfg.model.path)), "model_config": cfg.model.model_dump(),
+        "eval": ev.model_dump(), "runtime": cfg.runtime.model_dump(),
+        "baseline_json": gate.baseline_json and [gate.baseline_json, folder_fingerprint(gate.baseline_json)],
+        "data": {"ceval": data_fingerprint(ev.ceval.path, "ceval"), "c4": data_fingerprint(ev.perplexity.c4_path, "c4"),
+                 "alpaca": data_fingerprint(ev.perplexity.alpaca_path, "alpaca")},
+    }
