@@ -13,19 +13,16 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from llmship.errors import UserError
+from llmship.sections import ParityConfig, Section
 
 # Paths that point into llmship's own bundled assets (no network needed).
 EMBEDDED = "@embedded"
 ASSETS_DIR = Path(__file__).parent / "assets"
 EMBEDDED_MODEL_DIR = ASSETS_DIR / "tiny-llama-zh"
 SAMPLES_DIR = ASSETS_DIR / "samples"
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # --------------------------------------------------------------------------- model
@@ -43,28 +40,6 @@ class ModelConfig(Section):
 
 
 # --------------------------------------------------------------------------- export
-class ParityConfig(Section):
-    max_logits_diff: float = Field(1e-4, ge=0, description="Largest allowed |ORT - PyTorch| over all compared logits.")
-    min_top1_agreement: float = Field(1.0, ge=0, le=1, description="Smallest allowed fraction of positions whose argmax agrees.")
-    greedy_tokens: int = Field(32, ge=0, description="Tokens generated greedily by both engines and compared.")
-    min_greedy_match: float = Field(
-        1.0, ge=0, le=1, description="Smallest allowed fraction of greedy tokens matched before a divergence that is not a tie."
-    )
-    tie_gap_floor: float = Field(
-        1e-4, ge=0, description="Logit gap within which two argmaxes tie: top-1 agreement forgives these; greedy's tolerance starts here."
-    )
-    tie_gap: float | None = Field(
-        None, ge=0, description="Fixed tie tolerance (logits); default: max(tie_gap_floor, 4 x measured logit noise), at most max_logits_diff."
-    )
-    prompts: Literal["model", "samples"] = Field(
-        "model", description="Parity prompts: sampled from the reference model (seeded), or the bundled sample texts."
-    )
-    decode_steps: int = Field(8, ge=0, description="Decode steps fed with ORT's own cache whose logits are compared.")
-    max_nll_increase: float = Field(
-        0.05, ge=0, description="Largest allowed relative increase of the variant's NLL on the parity prompts (catches collapse)."
-    )
-
-
 class ExportConfig(Section):
     opset: int = Field(18, ge=14, description="ONNX opset of the exported decoder.")
     external_data: Literal["auto", "always", "never"] = Field(
@@ -81,15 +56,12 @@ class ExportConfig(Section):
 
 
 # --------------------------------------------------------------------------- quantize
-Scheme = Literal["none", "fp16", "w8a8-dynamic", "w8a8-static", "w8a16", "w4a16"]
-
-
 class VariantConfig(Section):
     name: str | None = Field(None, description="Folder name of the variant under output.dir (default: the scheme, plus method).")
-    scheme: Scheme = Field("none", description="none (fp32), fp16, w8a8-dynamic, w8a8-static, w8a16 or w4a16.")
-    method: str | None = Field(
-        None, description="Scheme method: w8a8-static: minmax|entropy|percentile; w4a16: rtn|hqq|gptq|awq (default per scheme)."
-    )
+    scheme: str = Field("none", description="A scheme of the registry (llmship/quantize/, one module each): none is the fp32 "
+                        "export; an unknown name is an error listing them.")
+    method: str | None = Field(None, description="Scheme method (default: the scheme's first; an unknown one is an error "
+                               "listing the scheme's methods).")
     options: dict[str, Any] = Field(default_factory=dict, description="Scheme options, validated by the scheme (see docs).")
     exclude: list[str] = Field(
         default_factory=list, description="Node or weight names (fnmatch patterns) kept in float, e.g. '*lm_head*'."
@@ -100,9 +72,20 @@ class VariantConfig(Section):
     def variant_name(self) -> str:
         if self.name:
             return self.name
-        if self.scheme == "none":
-            return "fp32"
-        return f"{self.scheme}-{self.method}" if self.method else self.scheme
+        from llmship.quantize import SCHEMES
+
+        return SCHEMES[self.scheme].variant_name(self.method)
+
+    @field_validator("scheme")
+    @classmethod
+    def _registered(cls, scheme: str) -> str:
+        # Imported here: the package registers every scheme module (onnx, onnxruntime), which config need not load
+        # until a variant is validated; the scheme modules import llmship.sections, never llmship.config.
+        from llmship.quantize import SCHEMES
+
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme '{scheme}'; known: {', '.join(sorted(SCHEMES))}")
+        return scheme
 
     @field_validator("name")
     @classmethod

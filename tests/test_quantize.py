@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from llmship.config import VariantConfig
 from llmship.errors import UserError
-from llmship.quantize import SCHEMES, build_scheme, validate_variant
+from llmship.quantize import SCHEMES, build_scheme, resolve_variant
 from llmship.quantize.embedding import dequantize_blocks, quantize_blocks, quantize_embeddings
 from llmship.quantize.feeds import calibration_feeds, decoder_inputs
 from llmship.quantize.graph import linear_nodes, load_model, module_name, save_model
@@ -46,21 +46,23 @@ def session(model: onnx.ModelProto | Path, optimize: bool = True) -> ort.Inferen
     ({"scheme": "w8a8-static", "options": {"alpha": 0.8}}, "quantize.options.alpha", "smoothquant"),
     ({"scheme": "w8a8-dynamic", "options": {"per_chanel": True}}, "quantize.options.per_chanel", "per_channel"),
 ])
-def test_validate_variant_names_the_field(variant, field, text):
+def test_resolve_variant_names_the_field(variant, field, text):
     with pytest.raises(UserError) as err:
-        validate_variant(VariantConfig(**variant), where="quantize")
+        resolve_variant(VariantConfig(**variant), where="quantize")
     assert err.value.where == field
     assert text in str(err.value)
 
 
 def test_every_scheme_of_the_config_has_a_quantizer_with_defaults():
-    assert set(SCHEMES) == {"fp16", "w8a8-dynamic", "w8a8-static", "w8a16", "w4a16"}
+    assert set(SCHEMES) == {"none", "fp16", "w8a8-dynamic", "w8a8-static", "w8a16", "w4a16"}
     assert build_scheme(VariantConfig(scheme="w4a16")).method == "rtn"
     assert build_scheme(VariantConfig(scheme="w8a8-static")).method == "minmax"
     assert build_scheme(VariantConfig(scheme="w8a16")).options.accuracy_level == 4
-    validate_variant(VariantConfig(scheme="none"))
+    assert resolve_variant(VariantConfig(scheme="none")).folder_name == "fp32"
     with pytest.raises(UserError):
-        validate_variant(VariantConfig(scheme="none", method="rtn"))
+        resolve_variant(VariantConfig(scheme="none", method="rtn"))
+    with pytest.raises(UserError):
+        resolve_variant(VariantConfig(scheme="none", options={"block_size": 32}))
 
 
 # --------------------------------------------------------------------------- fp16 overflow fallback

@@ -22,11 +22,11 @@ import onnx
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 from pydantic import Field
 
-from llmship.config import ParityConfig
 from llmship.files import INLINE_WEIGHTS_LIMIT
 from llmship.quantize.feeds import calibration_feeds, decoder_inputs, probe_session
 from llmship.quantize.graph import ensure_node_names, load_model, module_name, save_model
 from llmship.quantize.registry import QuantizeJob, Scheme, SchemeOptions, register
+from llmship.sections import ParityConfig
 
 FP16_MAX = 65504.0
 # Masks use float32's extreme (torch.finfo(float32).min) as a stand-in for -inf; the converter clips that constant to

@@ -1,5 +1,13 @@
 """Scheme registry: scheme name -> a small class with typed options, its methods, default parity tolerances,
-and one `quantize` method. Adding a scheme means adding a module that calls `register`."""
+whether it reads calibration data, and one `quantize` method. Adding a scheme means adding a module that calls
+`register` and importing it in `llmship/quantize/__init__.py`; `SCHEMES` is the only list of schemes (the config
+validates `quantize.scheme` against it).
+
+`resolve_variant` turns a variant's config section into a `Variant` (the section and its scheme object, method and
+options resolved) once; every later step (stage key, calibration, build, parity) reads that object.
+
+Imports nothing from llmship but `errors` and `sections`: llmship.config imports the registry to validate schemes.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +15,22 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from llmship.config import ParityConfig, VariantConfig
 from llmship.errors import UserError
+from llmship.sections import ParityConfig
+
+if TYPE_CHECKING:  # annotations only: llmship.config imports this module
+    from llmship.config import QuantizeConfig, VariantConfig
 
 # Tie-aware greedy bar of the integer schemes: the run must match, near-ties forgiven, for at least half its tokens.
 # Their tie tolerance is 4 sigma of their measured logit noise, so over 4 prompts x 32 steps a correct variant may still
 # meet one flip beyond it late in a run; a broken one diverges within the first tokens (tests/test_parity_ties.py).
 QUANTIZED_GREEDY_MATCH = 0.5
+# Folder of the fp32 export under output.dir: the variant of the scheme that builds the export (`scheme: none`).
+EXPORT_FOLDER = "fp32"
 
 log = logging.getLogger("llmship")
 
@@ -49,6 +62,12 @@ class Scheme:
     methods: ClassVar[tuple[str, ...]] = ()
     parity: ClassVar[ParityConfig] = ParityConfig()
     needs_calibration: ClassVar[bool | tuple[str, ...]] = False  # True, or the methods that need it
+    builds_export: ClassVar[bool] = False  # True for fp32: its variant is the export itself, nothing rewrites it
+
+    @classmethod
+    def variant_name(cls, method: str | None) -> str:
+        """The variant's folder name when the YAML gives it no `name`: the scheme, plus the method written there."""
+        return f"{cls.name}-{method}" if method else cls.name
 
     def __init__(self, method: str | None, options: SchemeOptions):
         self.method = method
@@ -113,23 +132,47 @@ def build_scheme(variant: VariantConfig, where: str = "quantize") -> Scheme:
     return scheme
 
 
-def validate_variant(variant: VariantConfig, where: str = "quantize") -> None:
-    """Raise UserError for an unknown method or option of the variant's scheme (scheme 'none' is the fp32 export)."""
-    if variant.scheme == "none":
-        if variant.method or variant.options:
-            raise UserError("scheme 'none' (the fp32 export) takes no method or options", where=where)
-        return
-    build_scheme(variant, where)
+@dataclass(frozen=True)
+class Variant:
+    """A variant resolved once: its config section and its scheme object (method and options with defaults filled
+    in), and where the YAML writes it (`quantize`, `quantize.variants.N`)."""
+
+    config: VariantConfig
+    scheme: Scheme
+    where: str = "quantize"
+
+    @property
+    def name(self) -> str:
+        return self.config.variant_name
+
+    @property
+    def folder_name(self) -> str:
+        """Its folder under output.dir: the export's for the fp32 variant, whatever its name."""
+        return EXPORT_FOLDER if self.scheme.builds_export else self.name
+
+    @property
+    def reads_calibration(self) -> bool:
+        """Whether building it reads the calibration set (the compile reads the data files only then)."""
+        return self.scheme.uses_calibration()
+
+    @property
+    def parity(self) -> ParityConfig:
+        """Its parity tolerances: its own `parity` block, else its scheme's defaults."""
+        return self.config.parity if self.config.parity is not None else self.scheme.parity
+
+    def describe(self) -> dict[str, Any]:
+        """What a build of it reads of the config: the section as written and the scheme as resolved (so a default
+        that changes between releases rebuilds the variant instead of reusing one built with the old default)."""
+        return {"variant": self.config.model_dump(), "scheme": self.scheme.describe()}
 
 
-def reads_calibration(variant: VariantConfig) -> bool:
-    """Whether building `variant` reads the calibration set (scheme 'none', the fp32 export, never does)."""
-    return variant.scheme != "none" and build_scheme(variant).uses_calibration()
+def resolve_variant(config: VariantConfig, where: str = "quantize") -> Variant:
+    """The variant with its scheme built; UserError naming the field of an unknown method or option."""
+    return Variant(config, build_scheme(config, where), where)
 
 
-def default_parity(variant: VariantConfig) -> ParityConfig:
-    """The variant's parity tolerances: its own `parity` block, else its scheme's defaults."""
-    if variant.parity is not None:
-        return variant.parity
-    cls = SCHEMES.get(variant.scheme)
-    return cls.parity if cls is not None else ParityConfig()
+def resolve_variants(quantize: QuantizeConfig) -> list[Variant]:
+    """Every variant the `quantize` section lists, each resolved once."""
+    return [resolve_variant(variant, "quantize" if i == 0 else f"quantize.variants.{i - 1}")
+            for i, variant in enumerate(quantize.all_variants())]
+

@@ -1,4 +1,4 @@
-"""`quantize_variant`: fp32 artifact + variant config (+ calibration set) -> a new variant folder, checked against
+"""`quantize_variant`: fp32 artifact + resolved variant (+ calibration set) -> a new variant folder, checked against
 PyTorch, with a manifest (scheme, options, calibration fingerprint, quantization report, size, parity). Atomic."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from llmship.errors import CheckFailed, UserError
 from llmship.files import GENAI_CONFIG_FILE, MANIFEST_FILE, MODEL_DATA_FILE, MODEL_FILE
 from llmship.progress import Steps
 from llmship.quantize.graph import initializers, load_model, node_names
-from llmship.quantize.registry import QuantizeJob, Scheme, build_scheme, default_parity
+from llmship.quantize.registry import QuantizeJob, Variant, resolve_variant
 
 log = logging.getLogger("llmship")
 
@@ -48,17 +48,20 @@ def unmatched_patterns(fp32_onnx: Path, patterns: list[str]) -> list[str]:
     return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
 
 
-def quantize_variant(fp32: Artifact, variant: VariantConfig, calib: Any, target: Path, cfg: Config,
+def quantize_variant(fp32: Artifact, variant: Variant | VariantConfig, calib: Any, target: Path, cfg: Config,
                      progress: Any = None) -> Artifact:
-    """Build `variant` from the fp32 artifact into `target` (atomic); CheckFailed when parity fails."""
-    scheme = build_scheme(variant)
-    if scheme.uses_calibration() and calib is None:
-        raise UserError(f"{variant.scheme} ({scheme.method}) needs a calibration set", where="calibration")
+    """Build `variant` (resolved by the caller, or a config section resolved here) from the fp32 artifact into `target`
+    (atomic); CheckFailed when parity fails."""
+    resolved = variant if isinstance(variant, Variant) else resolve_variant(variant)
+    scheme = resolved.scheme
+    if resolved.reads_calibration and calib is None:
+        raise UserError(f"{scheme.name} ({scheme.method}) needs a calibration set", where="calibration")
+    variant = resolved.config
     missing = unmatched_patterns(fp32.onnx_path, variant.exclude)
     if missing:
         raise UserError(f"exclude pattern(s) {', '.join(repr(p) for p in missing)} match no node, weight or module "
-                        "of the model", where="quantize.exclude")
-    parity = default_parity(variant)
+                        "of the model", where=f"{resolved.where}.exclude")
+    parity = resolved.parity
     steps = Steps(progress, variant.variant_name)
     started = time.perf_counter()
     target = Path(target)
@@ -77,7 +80,7 @@ def quantize_variant(fp32: Artifact, variant: VariantConfig, calib: Any, target:
         from llmship.export.parity import parity_failures
 
         failures = parity_failures(figures, parity)
-        manifest = variant_manifest(fp32, variant, scheme, calib, report, folder, parity, figures, failures,
+        manifest = variant_manifest(fp32, resolved, calib, report, folder, parity, figures, failures,
                                     {"quantize_s": round(quantize_seconds, 2), "total_s": round(time.perf_counter() - started, 2)})
         if failures:
             raise CheckFailed(f"variant {variant.variant_name} failed parity against PyTorch: " + "; ".join(failures))
@@ -103,9 +106,10 @@ def check_against_reference(cfg: Config, fp32: Artifact, folder: Path, parity: P
         candidate.close()
 
 
-def variant_manifest(fp32: Artifact, variant: VariantConfig, scheme: Scheme, calib: Any, report: dict[str, Any],
-                     folder: Path, parity: ParityConfig, figures: dict[str, Any], failures: list[str],
+def variant_manifest(fp32: Artifact, resolved: Variant, calib: Any, report: dict[str, Any], folder: Path,
+                     parity: ParityConfig, figures: dict[str, Any], failures: list[str],
                      timings: dict[str, float]) -> dict[str, Any]:
+    variant, scheme = resolved.config, resolved.scheme
     size = model_size(folder)
     fp32_size = model_size(fp32.path)
     onnx_info = dict(fp32.manifest.get("onnx", {}))
@@ -122,7 +126,7 @@ def variant_manifest(fp32: Artifact, variant: VariantConfig, scheme: Scheme, cal
         model=fp32.manifest.get("model", {}),
         onnx=onnx_info,
         tokenizer_files=fp32.manifest.get("tokenizer_files", []),
-        calibration=getattr(calib, "fingerprint", None) if scheme.uses_calibration() else None,
+        calibration=getattr(calib, "fingerprint", None) if resolved.reads_calibration else None,
         quantization=report,
         size={"model_bytes": size, "fp32_model_bytes": fp32_size, "ratio": round(size / fp32_size, 4) if fp32_size else None},
         parity={"passed": not failures, "failures": failures, "tolerances": parity.model_dump(), **figures},

@@ -6,10 +6,10 @@ from typing import Any
 
 from pydantic import Field
 
-from llmship.config import ParityConfig
 from llmship.quantize.graph import load_model, save_model
 from llmship.quantize.registry import QUANTIZED_GREEDY_MATCH, QuantizeJob, Scheme, SchemeOptions, register
 from llmship.quantize.weight_only import quantize_weight_only
+from llmship.sections import ParityConfig
 
 
 class W8A16Options(SchemeOptions):

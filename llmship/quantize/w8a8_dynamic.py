@@ -23,7 +23,6 @@ import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from pydantic import Field
 
-from llmship.config import ParityConfig
 from llmship.files import MODEL_DATA_FILE, MODEL_FILE
 from llmship.quantize.embedding import quantize_embeddings
 from llmship.quantize.graph import (
@@ -39,6 +38,7 @@ from llmship.quantize.ort_quiet import without_preprocess_hint
 from llmship.quantize.per_token import rewrite_per_token
 from llmship.quantize.registry import QUANTIZED_GREEDY_MATCH, QuantizeJob, Scheme, SchemeOptions, register
 from llmship.quantize.weight_only import quantize_matmuls
+from llmship.sections import ParityConfig
 
 # On the embedded model (held-out C4, PyTorch fp32 reference: prefill-scored top-1 agreement, perplexity ratio) and on
 # the 206.9M benchmark model (2 threads: decode, 256-token prefill tokens/s):

@@ -9,7 +9,6 @@ from typing import Any, Literal
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from pydantic import Field
 
-from llmship.config import ParityConfig
 from llmship.errors import UserError
 from llmship.files import MODEL_DATA_FILE, MODEL_FILE
 from llmship.quantize.embedding import quantize_embeddings
@@ -26,6 +25,7 @@ from llmship.quantize.graph import (
 from llmship.quantize.ort_quiet import without_preprocess_hint
 from llmship.quantize.registry import QUANTIZED_GREEDY_MATCH, QuantizeJob, Scheme, SchemeOptions, register
 from llmship.quantize.smoothquant import DEFAULT_ALPHA, smooth_model
+from llmship.sections import ParityConfig
 
 # Packed calibration rows per ONNX Runtime run.
 CALIBRATION_BATCH = 8

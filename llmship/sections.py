@@ -1,0 +1,39 @@
+"""The config sections that modules below `llmship.config` declare defaults with: the strict `Section` base and
+`ParityConfig`, the tolerances each scheme module sets for its variants.
+
+They live here, not in llmship.config, because config validates `quantize.scheme` against the scheme registry, which
+imports the scheme modules: were those to import llmship.config, the two would import each other. llmship.config
+re-exports both, so a config reader still finds every section there. Imports nothing from llmship.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ParityConfig(Section):
+    max_logits_diff: float = Field(1e-4, ge=0, description="Largest allowed |ORT - PyTorch| over all compared logits.")
+    min_top1_agreement: float = Field(1.0, ge=0, le=1, description="Smallest allowed fraction of positions whose argmax agrees.")
+    greedy_tokens: int = Field(32, ge=0, description="Tokens generated greedily by both engines and compared.")
+    min_greedy_match: float = Field(
+        1.0, ge=0, le=1, description="Smallest allowed fraction of greedy tokens matched before a divergence that is not a tie."
+    )
+    tie_gap_floor: float = Field(
+        1e-4, ge=0, description="Logit gap within which two argmaxes tie: top-1 agreement forgives these; greedy's tolerance starts here."
+    )
+    tie_gap: float | None = Field(
+        None, ge=0, description="Fixed tie tolerance (logits); default: max(tie_gap_floor, 4 x measured logit noise), at most max_logits_diff."
+    )
+    prompts: Literal["model", "samples"] = Field(
+        "model", description="Parity prompts: sampled from the reference model (seeded), or the bundled sample texts."
+    )
+    decode_steps: int = Field(8, ge=0, description="Decode steps fed with ORT's own cache whose logits are compared.")
+    max_nll_increase: float = Field(
+        0.05, ge=0, description="Largest allowed relative increase of the variant's NLL on the parity prompts (catches collapse)."
+    )
