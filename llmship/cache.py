@@ -1,8 +1,10 @@
-"""The cache layer: fingerprints of a stage's inputs, its key, and the stage records that say a stage's artifact is
-up to date.
+"""The cache layer: stages, fingerprints of their inputs, their keys, and the stage records that say a stage's
+artifact is up to date.
 
-A stage's key is a fingerprint of its inputs: the source model's files, the config sections the stage reads, the keys
-of the stages it consumes, and the library versions. The key is recorded in `<output.dir>/.llmship/stages/<stage>.json`
+A stage (`Stage`) declares what it reads (config sections, fingerprints of the files it reads), the stages whose
+artifacts it consumes, and how it runs; `build` reuses or rebuilds it. Its key is derived from that declaration and
+nowhere else: what it reads, each consumed stage's identity (its recorded key and a fingerprint of its folder), and
+the library versions. The key is recorded in `<output.dir>/.llmship/stages/<stage>.json`
 only after the stage's artifact has been moved into place (atomically), so a run killed at any moment is either redone
 or trusted, never half-trusted. Imports nothing from llmship but `files` and `errors`: every layer may use it.
 """
@@ -12,7 +14,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +26,9 @@ from llmship.files import write_atomic, write_json_atomic
 
 # Bump when llmship's own code changes what a stage builds from the same inputs (the package version stays 0.1.0
 # between such changes); 2: tokenizers get SentencePiece's dummy prefix back, which changes calibration token ids;
-# 3: fused graphs carry rotary tables of twice max positions (C-Eval GEN generates past max positions).
-STAGE_VERSION = 3
+# 3: fused graphs carry rotary tables of twice max positions (C-Eval GEN generates past max positions);
+# 4: keys derived from the stage declarations (`Stage`), a variant's from the fp32 export's identity.
+STAGE_VERSION = 4
 LIBRARIES = ("llmship", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "sentencepiece", "numpy")
 
 
@@ -174,3 +181,62 @@ def load_record(out: Path, stage: str) -> dict:
     """A stage's record, its result's paths under this output.dir."""
     stored = json.loads(_index_path(out, stage).read_text(encoding="utf-8"))
     return {**stored, "result": _located(stored.get("result"), out)}
+
+
+# --------------------------------------------------------------------------- stages
+log = logging.getLogger("llmship")
+
+
+@dataclass(eq=False)
+class Stage:
+    """One unit of the chain: the record it keeps, the folder it writes, what it reads, the stages it consumes, and
+    how it runs. `run` builds `artifact` atomically and returns what the record keeps (a stage result)."""
+
+    name: str                                   # its record: .llmship/stages/<name>.json
+    artifact: Path
+    reads: Callable[[], dict[str, Any]]         # config sections and input-file fingerprints (called once, lazily)
+    run: Callable[[], Any]
+    consumes: Mapping[str, Stage] = field(default_factory=dict)  # the stages whose artifacts it reads, by role
+    fresh_log: str = ""                         # logged when it is up to date, e.g. "fp32 export is up to date"
+    reuse: Callable[[Any], Any] | None = None   # what a stored result becomes when the stage is up to date
+
+    @cached_property
+    def inputs(self) -> dict[str, Any]:
+        return self.reads()
+
+    def key(self, out: Path) -> str:
+        """A fingerprint of everything the stage reads; the consumed stages' identities are taken when it is asked
+        for, so after they were built."""
+        consumed = {role: stage.identity(out) for role, stage in self.consumes.items()}
+        return stage_key(self.name, self.inputs, consumed)
+
+    def identity(self, out: Path) -> str:
+        """What a consumer's key holds of this stage: its recorded key and a fingerprint of its folder's files, so a
+        folder changed on disk after its build (replaced, edited, corrupted) is read again, not served from a cache."""
+        try:
+            recorded = load_record(out, self.name)["key"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            recorded = None
+        return f"{recorded}:{folder_fingerprint(self.artifact)}"
+
+    def up_to_date(self, out: Path) -> bool:
+        return cached(out, self.name, self.key(out), self.artifact)
+
+
+def build(stage: Stage, out: Path, force: bool = False) -> Any:
+    """The stage's result: the stored one when its record matches its key (re-derived by `reuse`, and recorded again
+    when that changes it), else a new build, recorded once its artifact is in place."""
+    key = stage.key(out)
+    if not force and cached(out, stage.name, key, stage.artifact):
+        log.info("%s: %s", stage.fresh_log or f"{stage.name} is up to date", stage.artifact)
+        stored = load_record(out, stage.name)["result"]
+        if stage.reuse is None:
+            return stored
+        result = stage.reuse(stored)
+        if result is not stored:
+            record(out, stage.name, key, stage.artifact, result)
+        return result
+    with rebuilding(out, stage.name):
+        result = stage.run()
+    record(out, stage.name, key, stage.artifact, result)
+    return result

@@ -1,6 +1,6 @@
 """`llmship` command line: a thin layer over the stage entry points in llmship.pipeline.
 
-Exit codes: 0 ok, 1 a gate or parity check failed, 2 bad input (or a stage not built).
+Exit codes: 0 ok, 1 a gate or parity check failed, 2 bad input.
 Logs and progress go to stderr; results go to files under `output.dir`.
 """
 
@@ -169,16 +169,13 @@ def check(config: ConfigArg, overrides: OverridesArg = None, verb: VerbOpt = "ru
     _setup_logging(False, debug)
 
     def work() -> None:
-        from llmship import preflight
+        from llmship import pipeline, preflight
         from llmship.config import load_config
 
         if verb not in preflight.VERBS:
             raise UserError(f"unknown verb '{verb}'; choose one of: {', '.join(preflight.VERBS)}", where="--verb")
         cfg = load_config(config, overrides or [])
-        from llmship.pipeline import _validate_variants
-
-        _validate_variants(cfg)
-        plan = preflight.check(cfg, verb)
+        _, plan = pipeline.check_inputs(cfg, verb)
         _print_plan(plan)
 
     _guarded(work, debug)

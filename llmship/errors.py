@@ -18,7 +18,3 @@ class UserError(Exception):
 
 class CheckFailed(Exception):
     """A parity check or gate goal failed; the message says which and by how much."""
-
-
-class StageNotBuilt(UserError):
-    """A pipeline stage that this version of llmship does not implement yet."""

@@ -22,6 +22,7 @@ from typing import Any
 from llmship.config import ASSETS_DIR, EMBEDDED, Config
 from llmship.errors import UserError
 from llmship.files import MANIFEST_FILE
+from llmship.quantize.registry import Variant
 
 log = logging.getLogger("llmship")
 
@@ -71,8 +72,9 @@ class Plan:
 
 
 # --------------------------------------------------------------------------- entry point
-def check(cfg: Config, verb: str) -> Plan:
-    """Resolve and check every input of `verb`; UserError listing every problem found (exit 2)."""
+def check(cfg: Config, verb: str, variants: list[Variant]) -> Plan:
+    """Resolve and check every input of `verb` (`variants`: the config's, resolved); UserError listing every problem
+    found (exit 2)."""
     plan = Plan(verb)
     reads_compile = verb in ("compile", "run")
     reads_eval = verb in ("eval", "run")
@@ -81,9 +83,9 @@ def check(cfg: Config, verb: str) -> Plan:
     if reads_compile or reads_eval or (reads_bench and cfg.bench.baseline):
         _guard(plan, _check_model, cfg, plan)
     if verb in ("eval", "bench"):
-        _guard(plan, _check_compiled, cfg, plan)
+        _guard(plan, _check_compiled, cfg, variants, plan)
     if reads_compile:
-        _guard(plan, _check_calibration, cfg, plan)
+        _guard(plan, _check_calibration, cfg, variants, plan)
     if reads_eval:
         _guard(plan, _check_eval, cfg, plan)
     if reads_bench:
@@ -186,40 +188,33 @@ def _check_adapter(folder: Path) -> None:
         raise UserError(f"adapter weights unreadable: {why}", where=str(weights[0]))
 
 
-def compiled_folders(cfg: Config, out: Path) -> dict[str, Path]:
-    """Variant folders of an earlier compile with this config (for `llmship eval`/`bench` on their own)."""
+def compiled_folders(variants: list[Variant], out: Path) -> dict[str, Path]:
+    """Variant folders of an earlier compile (for `llmship eval`/`bench` on their own)."""
     folders = {}
-    for variant in cfg.quantize.all_variants():
-        folder = out / ("fp32" if variant.scheme == "none" else variant.variant_name)
+    for variant in variants:
+        folder = out / variant.folder_name
         if not (folder / MANIFEST_FILE).is_file():
-            raise UserError(f"variant '{variant.variant_name}' is not compiled in {out}; run `llmship compile` first",
-                            where="quantize")
-        folders[variant.variant_name] = folder
+            raise UserError(f"variant '{variant.name}' is not compiled in {out}; run `llmship compile` first",
+                            where=variant.where)
+        folders[variant.name] = folder
     return folders
 
 
-def _check_compiled(cfg: Config, plan: Plan) -> None:
+def _check_compiled(cfg: Config, variants: list[Variant], plan: Plan) -> None:
     """eval and bench on their own read the variants an earlier compile wrote."""
     from llmship.artifact import read_config_json
 
-    for name, folder in compiled_folders(cfg, Path(cfg.output.dir).expanduser()).items():
+    for name, folder in compiled_folders(variants, Path(cfg.output.dir).expanduser()).items():
         plan.add("quantize", "compiled variant", str(folder), MANIFEST_FILE, f"variant {name}")
         if positions := read_config_json(folder).get("max_position_embeddings"):
             plan.max_positions = min(int(positions), plan.max_positions or int(positions))
 
 
 # --------------------------------------------------------------------------- calibration
-def calibration_readers(cfg: Config) -> list[str]:
-    """Names of the variants whose scheme reads the calibration set (for their resolved options)."""
-    from llmship.quantize import reads_calibration
-
-    return [v.variant_name for v in cfg.quantize.all_variants() if reads_calibration(v)]
-
-
-def _check_calibration(cfg: Config, plan: Plan) -> None:
-    readers = calibration_readers(cfg)
+def _check_calibration(cfg: Config, variants: list[Variant], plan: Plan) -> None:
+    readers = [v.name for v in variants if v.reads_calibration]  # as their schemes declare, for their resolved options
     if not readers:
-        names = ", ".join(v.variant_name for v in cfg.quantize.all_variants())
+        names = ", ".join(v.name for v in variants)
         plan.skipped.append(f"calibration: not read (no variant reads it: {names})")
         return
     calib = cfg.calibration

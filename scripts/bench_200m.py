@@ -167,7 +167,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from llmship.bench import run_bench
-    from llmship.pipeline import compile_stage
+    from llmship.pipeline import compile_variants, folders_of
+    from llmship.quantize import resolve_variants
 
     args.dir.mkdir(parents=True, exist_ok=True)
     model = build_model(args.dir / "model", args.max_positions, args.hidden, args.intermediate, args.heads, args.params)
@@ -175,7 +176,7 @@ def main() -> int:
     cfg = make_config(model, out, args)
     cfg.export.attention = args.attention
     started = time.perf_counter()
-    folders = compile_stage(cfg, out, lambda line: log(line), force=False)
+    folders = folders_of(compile_variants(cfg, out, resolve_variants(cfg.quantize), lambda line: log(line)))
     log(f"compiled {', '.join(folders)} in {time.perf_counter() - started:.0f}s")
     builder = (build_with_genai_builder(model, args.dir / f"genai-builder-int4-b{args.block_size}", args.threads,
                                         args.block_size) if args.builder else None)

@@ -185,7 +185,9 @@ def test_rebuild_forgets_the_old_record(tmp_path, monkeypatch):
     """A run stopped after a rebuilt folder was swapped in but before its new record was written must not leave the
     old record trusting the new folder; a build that fails before its swap keeps the old record (and folder)."""
     from llmship import pipeline
+    from llmship.cache import record
     from llmship.config import load_config
+    from llmship.quantize import resolve_variants
 
     cfg = load_config("llmship/demo.yaml", [f"output.dir={tmp_path}"])
     index = tmp_path / ".llmship" / "stages" / "export.json"
@@ -205,10 +207,10 @@ def test_rebuild_forgets_the_old_record(tmp_path, monkeypatch):
 
     for build, kept in ((failed_before_swap, True), (stopped_after_swap, False)):
         (tmp_path / "fp32").mkdir(exist_ok=True)
-        pipeline.record(tmp_path, "export", "key-of-another-config", tmp_path / "fp32")
-        monkeypatch.setattr(pipeline, "_entry", lambda module, name, stage, build=build: build)
+        record(tmp_path, "export", "key-of-another-config", tmp_path / "fp32")
+        monkeypatch.setattr(pipeline, "export_fp32", build)
         with pytest.raises((KeyboardInterrupt, Exception)):
-            pipeline.compile_stage(cfg, tmp_path, None, force=False)
+            pipeline.compile_variants(cfg, tmp_path, resolve_variants(cfg.quantize))
         assert index.exists() == kept, build.__name__
 
 
@@ -239,16 +241,21 @@ def test_corrupted_variant_fails_the_demo_gate_with_exit_1(demo_run, tmp_path):
     assert failures and all("w8a8-dynamic" in (tc.get("name", "") + tc.get("classname", "")) for tc in failures)
 
 
-def test_variant_key_follows_the_schemes_resolved_defaults(monkeypatch):
+def test_variant_key_follows_the_schemes_resolved_defaults(monkeypatch, tmp_path):
     """A variant written as `{scheme: w8a8-dynamic}` must be rebuilt when a release changes that scheme's defaults:
     the key holds the scheme's resolved options, not only what the YAML wrote."""
-    from llmship.config import Config, VariantConfig
-    from llmship.pipeline import variant_key
+    from llmship.config import Config
+    from llmship.pipeline import compile_stages
+    from llmship.quantize import resolve_variants
     from llmship.quantize.w8a8_dynamic import W8A8Dynamic
 
-    cfg, variant = Config(), VariantConfig(scheme="w8a8-dynamic")
-    before = variant_key("fp32", variant, cfg, [])
-    assert variant_key("fp32", variant, cfg, []) == before
+    cfg = Config.model_validate({"quantize": {"scheme": "w8a8-dynamic"}})
+
+    def variant_key() -> str:  # resolved anew, as every run resolves its variants
+        return compile_stages(cfg, tmp_path, resolve_variants(cfg.quantize))["w8a8-dynamic"].key(tmp_path)
+
+    before = variant_key()
+    assert variant_key() == before
     resolved = W8A8Dynamic.describe
 
     def other_default(self):
@@ -256,4 +263,4 @@ def test_variant_key_follows_the_schemes_resolved_defaults(monkeypatch):
         return {**described, "options": {**described["options"], "fine_method": "blocks"}}
 
     monkeypatch.setattr(W8A8Dynamic, "describe", other_default)
-    assert variant_key("fp32", variant, cfg, []) != before
+    assert variant_key() != before

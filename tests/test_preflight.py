@@ -51,31 +51,59 @@ def message(result) -> str:
     ({"scheme": "w4a16"}, False),  # rtn is the default method
 ])
 def test_each_scheme_declares_whether_it_reads_calibration(variant, reads):
-    from llmship.quantize import reads_calibration
+    from llmship.quantize import resolve_variant
 
-    assert reads_calibration(VariantConfig(**variant)) is reads
+    assert resolve_variant(VariantConfig(**variant)).reads_calibration is reads
 
 
-def test_config_schemes_are_the_registry():
-    from typing import get_args
-
-    from llmship.config import Scheme
+def test_config_schemes_are_the_registry(tmp_path):
+    from llmship.errors import UserError
     from llmship.quantize import SCHEMES
 
-    assert set(get_args(Scheme)) == {"none", *SCHEMES}
-    with pytest.raises(Exception) as err:
-        load_config(None, ["quantize.scheme=w3a7"])
-    assert "quantize.scheme" in str(err.value) and "w8a8-dynamic" in str(err.value)
+    for name in SCHEMES:  # every registered scheme is a valid `scheme:`, fp32's spelled `none` as before
+        assert load_config(None, [f"quantize.scheme={name}"]).quantize.scheme == name
+    assert SCHEMES["none"].builds_export and load_config(None, []).quantize.variant_name == "fp32"
+    config = tmp_path / "cfg.yaml"
+    config.write_text("quantize:\n  variants:\n    - {scheme: w3a7}\n")
+    with pytest.raises(UserError) as err:
+        load_config(config)
+    text = str(err.value)
+    assert f"{config}:3" in text and "quantize.variants.0.scheme" in text and "unknown scheme 'w3a7'" in text
+    assert all(name in text for name in SCHEMES)
+    result = invoke("check", config)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr and "w3a7" in message(result)
 
 
-def test_calibration_is_in_the_key_of_the_variants_that_read_it_only():
-    from llmship.pipeline import variant_key
+def _compile_keys(cfg, out: Path) -> dict[str, str]:
+    from llmship.pipeline import compile_stages
+    from llmship.quantize import resolve_variants
 
-    base = load_config(None, [])
-    more = load_config(None, ["calibration.seq_len=128"])
-    for variant, reads in ((VariantConfig(scheme="w8a8-dynamic"), False), (VariantConfig(scheme="w4a16", method="gptq"), True)):
-        same = variant_key("fp32", variant, base, ["c4:x"]) == variant_key("fp32", variant, more, ["c4:y"])
-        assert same is not reads, variant.variant_name
+    return {name: stage.key(out) for name, stage in compile_stages(cfg, out, resolve_variants(cfg.quantize)).items()}
+
+
+def test_calibration_is_in_the_key_of_the_variants_that_read_it_only(tmp_path):
+    variants = ["quantize.variants=[{scheme: w8a8-dynamic}, {scheme: w4a16, method: gptq}]"]
+    base = _compile_keys(load_config(None, variants), tmp_path)
+    more = _compile_keys(load_config(None, [*variants, "calibration.seq_len=128"]), tmp_path)
+    assert set(base) == {"fp32", "w8a8-dynamic", "w4a16-gptq"}
+    assert base["fp32"] == more["fp32"] and base["w8a8-dynamic"] == more["w8a8-dynamic"]
+    assert base["w4a16-gptq"] != more["w4a16-gptq"]
+
+
+def test_a_variant_key_follows_the_export_it_is_built_from(tmp_path):
+    """A variant consumes the export: its key changes with the export's record and with the fp32 folder's files."""
+    from llmship.cache import record
+
+    cfg = load_config(None, ["quantize.scheme=w8a16"])
+    before = _compile_keys(cfg, tmp_path)
+    assert _compile_keys(cfg, tmp_path) == before
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "fp32" / "model.onnx").write_bytes(b"one")
+    record(tmp_path, "export", "k1", tmp_path / "fp32")
+    exported = _compile_keys(cfg, tmp_path)
+    assert exported["w8a16"] != before["w8a16"]
+    (tmp_path / "fp32" / "model.onnx").write_bytes(b"two")
+    assert _compile_keys(cfg, tmp_path)["w8a16"] != exported["w8a16"]
 
 
 # --------------------------------------------------------------------------- llmship check
@@ -229,7 +257,7 @@ def test_int8_config_compiles_without_calibration_and_a_copied_output_is_reused(
 
 
 def test_stored_results_follow_a_moved_output_folder(tmp_path):
-    from llmship.pipeline import load_record, record
+    from llmship.cache import load_record, record
 
     first = tmp_path / "first"
     (first / "bench").mkdir(parents=True)

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
+from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -442,64 +443,105 @@ def _check_excludes(skeleton: Any, patterns: list[str]) -> None:
 
 
 def compile_streaming(cfg: Any, out: Path, progress: Any = None, force: bool = False, *, parity: bool = True) -> dict[str, Path]:
-    """`export.streaming: true`: every variant built straight from the checkpoint; returns variant name -> folder."""
-    from llmship.cache import cached, folder_fingerprint, rebuilding, record, stage_key
-    from llmship.progress import Steps
-    from llmship.quantize.registry import build_scheme
+    """`export.streaming: true` on its own (scripts): every variant built straight from the checkpoint, or reused when
+    up to date; returns variant name -> folder. `llmship compile` builds the same stages (`streaming_stages`)."""
+    from llmship.cache import build
+    from llmship.quantize.registry import resolve_variants
 
-    inputs = _resolve_inputs(cfg)
-    checkpoint = inputs["checkpoint"]
-    params = checkpoint.weight_bytes // 4
-    variants = list(cfg.quantize.all_variants())
-    source_fp = [folder_fingerprint(inputs["model_dir"]), inputs["adapter_dir"] and folder_fingerprint(inputs["adapter_dir"])]
-    todo = []
+    stages = streaming_stages(cfg, out, resolve_variants(cfg.quantize), progress, force=force, parity=parity)
+    for stage in stages.values():
+        build(stage, out, force)
+    return {name: stage.artifact for name, stage in stages.items()}
+
+
+def streaming_stages(cfg: Any, out: Path, variants: list[Any], progress: Any = None, *, force: bool = False,
+                     parity: bool = True) -> dict[str, Any]:
+    """Variant name -> its stage (llmship.cache.Stage; the fp32 variant's is the export), built straight from the
+    checkpoint: each reads the source model, the model and export config and its resolved variant, not the export."""
+    from llmship.cache import Stage
+
+    shared = StreamingRun(cfg, out, progress, force=force, parity=parity)
     for variant in variants:
-        target = out / ("fp32" if variant.scheme == "none" else variant.variant_name)
-        resolved = build_scheme(variant).describe() if variant.scheme != "none" else {}
-        key = stage_key("stream", source_fp, cfg.model.model_dump(), cfg.export.model_dump(), variant.model_dump(),
-                        resolved, cfg.runtime.provider)
-        stage = "export" if variant.scheme == "none" else f"variant-{variant.variant_name}"
-        if force or not cached(out, stage, key, target):
-            todo.append((variant, target, key, stage))
-    folders = {v.variant_name: out / ("fp32" if v.scheme == "none" else v.variant_name) for v in variants}
-    if not todo:
-        return folders
-    disk = check_disk(out, params, [v.scheme for v, *_ in todo])
-    steps = Steps(progress, "streaming compile")
-    steps("building the graph skeleton (one layer, exported and fused)")
-    scratch = Path(tempfile.mkdtemp(prefix=".skeleton-", dir=out))
-    try:
-        from llmship.export.skeleton import build_skeleton
-
-        skeleton = build_skeleton(inputs["config"], scratch, opset=cfg.export.opset, attention=cfg.export.attention)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    for variant, target, key, stage in todo:
-        if variant.exclude:
-            _check_excludes(skeleton, variant.exclude)
-        with rebuilding(out, stage):
-            build_variant(cfg, variant, target, skeleton, inputs, steps, disk=disk, parity=parity)
-        record(out, stage, key, target)
-    steps.done()
-    return folders
+        target = out / variant.folder_name
+        exporting = variant.scheme.builds_export
+        shared.stages[variant.name] = Stage(
+            "export" if exporting else f"variant-{variant.name}", target,
+            reads=lambda variant=variant: {**shared.source, **variant.describe(), "provider": cfg.runtime.provider},
+            run=lambda variant=variant, target=target: shared.build(variant, target),
+            fresh_log="fp32 export is up to date" if exporting else f"variant {variant.name} is up to date")
+        shared.variants[variant.name] = variant
+    return dict(shared.stages)
 
 
-def build_variant(cfg: Any, variant: Any, target: Path, skeleton: Any, inputs: dict[str, Any], steps: Any, *,
+class StreamingRun:
+    """What the streamed variants of one compile share, set up when the first of them is built: the checked inputs,
+    the disk check over every variant left to build, and the graph skeleton."""
+
+    def __init__(self, cfg: Any, out: Path, progress: Any, *, force: bool, parity: bool):
+        self.cfg, self.out, self.progress, self.force, self.parity = cfg, out, progress, force, parity
+        self.stages: dict[str, Any] = {}
+        self.variants: dict[str, Any] = {}
+        self.left: set[str] = set()
+
+    @cached_property
+    def source(self) -> dict[str, Any]:
+        from llmship.cache import folder_fingerprint
+        from llmship.export.source import resolve_model_path
+
+        adapter = self.cfg.model.adapter
+        fingerprints = [folder_fingerprint(Path(resolve_model_path(self.cfg.model.path)).expanduser()),
+                        adapter and folder_fingerprint(Path(adapter).expanduser())]
+        return {"source": fingerprints, "model": self.cfg.model.model_dump(), "export": self.cfg.export.model_dump()}
+
+    @cached_property
+    def setup(self) -> dict[str, Any]:
+        """Inputs checked (every variant streamable), disk room for the variants left to build, the skeleton."""
+        from llmship.progress import Steps
+
+        inputs = _resolve_inputs(self.cfg)
+        self.left = {name for name, stage in self.stages.items() if self.force or not stage.up_to_date(self.out)}
+        schemes = [self.variants[name].scheme.name for name in self.left]
+        disk = check_disk(self.out, inputs["checkpoint"].weight_bytes // 4, schemes)
+        steps = Steps(self.progress, "streaming compile")
+        steps("building the graph skeleton (one layer, exported and fused)")
+        scratch = Path(tempfile.mkdtemp(prefix=".skeleton-", dir=self.out))
+        try:
+            from llmship.export.skeleton import build_skeleton
+
+            skeleton = build_skeleton(inputs["config"], scratch, opset=self.cfg.export.opset,
+                                      attention=self.cfg.export.attention)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return {"inputs": inputs, "disk": disk, "steps": steps, "skeleton": skeleton}
+
+    def build(self, variant: Any, target: Path) -> None:
+        shared = self.setup
+        if variant.config.exclude:
+            _check_excludes(shared["skeleton"], variant.config.exclude)
+        build_variant(self.cfg, variant, target, shared["skeleton"], shared["inputs"], shared["steps"],
+                      disk=shared["disk"], parity=self.parity)
+        self.left.discard(variant.name)
+        if not self.left:
+            shared["steps"].done()
+
+
+def build_variant(cfg: Any, resolved: Any, target: Path, skeleton: Any, inputs: dict[str, Any], steps: Any, *,
                   disk: dict[str, float] | None = None, parity: bool = True) -> Path:
-    """One variant folder from the skeleton and the checkpoint (atomic; parity against PyTorch unless `parity` is off)."""
+    """One variant folder (`resolved`: a llmship.quantize.Variant) from the skeleton and the checkpoint (atomic; parity
+    against PyTorch unless `parity` is off)."""
     from llmship.artifact import atomic_folder, model_size, new_manifest, write_manifest
     from llmship.export.genai_config import write_folder_genai_config
-    from llmship.quantize.registry import build_scheme, default_parity
 
-    scheme = build_scheme(variant) if variant.scheme != "none" else None
-    name = "fp32" if scheme is None else variant.variant_name
+    variant = resolved.config
+    scheme = None if resolved.scheme.builds_export else resolved.scheme  # None: fp32, nothing to rewrite
+    name = resolved.folder_name if scheme is None else resolved.name
     config = inputs["config"]
     started = time.perf_counter()
     with PeakRss() as rss, atomic_folder(target) as folder:
         tokenizer_files = write_side_files(folder, config, inputs["model_dir"], inputs["tok_dir"], inputs["tokenizer"])
         _, report = write_variant(skeleton, inputs["checkpoint"], folder, scheme, list(variant.exclude), steps, name)
         build_s = time.perf_counter() - started
-        tolerances = cfg.export.parity if scheme is None else default_parity(variant)
+        tolerances = cfg.export.parity if scheme is None else resolved.parity
         figures: dict[str, Any] = {"skipped": True}
         failures: list[str] = []
         if parity:
