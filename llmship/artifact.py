@@ -22,7 +22,6 @@ from llmship.cache import library_versions
 from llmship.errors import UserError
 from llmship.files import MANIFEST_FILE, MODEL_FILE, fsync_file, read_json_object, write_json_atomic
 
-MANIFEST = MANIFEST_FILE
 FORMAT = 1  # bump when the folder layout changes incompatibly
 
 
@@ -38,7 +37,7 @@ class Artifact:
         folder = Path(path)
         if not folder.is_dir():
             raise UserError("compiled folder not found", where=str(folder))
-        file = folder / MANIFEST
+        file = folder / MANIFEST_FILE
         if not file.is_file():
             raise UserError("not an llmship artifact (no manifest.json); compile it with `llmship compile`", where=str(folder))
         try:
@@ -54,14 +53,6 @@ class Artifact:
     @property
     def onnx_path(self) -> Path:
         return self.path / self.manifest.get("onnx", {}).get("file", MODEL_FILE)
-
-    @property
-    def scheme(self) -> str:
-        return self.manifest.get("scheme", "none")
-
-    @property
-    def size_bytes(self) -> int:
-        return folder_size(self.path)
 
 
 def read_config_json(folder: str | Path) -> dict[str, Any]:
@@ -109,9 +100,9 @@ def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
     """Write manifest.json (size fields filled in last, so they count every other file)."""
     folder = Path(folder)
     manifest = dict(manifest)
-    manifest["size_bytes"] = folder_size(folder) - ((folder / MANIFEST).stat().st_size if (folder / MANIFEST).exists() else 0)
+    manifest["size_bytes"] = folder_size(folder) - ((folder / MANIFEST_FILE).stat().st_size if (folder / MANIFEST_FILE).exists() else 0)
     manifest["model_bytes"] = model_size(folder)
-    return write_json_atomic(folder / MANIFEST, manifest, durable=True)
+    return write_json_atomic(folder / MANIFEST_FILE, manifest, durable=True)
 
 
 # --------------------------------------------------------------------------- atomic folder writes
