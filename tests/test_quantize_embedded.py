@@ -106,7 +106,7 @@ def setup(tmp_path_factory):
 def compiled(setup):
     from llmship.artifact import model_size
     from llmship.config import VariantConfig
-    from llmship.quantize import quantize_variant
+    from llmship.quantize.variant import quantize_variant
     from llmship.quantize.variant import reference_engine
     from llmship.runtime import OrtEngine
 
@@ -195,7 +195,7 @@ def test_parity_catches_a_calibration_collapse(setup):
     """Percentile calibration that clips most of every activation range wrecks the model: parity must refuse it."""
     from llmship.config import VariantConfig
     from llmship.errors import CheckFailed
-    from llmship.quantize import quantize_variant
+    from llmship.quantize.variant import quantize_variant
 
     bad = VariantConfig(scheme="w8a8-static", method="percentile", name="collapsed", options={"percentile": 60.0})
     target = setup["out"] / "collapsed"
