@@ -106,8 +106,7 @@ def setup(tmp_path_factory):
 def compiled(setup):
     from llmship.artifact import model_size
     from llmship.config import VariantConfig
-    from llmship.quantize.variant import quantize_variant
-    from llmship.quantize.variant import reference_engine
+    from llmship.quantize.variant import quantize_variant, reference_engine
     from llmship.runtime import OrtEngine
 
     out, cfg, fp32, calib = setup["out"], setup["cfg"], setup["fp32"], setup["calib"]
