@@ -132,7 +132,7 @@ def compile_stage(cfg: Config, out: Path, progress: Any, force: bool) -> dict[st
 
 def _calibration_set(cfg: Config, fp32_dir: Path) -> Any:
     build = _entry("llmship.calib_data", "build_calibration_set", "calibration")
-    from llmship.export.source import load_tokenizer
+    from llmship.source import load_tokenizer
 
     tokenizer = load_tokenizer(fp32_dir)
     max_positions = json.loads((fp32_dir / "config.json").read_text())["max_position_embeddings"]

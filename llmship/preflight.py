@@ -135,7 +135,7 @@ def _check_provider(cfg: Config, plan: Plan) -> None:
 
 # --------------------------------------------------------------------------- model
 def _check_model(cfg: Config, plan: Plan) -> None:
-    from llmship.export import source as src
+    from llmship import source as src
 
     path = src.resolve_model_path(cfg.model.path)
     model_dir = _local(path)
@@ -168,7 +168,7 @@ def _check_model(cfg: Config, plan: Plan) -> None:
 
 
 def _check_adapter(folder: Path) -> None:
-    from llmship.export import source as src
+    from llmship import source as src
 
     if not folder.is_dir():
         raise UserError("adapter folder not found", where=f"model.adapter ({folder})")

@@ -45,8 +45,8 @@ def build_model(folder: Path, max_positions: int, hidden: int = HIDDEN, intermed
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmship.export.source import load_tokenizer
     from llmship.export.tiny import make_tokenizer
+    from llmship.source import load_tokenizer
 
     if (folder / "config.json").is_file():
         return folder

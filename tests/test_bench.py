@@ -329,7 +329,7 @@ def test_real_sharegpt_with_llama_tokenizer():
     import sentencepiece as spm
 
     from llmship.bench.sharegpt import load_conversations
-    from llmship.export.source import load_tokenizer
+    from llmship.source import load_tokenizer
 
     file = SHARED / "sharegpt" / "ShareGPT_V3_unfiltered_cleaned_split.sample300.json"
     entries = load_conversations(file)

@@ -118,8 +118,8 @@ def preload_libraries(spec: dict[str, Any]) -> None:
     if spec["kind"] == "torch":
         import transformers.models.llama.modeling_llama  # noqa: F401
 
-        import llmship.export.source  # noqa: F401
         import llmship.runtime.torch_engine  # noqa: F401
+        import llmship.source  # noqa: F401
 
 
 def weight_bytes(engine: Any, spec: dict[str, Any]) -> dict[str, Any]:

@@ -31,8 +31,8 @@ def load_engine(spec: Any, runtime_cfg: RuntimeConfig | None = None) -> Engine:
     """An Engine for a compiled folder (ONNX Runtime) or a ModelConfig (PyTorch baseline)."""
     runtime_cfg = runtime_cfg or RuntimeConfig()
     if isinstance(spec, ModelConfig):
-        from llmship.export.source import load_source
         from llmship.runtime.torch_engine import TorchEngine
+        from llmship.source import load_source
 
         return TorchEngine.from_source(load_source(spec), threads=runtime_cfg.threads)
     folder = getattr(spec, "path", spec)  # an Artifact carries its folder in .path

@@ -97,7 +97,7 @@ class OrtEngine(Engine):
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from llmship.export.source import load_tokenizer
+            from llmship.source import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.path)
         return self._tokenizer
