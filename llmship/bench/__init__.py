@@ -80,7 +80,7 @@ def engine_specs(cfg: Config, variants: dict[str, Path]) -> dict[str, dict[str, 
         folder = Path(folder)
         if not folder.is_dir():
             raise UserError("compiled variant folder not found", where=f"{name} ({folder})")
-        specs[name] = {"kind": "genai" if cfg.bench.engine == "genai" else "ort", "folder": str(folder.absolute())}
+        specs[name] = {"kind": cfg.runtime.engine, "folder": str(folder.absolute())}
     if not specs:
         raise UserError("nothing to benchmark: no variants and bench.baseline is off", where="bench.baseline")
     return specs
