@@ -105,7 +105,7 @@ def max_positions(cfg: Config, variants: dict[str, Path]) -> int:
 def check_position_limits(tasks: Tasks, variants: dict[str, Path]) -> None:
     """Before anything is scored: every variant graph runs the positions C-Eval needs (GEN mode generates past the
     truncated prompt, beyond max positions when it fills them, as OpenCompass does)."""
-    from llmship.runtime.ort_engine import folder_position_limit
+    from llmship.runtime.layout import folder_position_limit
 
     if tasks.ceval is None:
         return

@@ -84,7 +84,7 @@ def build_engine(name: str, target: Any, runtime_cfg: RuntimeConfig | None = Non
             raise TypeError(f"engine {name!r} runs a ModelConfig, not {type(target).__name__}")
         return kind.build(target, runtime_cfg)
     folder = getattr(target, "path", target)  # an Artifact carries its folder in .path
-    if not isinstance(folder, str | Path):
+    if isinstance(target, ModelConfig) or not isinstance(folder, str | Path):
         raise TypeError(f"engine {name!r} runs a compiled folder, not {type(target).__name__}")
     return kind.build(Path(folder), runtime_cfg)
 

@@ -10,7 +10,8 @@ How the Engine interface maps onto a Generator (checked against onnxruntime-gena
   every fed position come back from `get_output("logits")`. A Generator masks pad ids only after the prompt, so a
   left-padded batch is never handed to it as one; the rows go back into the caller's left-padded layout.
 - decode: each group's Generator is fed its rows' tokens; the Generator grows its cache in place, so (as with
-  TorchEngine) a Cache passed to `decode` must not be reused.
+  TorchEngine) a Cache passed to `decode` must not be reused. A Generator of batch > 1 takes `append_tokens` only
+  once, so at the first decode step each row of such a group moves to a Generator of its own (its tokens fed again).
 - generate: onnxruntime-genai's own greedy search (what the bench times), the batch right-padded with the pad id;
   min_length = max_length makes every row generate exactly its budget when EOS is ignored.
 
@@ -27,6 +28,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,16 @@ def _generated_config(folder: Path) -> dict[str, Any]:
     return build_genai_config(hf, read_json_object(folder / "generation_config.json"),
                               {"filename": filename, "inputs": [i.name for i in graph.input],
                                "outputs": [o.name for o in graph.output]})
+
+
+@dataclass
+class _Rows:
+    """Rows of a batch that share one Generator (rows of one length), with the tokens fed to it so far."""
+
+    rows: np.ndarray
+    generator: Any
+    capacity: int  # the Generator's max_length
+    fed: np.ndarray
 
 
 class GenaiEngine(Engine):
@@ -144,7 +156,7 @@ class GenaiEngine(Engine):
             capacity = self.max_positions if room is None else min(length + room, self.max_positions)
             generator = self._generator(len(rows), capacity)
             logits[rows, width - length:] = self._feed(generator, ids[rows, width - length:])
-            groups.append((rows, generator, capacity))
+            groups.append(_Rows(rows, generator, capacity, ids[rows, width - length:]))
         return logits, Cache(past=groups, attention_mask=mask)
 
     def decode(self, tokens: np.ndarray, cache: Cache) -> tuple[np.ndarray, Cache]:
@@ -152,12 +164,24 @@ class GenaiEngine(Engine):
         lengths = mask.sum(axis=1)
         tokens = np.asarray(tokens, dtype=np.int64)
         logits = np.zeros((len(tokens), self.vocab_size), dtype=np.float32)
-        for rows, generator, capacity in cache.past:
-            if lengths[rows[0]] > capacity:
-                raise UserError(f"the cache holds {capacity} positions (sized at prefill; prefill_for_generation sizes it for "
-                                "the tokens to come)", where=str(self.path))
-            logits[rows] = self._feed(generator, tokens[rows].reshape(-1, 1))[:, -1]
-        return logits, Cache(past=cache.past, attention_mask=mask)
+        groups = []
+        for group in cache.past:
+            if lengths[group.rows[0]] > group.capacity:
+                raise UserError(f"the cache holds {group.capacity} positions (sized at prefill; prefill_for_generation sizes "
+                                "it for the tokens to come)", where=str(self.path))
+            new = tokens[group.rows].reshape(-1, 1)
+            fed = np.concatenate([group.fed, new], axis=1)
+            if len(group.rows) == 1:
+                logits[group.rows] = self._feed(group.generator, new)[:, -1]
+                groups.append(_Rows(group.rows, group.generator, group.capacity, fed))
+                continue
+            # A Generator of batch > 1 takes append_tokens only once: each row goes on in a Generator of its own, fed
+            # its tokens so far again (one prefill per row, then one token per step).
+            for i, row in enumerate(group.rows):
+                generator = self._generator(1, group.capacity)
+                logits[row] = self._feed(generator, fed[i : i + 1])[0, -1]
+                groups.append(_Rows(group.rows[i : i + 1], generator, group.capacity, fed[i : i + 1]))
+        return logits, Cache(past=groups, attention_mask=mask)
 
     # ------------------------------------------------------------------ generation (onnxruntime-genai's greedy search)
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *, ignore_eos: bool = False,

@@ -60,7 +60,6 @@ class OrtEngine(Engine):
         generation = read_json_object(self.path / "generation_config.json")
         self.max_positions = int(config.get("max_position_embeddings", 2048))
         self.vocab_size = int(self._vocab or config.get("vocab_size", 0))
-        self._tokenizer = None
         # The export writes the tokenizer's pad id into generation_config.json, so no tokenizer load is needed here.
         self.eos_token_id, self.pad_token_id = special_ids(None, _Obj(generation), _Obj(config))
 
@@ -88,14 +87,6 @@ class OrtEngine(Engine):
         self.logits_type = ORT_TYPES.get(logits_info.type, np.float32)
         self.dtype = {np.float32: "float32", np.float16: "float16"}.get(self.input_types.get(self.past_names[0]) if self.past_names
                                                                         else np.float32, "float32")
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            from llmship.source import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.path)
-        return self._tokenizer
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
         feeds: dict[str, np.ndarray] = {
