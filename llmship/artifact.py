@@ -63,7 +63,7 @@ def read_config_json(folder: str | Path) -> dict[str, Any]:
 def max_positions(model: Any, folders: Any) -> int:
     """Smallest max_position_embeddings among the source model (`model`: a ModelConfig) and the compiled folders;
     the hub's config when none of them is local."""
-    from llmship.export.source import resolve_model_path
+    from llmship.source import resolve_model_path
 
     source = Path(resolve_model_path(model.path)).expanduser()
     found = [int(v) for folder in (source, *folders) if (v := read_config_json(folder).get("max_position_embeddings"))]

@@ -129,7 +129,13 @@ class CalibrationConfig(Section):
 
 
 # --------------------------------------------------------------------------- runtime
+# The engines that run a compiled folder: the names of llmship.runtime.FOLDER_ENGINES (the registry).
+FolderEngine = Literal["ort", "genai"]
+
+
 class RuntimeConfig(Section):
+    engine: FolderEngine = Field("ort", description="Engine for compiled variants in eval and bench: ort (ONNX Runtime) "
+                                 "or genai (onnxruntime-genai).")
     provider: Literal["cpu", "cuda"] = Field("cpu", description="ONNX Runtime execution provider (cuda needs onnxruntime-gpu).")
     threads: int = Field(0, ge=0, description="Intra-op threads for ORT and torch (0 = the library default; the bench: physical cores).")
 
@@ -146,7 +152,6 @@ class BenchConfig(Section):
     batch_size: int = Field(1, ge=1, description="Requests run together (grouped by length to limit padding).")
     warmup: int = Field(1, ge=0, description="Requests run before measuring, excluded from the figures.")
     baseline: bool = Field(True, description="Also run the PyTorch baseline on the same requests.")
-    engine: Literal["ort", "genai"] = Field("ort", description="Engine for compiled variants: plain ORT or onnxruntime-genai.")
     oversample: bool = Field(True, description="Top up to num_prompts by repeating sampled requests (vLLM default; off = --no-oversample).")
     isolate: bool = Field(True, description="Measure each engine in a fresh process (clean load time and peak RSS).")
     repeats: int = Field(1, ge=1, description="Timed runs of every engine (interleaved); figures are medians, with min-max.")
@@ -337,6 +342,10 @@ def _known_fields(model: type[BaseModel], path: tuple) -> list[str] | None:
     return list(model.model_fields)
 
 
+# Fields that moved to another section: (old location) -> new dotted name.
+MOVED_FIELDS = {("bench", "engine"): "runtime.engine"}
+
+
 def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
     loc = tuple(err["loc"])
     dotted = ".".join(str(p) for p in loc) or "<top>"
@@ -346,6 +355,8 @@ def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
             line = lines[loc[:cut]]
             break
     where = f"{source}:{line}" if line else source
+    if err["type"] == "extra_forbidden" and loc in MOVED_FIELDS:
+        return f"{where}: '{dotted}' moved to '{MOVED_FIELDS[loc]}'"
     if err["type"] == "extra_forbidden":
         known = _known_fields(Config, loc[:-1]) or []
         hint = difflib.get_close_matches(str(loc[-1]), known, n=1)

@@ -29,7 +29,7 @@ from llmship.errors import CheckFailed, UserError
 from llmship.eval import regate, run_eval
 from llmship.eval import stage_inputs as eval_inputs
 from llmship.export import export_fp32
-from llmship.export.source import load_tokenizer, resolve_model_path
+from llmship.source import load_tokenizer, resolve_model_path
 from llmship.export.streaming import streaming_stages
 from llmship.quantize import Variant, resolve_variants
 from llmship.quantize.registry import EXPORT_FOLDER

@@ -121,23 +121,21 @@ def _local(value: str) -> Path | None:
 def _check_provider(cfg: Config, plan: Plan) -> None:
     import onnxruntime as ort
 
-    from llmship.runtime.ort_engine import PROVIDERS
+    from llmship.runtime.providers import missing_provider, provider
 
-    provider = PROVIDERS[cfg.runtime.provider]
-    available = ort.get_available_providers()
-    if provider not in available:
-        plan.problems.append(f"runtime.provider: ONNX Runtime has no {provider} here (available: {', '.join(available)}); "
-                             "install onnxruntime-gpu for cuda, or set runtime.provider=cpu")
+    problem = missing_provider(cfg.runtime.provider)
+    if problem is not None:
+        plan.problems.append(f"runtime.provider: {problem}")
     else:
-        plan.add("runtime.provider", "execution provider", provider, f"present in onnxruntime {ort.__version__}",
-                 "parity checks, eval, bench")
-    if cfg.bench.engine == "genai" and plan.verb in ("bench", "run") and find_spec("onnxruntime_genai") is None:
-        plan.problems.append("bench.engine: genai needs onnxruntime-genai (pip install -e \".[genai]\"), or set bench.engine=ort")
+        plan.add("runtime.provider", "execution provider", provider(cfg.runtime.provider).ort_name,
+                 f"present in onnxruntime {ort.__version__}", "parity checks, eval, bench")
+    if cfg.runtime.engine == "genai" and plan.verb in ("eval", "bench", "run") and find_spec("onnxruntime_genai") is None:
+        plan.problems.append("runtime.engine: genai needs onnxruntime-genai (pip install -e \".[genai]\"), or set runtime.engine=ort")
 
 
 # --------------------------------------------------------------------------- model
 def _check_model(cfg: Config, plan: Plan) -> None:
-    from llmship.export import source as src
+    from llmship import source as src
 
     path = src.resolve_model_path(cfg.model.path)
     model_dir = _local(path)
@@ -170,7 +168,7 @@ def _check_model(cfg: Config, plan: Plan) -> None:
 
 
 def _check_adapter(folder: Path) -> None:
-    from llmship.export import source as src
+    from llmship import source as src
 
     if not folder.is_dir():
         raise UserError("adapter folder not found", where=f"model.adapter ({folder})")

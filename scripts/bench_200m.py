@@ -45,8 +45,8 @@ def build_model(folder: Path, max_positions: int, hidden: int = HIDDEN, intermed
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmship.export.source import load_tokenizer
     from llmship.export.tiny import make_tokenizer
+    from llmship.source import load_tokenizer
 
     if (folder / "config.json").is_file():
         return folder
@@ -184,7 +184,7 @@ def main() -> int:
     summary = {"prefill_tokens_per_s": prefill_speed(cfg, folders, args.prefill_tokens, repeats=5)}
     for batch in args.batch_sizes:
         cfg.bench.batch_size = batch
-        cfg.bench.engine = "ort"
+        cfg.runtime.engine = "ort"
         cfg.bench.baseline = True
         result = run_bench(cfg, folders, out / f"bench-b{batch}", progress=lambda line: log(line))
         print((out / f"bench-b{batch}" / "bench.md").read_text(encoding="utf-8"))
@@ -194,7 +194,7 @@ def main() -> int:
         if builder is not None:
             genai_folders["genai-builder-int4"] = builder
         if genai_folders:
-            cfg.bench.engine = "genai"
+            cfg.runtime.engine = "genai"
             cfg.bench.baseline = False
             result = run_bench(cfg, genai_folders, out / f"bench-genai-b{batch}", progress=lambda line: log(line))
             print((out / f"bench-genai-b{batch}" / "bench.md").read_text(encoding="utf-8"))

@@ -99,8 +99,8 @@ def llmship_results(model: Path, data: Path, subjects: list[str], questions: int
     from llmship.config import CevalTask, ModelConfig
     from llmship.eval import ceval
     from llmship.eval.data import read_ceval
-    from llmship.export.source import load_tokenizer
     from llmship.runtime import load_engine
+    from llmship.source import load_tokenizer
 
     source = ModelConfig(path=str(model))
     tokenizer = load_tokenizer(model)

@@ -304,14 +304,14 @@ def test_run_bench_isolated_process(tiny, tmp_path):
 
 def test_genai_engine_matches_ort(tiny):
     pytest.importorskip("onnxruntime_genai")
-    from llmship.bench.genai import GenaiEngine
-    from llmship.runtime import load_engine
+    from llmship.runtime import GenaiEngine, load_engine
 
     cfg, root = tiny
     prompts = [[1, 40, 41, 42, 43, 50, 60], [1, 77, 78]]
     ort = load_engine(root / "fp32", cfg.runtime)
     before = {f.name: f.stat().st_mtime_ns for f in (root / "fp32").iterdir()}
-    genai = GenaiEngine(root / "fp32", cfg.runtime)
+    genai = load_engine(root / "fp32", cfg.runtime.model_copy(update={"engine": "genai"}))
+    assert isinstance(genai, GenaiEngine)
     steps: list[int] = []
     try:
         got = genai.generate(prompts, [6, 3], ignore_eos=True, on_step=lambda step, _tokens: steps.append(step))
@@ -329,7 +329,7 @@ def test_real_sharegpt_with_llama_tokenizer():
     import sentencepiece as spm
 
     from llmship.bench.sharegpt import load_conversations
-    from llmship.export.source import load_tokenizer
+    from llmship.source import load_tokenizer
 
     file = SHARED / "sharegpt" / "ShareGPT_V3_unfiltered_cleaned_split.sample300.json"
     entries = load_conversations(file)
@@ -377,7 +377,6 @@ def test_runtime_threads_reach_every_engine(tiny):
     import torch
 
     from llmship.bench import runner
-    from llmship.bench.genai import GenaiEngine
 
     cfg, root = tiny
     runtime = {**cfg.runtime.model_dump(), "threads": 3}
@@ -392,7 +391,7 @@ def test_runtime_threads_reach_every_engine(tiny):
     finally:
         torch.set_num_threads(before)  # torch's pool is process-wide: later tests get theirs back
     pytest.importorskip("onnxruntime_genai")
-    genai = GenaiEngine(root / "fp32", cfg.runtime.model_copy(update={"threads": 3}))
+    genai = runner.load({"kind": "genai", "folder": str(root / "fp32")}, runtime)
     try:
         decoder = json.loads((genai._view / "genai_config.json").read_text())["model"]["decoder"]
         assert decoder["session_options"]["intra_op_num_threads"] == 3 == genai.info()["threads"]

@@ -33,7 +33,7 @@ class WordTokenizer:
 
 @pytest.fixture(scope="module")
 def llama_tokenizer():
-    from llmship.export.source import load_tokenizer
+    from llmship.source import load_tokenizer
 
     return load_tokenizer(TOKENIZER_DIR)
 
@@ -41,7 +41,7 @@ def llama_tokenizer():
 @pytest.fixture(scope="module")
 def embedded_tokenizer():
     from llmship.config import EMBEDDED_MODEL_DIR
-    from llmship.export.source import load_tokenizer
+    from llmship.source import load_tokenizer
 
     return load_tokenizer(EMBEDDED_MODEL_DIR)
 

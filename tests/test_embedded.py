@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from llmship.calib_data import sources, templates
 from llmship.config import EMBEDDED, EMBEDDED_MODEL_DIR
-from llmship.export.source import load_tokenizer
+from llmship.source import load_tokenizer
 
 MAX_BYTES = 15 * 1024 * 1024
 # Held-out perplexity bound: far below uniform (vocab size); the trained model is recorded in its README.

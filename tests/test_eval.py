@@ -18,8 +18,8 @@ from llmship.errors import UserError
 from llmship.eval import ceval, consistency, perplexity
 from llmship.eval.gate import check_metrics_known, evaluate_goals, failure_table, junit_xml
 from llmship.eval.summary import to_csv, to_md, to_txt
-from llmship.export.source import load_tokenizer
 from llmship.runtime.base import Cache, Engine
+from llmship.source import load_tokenizer
 
 H = "以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。\n"
 

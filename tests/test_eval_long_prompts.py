@@ -25,7 +25,7 @@ SHARED_CEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "ceval"
 def test_pytorch_rotary_continues_past_max_positions():
     import torch
 
-    from llmship.export.source import load_source
+    from llmship.source import load_source
 
     model = load_source(ModelConfig()).model
     max_positions = model.config.max_position_embeddings
@@ -80,8 +80,8 @@ def _old_table_copy(folder: Path, target: Path) -> Path:
 @pytest.mark.slow
 def test_gen_truncates_at_max_positions_and_generates_past_them_in_every_engine(short_model):
     from llmship.eval import ceval, data
-    from llmship.export.source import load_tokenizer
     from llmship.runtime import load_engine
+    from llmship.source import load_tokenizer
 
     cfg, root, folders = short_model
     tokenizer = load_tokenizer(EMBEDDED_MODEL_DIR)

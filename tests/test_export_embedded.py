@@ -8,8 +8,8 @@ import pytest
 
 from llmship.config import EMBEDDED_MODEL_DIR, Config, ModelConfig
 from llmship.export import export_fp32
-from llmship.export.source import load_tokenizer
 from llmship.runtime import left_pad, load_engine
+from llmship.source import load_tokenizer
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL_DIR / "config.json").is_file(), reason="embedded model not built")
 

@@ -11,8 +11,8 @@ import sentencepiece as spm
 
 from llmship.config import EMBEDDED_MODEL_DIR, ModelConfig
 from llmship.errors import UserError
-from llmship.export.source import load_source, load_tokenizer
 from llmship.export.tiny import make_llama, make_tokenizer
+from llmship.source import load_source, load_tokenizer
 
 SHARED_LLAMA_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared/data/tokenizers/llama-32k"
 TEXTS = ["今天天气很好，我们去公园散步。", "The capital of France is Paris.", "问题：TCP协议工作在哪一层？\nA. 应用层 B. 传输层\n答案：",

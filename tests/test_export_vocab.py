@@ -15,9 +15,9 @@ import torch
 from llmship.config import Config, ModelConfig
 from llmship.errors import UserError
 from llmship.export import export_fp32
-from llmship.export.source import load_source, load_tokenizer
 from llmship.export.tiny import extend_tokenizer, make_llama, make_tokenizer
 from llmship.runtime import OrtEngine, left_pad
+from llmship.source import load_source, load_tokenizer
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 

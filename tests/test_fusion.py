@@ -10,7 +10,9 @@ import onnx
 import pytest
 
 from llmship.errors import CheckFailed, UserError
-from llmship.export.fusion import compare_decoders, fuse_decoder, left_align, right_pad, runtime_layout, runtime_padding
+from llmship.export.fusion import compare_decoders, fuse_decoder
+from llmship.runtime.layout import runtime_layout, runtime_padding
+from llmship.runtime.padding import left_padded_to_right, right_padded_to_left
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 2, 4, 2, 128
 PROMPTS = [[5, 9, 17, 33, 2, 61, 8, 90, 11, 4, 7], [3, 44, 12, 100], [7, 8, 9, 10, 11, 12, 13]]
@@ -162,20 +164,20 @@ def test_gqa_mode_matches_right_padded_batch(exported: Path, fused: tuple[Path, 
     # the reference runs left-padded as usual; the GQA graph needs the right-padded layout
     figures = compare_decoders(exported, target, PROMPTS, decode_steps=8, candidate_padding="right")
     assert figures["decode_max_logits_diff"] <= 1e-4 and figures["greedy_tokens_equal"]
-    # what OrtEngine does with a GQA graph: the caller's left-padded batch -> right_pad -> run -> left_align
+    # what OrtEngine does with a GQA graph: the caller's left-padded batch -> right-padded -> run -> left-padded again
     import onnxruntime as ort
 
     from llmship.runtime.base import left_pad
 
     ids, mask = left_pad(PROMPTS, 0)
-    ids_r, positions_r, lengths = right_pad(ids, mask)
+    ids_r, positions_r, lengths = left_padded_to_right(ids, mask)
     assert lengths.tolist() == [len(p) for p in PROMPTS]
     past = {f"past_key_values.{i}.{k}": np.zeros((3, KV_HEADS, 0, HIDDEN // HEADS), np.float32) for i in range(LAYERS) for k in ("key", "value")}
     feeds = {"input_ids": ids_r, "attention_mask": mask, "position_ids": positions_r}
     logits_gqa = ort.InferenceSession(str(target)).run(["logits"], {**feeds, **past})[0]
     feeds["input_ids"], feeds["position_ids"] = ids, np.where(mask > 0, np.cumsum(mask, 1) - 1, 0)
     logits_ref = ort.InferenceSession(str(exported)).run(["logits"], {**feeds, **past})[0]
-    aligned = left_align(logits_gqa, mask)
+    aligned = right_padded_to_left(logits_gqa, mask)
     assert np.abs(np.where(mask[..., None] > 0, aligned - logits_ref, 0)).max() <= 1e-4
     # int4 composes: the same blockwise weights whichever attention op reads q/k/v (accuracy level 0: float
     # activations, so 1e-6 attention differences are not amplified by int8 activation rounding)

@@ -83,8 +83,8 @@ def _quality(reference, candidate, seqs) -> tuple[float, float]:
 def test_shipped_config_compiles_natural_model_with_default_tolerances(name, tmp_path):
     from llmship.artifact import Artifact
     from llmship.config import ModelConfig
-    from llmship.export.source import load_tokenizer
     from llmship.runtime import OrtEngine, load_engine
+    from llmship.source import load_tokenizer
 
     proc = _compile(CONFIGS[name], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

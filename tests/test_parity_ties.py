@@ -12,11 +12,11 @@ import torch
 from llmship.config import EMBEDDED_MODEL_DIR, Config, ParityConfig
 from llmship.export import export_fp32
 from llmship.export.parity import check_parity, parity_failures, parity_prompts
-from llmship.export.source import load_tokenizer
 from llmship.quantize.fp16 import Fp16
 from llmship.quantize.w4a16 import W4A16
 from llmship.runtime import OrtEngine
 from llmship.runtime.torch_engine import TorchEngine
+from llmship.source import load_tokenizer
 
 pytestmark = [pytest.mark.skipif(not (EMBEDDED_MODEL_DIR / "config.json").is_file(), reason="embedded model not built"),
               pytest.mark.slow]

@@ -90,7 +90,7 @@ def measure(reference, candidate, seqs: list[list[int]]) -> dict[str, float]:
 def setup(tmp_path_factory):
     from llmship.calib_data import build_calibration_set
     from llmship.export import export_fp32
-    from llmship.export.source import load_tokenizer
+    from llmship.source import load_tokenizer
 
     out = tmp_path_factory.mktemp("embedded")
     # The default mixture (C4 train split, C-Eval dev, alpaca's calibration part): the C4 validation text the bar is

@@ -175,9 +175,9 @@ def test_layerwise_reference_agrees_with_the_whole_model():
     from llmship.export.checkpoint import open_checkpoint
     from llmship.export.layerwise import layerwise_engine
     from llmship.export.parity import default_prompts
-    from llmship.export.source import load_tokenizer
     from llmship.runtime import load_engine
     from llmship.runtime.base import left_pad
+    from llmship.source import load_tokenizer
 
     config = json.loads((EMBEDDED_MODEL_DIR / "config.json").read_text())
     tokenizer = load_tokenizer(EMBEDDED_MODEL_DIR)

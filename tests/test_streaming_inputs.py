@@ -168,8 +168,8 @@ def test_lora_merged_while_streaming_equals_the_peft_merge(tmp_path):
 
     from llmship.config import ModelConfig
     from llmship.export.checkpoint import LoraMerged
-    from llmship.export.source import load_source
     from llmship.export.tiny import make_llama
+    from llmship.source import load_source
 
     base_dir = make_llama(tmp_path / "base", num_key_value_heads=2)
     adapter_dir, _ = _make_adapter(base_dir, tmp_path / "adapter", vocab=1001)

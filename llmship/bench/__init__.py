@@ -45,7 +45,7 @@ SPREAD_RATIOS = ("output_throughput",)
 
 # --------------------------------------------------------------------------- model facts
 def _source_folder(cfg: Config) -> Path | None:
-    from llmship.export.source import resolve_model_path
+    from llmship.source import resolve_model_path
 
     folder = Path(resolve_model_path(cfg.model.path)).expanduser()
     return folder if folder.is_dir() else None
@@ -53,7 +53,7 @@ def _source_folder(cfg: Config) -> Path | None:
 
 def bench_tokenizer(cfg: Config, variants: dict[str, Path]) -> Any:
     """The model's own tokenizer: the adapter's or source folder's, else a compiled variant's copy, else the hub's."""
-    from llmship.export.source import load_tokenizer
+    from llmship.source import load_tokenizer
 
     adapter = Path(cfg.model.adapter).expanduser() if cfg.model.adapter else None
     for folder in (adapter, _source_folder(cfg), *variants.values()):
@@ -80,7 +80,7 @@ def engine_specs(cfg: Config, variants: dict[str, Path]) -> dict[str, dict[str, 
         folder = Path(folder)
         if not folder.is_dir():
             raise UserError("compiled variant folder not found", where=f"{name} ({folder})")
-        specs[name] = {"kind": "genai" if cfg.bench.engine == "genai" else "ort", "folder": str(folder.absolute())}
+        specs[name] = {"kind": cfg.runtime.engine, "folder": str(folder.absolute())}
     if not specs:
         raise UserError("nothing to benchmark: no variants and bench.baseline is off", where="bench.baseline")
     return specs
@@ -356,7 +356,7 @@ def stage_inputs(cfg: Config) -> dict[str, Any]:
     """What the bench stage reads besides the variant folders: the stage's cache key is derived from this."""
     from llmship.cache import folder_fingerprint
     from llmship.calib_data.sources import data_fingerprint
-    from llmship.export.source import resolve_model_path
+    from llmship.source import resolve_model_path
 
     return {"model": folder_fingerprint(resolve_model_path(cfg.model.path)), "model_config": cfg.model.model_dump(),
             "bench": cfg.bench.model_dump(), "runtime": cfg.runtime.model_dump(),

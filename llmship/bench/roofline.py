@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from llmship.files import GENAI_CONFIG_FILE
+from llmship.runtime.providers import CPU_ONLY
 
 BANDWIDTH_ARRAY_BYTES = 256 << 20  # far above any CPU's last-level cache
 BANDWIDTH_REPEATS = 8
@@ -60,7 +61,7 @@ def measure_read_bandwidth(threads: int = 0, array_bytes: int = BANDWIDTH_ARRAY_
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=CPU_ONLY)
     del model, graph, weight
     x = np.ones((1, rows), dtype=np.float32)
     session.run(None, {"x": x})  # first run: pages touched, any pre-packing done

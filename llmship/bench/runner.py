@@ -19,7 +19,8 @@ from typing import Any
 
 from llmship.bench.metrics import request_latencies
 from llmship.errors import CheckFailed
-from llmship.files import MANIFEST_FILE, MODEL_FILE, write_json_atomic
+from llmship.files import write_json_atomic
+from llmship.runtime.layout import folder_graph
 
 PROGRESS_TAG = "@@progress"
 WARMUP_OUTPUT_CAP = 8  # warm-up only needs every kernel and allocation exercised once; its figures are discarded
@@ -98,17 +99,12 @@ def high_water_mark() -> int | None:
 
 # --------------------------------------------------------------------------- engine
 def load(spec: dict[str, Any], runtime: dict[str, Any]) -> Any:
+    """The engine of a job spec: {"kind": a registry name, "model": ModelConfig fields | "folder": path}."""
     from llmship.config import ModelConfig, RuntimeConfig
-    from llmship.runtime import load_engine
+    from llmship.runtime import build_engine
 
-    runtime_cfg = RuntimeConfig(**runtime)
-    if spec["kind"] == "torch":
-        return load_engine(ModelConfig(**spec["model"]), runtime_cfg)
-    if spec["kind"] == "genai":
-        from llmship.bench.genai import GenaiEngine
-
-        return GenaiEngine(Path(spec["folder"]), runtime_cfg)
-    return load_engine(Path(spec["folder"]), runtime_cfg)
+    target = ModelConfig(**spec["model"]) if "model" in spec else Path(spec["folder"])
+    return build_engine(spec["kind"], target, RuntimeConfig(**runtime))
 
 
 def preload_libraries(spec: dict[str, Any]) -> None:
@@ -118,8 +114,8 @@ def preload_libraries(spec: dict[str, Any]) -> None:
     if spec["kind"] == "torch":
         import transformers.models.llama.modeling_llama  # noqa: F401
 
-        import llmship.export.source  # noqa: F401
         import llmship.runtime.torch_engine  # noqa: F401
+        import llmship.source  # noqa: F401
 
 
 def weight_bytes(engine: Any, spec: dict[str, Any]) -> dict[str, Any]:
@@ -127,7 +123,7 @@ def weight_bytes(engine: Any, spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec["kind"] == "torch":
         return roofline.torch_weight_bytes(engine.model)
-    return roofline.onnx_weight_bytes(_onnx_file(Path(spec["folder"])))
+    return roofline.onnx_weight_bytes(folder_graph(spec["folder"]))
 
 
 def cache_bytes_per_token(engine: Any, spec: dict[str, Any]) -> int:
@@ -141,16 +137,7 @@ def cache_bytes_per_token(engine: Any, spec: dict[str, Any]) -> int:
         kv_heads, head_dim = cache_shape(config)
         itemsize = next(engine.model.parameters()).element_size()
         return roofline.cache_bytes_per_token(config.num_hidden_layers, kv_heads, head_dim, itemsize)
-    return roofline.onnx_cache_bytes_per_token(_onnx_file(Path(spec["folder"])))
-
-
-def _onnx_file(folder: Path) -> Path:
-    manifest = folder / MANIFEST_FILE
-    if manifest.is_file():
-        name = json.loads(manifest.read_text(encoding="utf-8")).get("onnx", {}).get("file")
-        if name and (folder / name).is_file():
-            return folder / name
-    return folder / MODEL_FILE
+    return roofline.onnx_cache_bytes_per_token(folder_graph(spec["folder"]))
 
 
 def size_on_disk(engine: Any, spec: dict[str, Any]) -> int:

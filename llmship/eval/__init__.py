@@ -87,7 +87,7 @@ class Tasks:
 # --------------------------------------------------------------------------- preparation
 def eval_tokenizer(cfg: Config) -> Any:
     """The source model's tokenizer (the adapter's when it ships one), used for every engine."""
-    from llmship.export.source import load_tokenizer, resolve_model_path
+    from llmship.source import load_tokenizer, resolve_model_path
 
     for folder in (cfg.model.adapter, resolve_model_path(cfg.model.path)):
         if folder and any((Path(folder).expanduser() / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
@@ -105,7 +105,7 @@ def max_positions(cfg: Config, variants: dict[str, Path]) -> int:
 def check_position_limits(tasks: Tasks, variants: dict[str, Path]) -> None:
     """Before anything is scored: every variant graph runs the positions C-Eval needs (GEN mode generates past the
     truncated prompt, beyond max positions when it fills them, as OpenCompass does)."""
-    from llmship.runtime.ort_engine import folder_position_limit
+    from llmship.runtime.layout import folder_position_limit
 
     if tasks.ceval is None:
         return
@@ -174,7 +174,7 @@ def score_engine(engine: Any, tasks: Tasks, cfg: Config, tokenizer: Any, progres
 # --------------------------------------------------------------------------- baseline cache
 def baseline_key(cfg: Config) -> str:
     from llmship.cache import folder_fingerprint, library_versions
-    from llmship.export.source import resolve_model_path
+    from llmship.source import resolve_model_path
 
     ev = cfg.eval
     parts = {
@@ -470,7 +470,7 @@ def stage_inputs(cfg: Config) -> dict[str, Any]:
     instead of re-scoring."""
     from llmship.cache import folder_fingerprint
     from llmship.calib_data.sources import data_fingerprint
-    from llmship.export.source import resolve_model_path
+    from llmship.source import resolve_model_path
 
     ev, gate = cfg.eval, cfg.gate
     return {

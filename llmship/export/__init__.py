@@ -38,7 +38,7 @@ def peak_rss_mb() -> float:
 
 def copy_tokenizer(source: Any, folder: Path) -> list[str]:
     """Copy the tokenizer files as they were (so the artifact tokenizes exactly like the source)."""
-    from llmship.export.source import TOKENIZER_FILES
+    from llmship.source import TOKENIZER_FILES
 
     copied = []
     if source.tokenizer_dir:
@@ -178,9 +178,9 @@ def export_fp32(cfg: Config, target: Path, progress: Any = None) -> Artifact:
     from llmship.export.genai_config import write_folder_genai_config
     from llmship.export.onnx_export import export_decoder, parameter_bytes
     from llmship.export.parity import check_parity, parity_failures, parity_prompts
-    from llmship.export.source import load_source
     from llmship.runtime.ort_engine import OrtEngine
     from llmship.runtime.torch_engine import TorchEngine
+    from llmship.source import load_source
 
     if cfg.export.slim and importlib.util.find_spec("onnxslim") is None:
         raise UserError("export.slim needs the onnxslim package (pip install onnxslim)", where="export.slim")

@@ -226,7 +226,7 @@ class LoraMerged:
     `modules_to_save` tensors (embed_tokens, lm_head of an extended vocabulary) in place of the base's."""
 
     def __init__(self, base: Checkpoint, adapter_dir: str | Path):
-        from llmship.export.source import _adapter_state, _module_key
+        from llmship.source import _adapter_state, _module_key
 
         adapter_dir = Path(adapter_dir)
         where = str(adapter_dir / "adapter_config.json")

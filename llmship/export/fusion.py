@@ -10,7 +10,7 @@ The pass runs onnxscript's ORT fusions (`onnxscript.rewriter.ort_fusions`, the r
   not HF's batched MatMul), so rotary becomes ORT's `com.microsoft.RotaryEmbedding` with a cos/sin
   table of `rotary_table_rows(max_positions)` rows (room past the trained length, `ROTARY_TABLE_FACTOR`)
   instead of Cos/Sin computed on every step (positions beyond the table are an ORT error, never a
-  silent wrong answer; `graph_position_limit` reads the table size back for the runtime);
+  silent wrong answer; llmship.runtime.layout.graph_position_limit reads the table size back for the runtime);
 - a GroupQueryAttention rule for models without kv groups (LLaMA 1 / Llama 2 7B: HF skips repeat_kv);
 - packing of the projections that read the same activation (q/k/v, gate/up) into one MatMul
   followed by a Split: one weight read and one kernel per group, still a plain MatMul with a
@@ -22,8 +22,8 @@ mask built from `attention_mask`, so left-padded batches and the optimum I/O con
 attention_mask, position_ids, past_key_values.N.key|value -> logits, present.N.key|value) are
 unchanged. "gqa" gives GroupQueryAttention with rotary inside and packed QKV (the fastest form, what
 onnxruntime-genai's builder emits; in-place KV possible): that op ignores the mask and takes per-row
-lengths from position_ids, so batches must be right-padded (`GQA_CONTRACT`, `right_pad`,
-`left_align`); the report's "padding" says which layout the runtime must use. Norms fuse to
+lengths from position_ids, so batches must be right-padded (`GQA_CONTRACT`; llmship.runtime.padding's
+`left_padded_to_right`, `right_padded_to_left`); the report's "padding" says which layout the runtime must use. Norms fuse to
 SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization in both.
 """
 
@@ -39,12 +39,13 @@ import numpy as np
 
 from llmship.errors import CheckFailed, UserError
 from llmship.files import INLINE_WEIGHTS_LIMIT
+from llmship.runtime.padding import Padding, padded_batch
+from llmship.runtime.providers import CPU_ONLY
 
 Attention = Literal["mha", "gqa", "none"]
 # Which projections sharing an input to pack: q/k/v only (default: measured as fast as onnxruntime-genai's
 # builder graph; packing gate/up as well added a Split and was ~4% slower at int4), all groups, or none.
 Pack = Literal["qkv", "all", "none"]
-Padding = Literal["left", "right"]
 
 # What a runtime must feed a graph whose attention was fused to GroupQueryAttention (ORT contrib op).
 # Names and dtypes of inputs/outputs are unchanged; only the batch layout differs.
@@ -53,8 +54,8 @@ GQA_CONTRACT = (
     "0..n_b-1 for the prompt and n_b for the next token (GQA reads each row's length as max(position_ids) + 1 "
     "and ignores attention_mask, which is still fed); decode feeds present.* back as past_key_values.* and "
     "row b's new key/value lands at index n_b. With llmship's left-padded Engine interface only prefill "
-    "changes: ids_r, positions_r, _ = right_pad(ids, mask); run (ids_r, mask, positions_r, empty past); "
-    "logits = left_align(logits, mask). Decode is unchanged (position = mask.sum() - 1 after appending the "
+    "changes: ids_r, positions_r, _ = left_padded_to_right(ids, mask); run (ids_r, mask, positions_r, empty "
+    "past); logits = right_padded_to_left(logits, mask). Decode is unchanged (position = mask.sum() - 1 after appending the "
     "new column = n_b). Fed left-padded, padded rows get wrong logits (parity's batch check catches it). "
     "onnxruntime-genai drives it as is (past_present_share_buffer true or false)."
 )
@@ -488,80 +489,7 @@ def _session(path: Path, threads: int):
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def pad_batch(prompts: list[list[int]], pad_id: int, padding: Padding) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask) int64 of a batch padded on the left or on the right."""
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), width), dtype=np.int64)
-    for row, prompt in enumerate(prompts):
-        cols = slice(width - len(prompt), width) if padding == "left" else slice(0, len(prompt))
-        ids[row, cols], mask[row, cols] = prompt, 1
-    return ids, mask
-
-
-def runtime_padding(model_path: Path) -> Padding:
-    """The batch layout a decoder graph needs: "right" when its attention is GroupQueryAttention (any
-    variant made from a GQA-fused graph: fp16, int8, int4 keep the op), else "left". For OrtEngine."""
-    return runtime_layout(model_path)[0]
-
-
-# Input index of the cos table: RotaryEmbedding(input, position_ids, cos_cache, sin_cache) and
-# GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, ...).
-COS_CACHE_INPUT = {"RotaryEmbedding": 2, "GroupQueryAttention": 7}
-
-
-def runtime_layout(model_path: Path) -> tuple[Padding, int | None]:
-    """(batch layout, position limit) of a decoder graph, from one read of the graph without its weights' data."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    padding: Padding = "right" if any(n.op_type == "GroupQueryAttention" for n in graph.node) else "left"
-    return padding, graph_position_limit(graph)
-
-
-def graph_position_limit(graph: Any) -> int | None:
-    """Positions a decoder graph (onnx GraphProto) can run: the rows of the smallest cos table its fused rotary
-    ops read (0 .. rows-1), or None when rotary is computed from the positions in the graph (no limit). Graphs fused
-    before `ROTARY_TABLE_FACTOR` have max_position_embeddings rows, so they report exactly that."""
-    rows = {init.name: int(init.dims[0]) for init in graph.initializer if init.dims}
-    for node in graph.node:  # tables kept as Constant nodes by a rewrite
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].t.dims:
-            rows[node.output[0]] = int(node.attribute[0].t.dims[0])
-    limits = []
-    for node in graph.node:
-        index = COS_CACHE_INPUT.get(node.op_type) if node.domain == "com.microsoft" else None
-        # a table computed by other nodes has no size to read here: ORT itself reports a position past it
-        if index is not None and len(node.input) > index and node.input[index] in rows:
-            limits.append(rows[node.input[index]])
-    return min(limits) if limits else None
-
-
-def right_pad(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Left-padded (input_ids, attention_mask) -> right-padded (input_ids, position_ids, lengths), the
-    layout a GroupQueryAttention graph needs: row b's n_b tokens first, positions 0..n_b-1, pads after
-    (pad ids and positions 0). Feed attention_mask as it is (the GQA graph does not read it)."""
-    mask = np.asarray(attention_mask) > 0
-    lengths = mask.sum(axis=1).astype(np.int64)
-    ids = np.zeros_like(input_ids)
-    positions = np.zeros(input_ids.shape, dtype=np.int64)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = input_ids[row][mask[row]]
-        positions[row, :n] = np.arange(n)
-    return ids, positions, lengths
-
-
-def left_align(values: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    """Per-token outputs (B, T, ...) of a right-padded run back in the caller's left-padded layout
-    (pad positions get zeros), so `logits[:, -1]` is each row's last real token again."""
-    mask = np.asarray(attention_mask) > 0
-    out = np.zeros_like(values)
-    for row in range(values.shape[0]):
-        n = int(mask[row].sum())
-        out[row][mask[row]] = values[row, :n]
-    return out
+    return ort.InferenceSession(str(path), options, providers=CPU_ONLY)
 
 
 def _greedy(sess, prompts, pad_id: int, steps: int, padding: Padding):
@@ -584,7 +512,7 @@ def _greedy(sess, prompts, pad_id: int, steps: int, padding: Padding):
         if item.name.startswith("past_key_values"):
             shape = [len(prompts) if axis == 0 else (0 if axis == 2 else dim) for axis, dim in enumerate(item.shape)]
             past[item.name] = np.zeros(shape, dtype=np.float32)
-    ids, mask = pad_batch(prompts, pad_id, padding)
+    ids, mask = padded_batch(prompts, pad_id, padding)
     positions = np.where(mask > 0, np.cumsum(mask, axis=1) - 1, 0)
     logits, past = run(ids, mask, positions, past)
     lengths = np.array([len(p) for p in prompts])

@@ -22,6 +22,7 @@ from typing import Any
 
 from llmship.errors import UserError
 from llmship.files import GENAI_CONFIG_FILE, MODEL_FILE, write_json_atomic
+from llmship.runtime.providers import genai_provider_options
 
 # onnxruntime-genai's builder defaults for the `search` block (HF GenerationConfig defaults).
 SEARCH_DEFAULTS: dict[str, Any] = {
@@ -122,7 +123,7 @@ def build_genai_config(hf_config: Any, generation_config: Any, onnx_io: Mapping[
                 "session_options": {
                     "log_id": "onnxruntime-genai",
                     # CPU needs no entry; other execution providers are named here, as the builder does
-                    "provider_options": [] if provider == "cpu" else [{provider: {}}],
+                    "provider_options": genai_provider_options(provider),
                     **dict(onnx_io.get("session_options", {})),
                 },
                 "filename": filename,
@@ -160,7 +161,7 @@ def write_genai_config(folder: Path, hf_config: Any, generation_config: Any = No
         io.setdefault("outputs", names_out)
     if "past_present_share_buffer" not in io:
         # GroupQueryAttention updates a max-length cache in place (faster); concat-style attention cannot
-        from llmship.export.fusion import runtime_padding
+        from llmship.runtime.layout import runtime_padding
 
         io["past_present_share_buffer"] = runtime_padding(folder / io["filename"]) == "right"
     config = build_genai_config(hf_config, generation_config, io)

@@ -363,8 +363,8 @@ def check_disk(out: Path, params: int, schemes: list[str]) -> dict[str, float]:
 
 def write_side_files(folder: Path, config: dict[str, Any], model_dir: Path, tok_dir: Path, tokenizer: Any) -> list[str]:
     """config.json (fp32, final vocab), generation_config.json with the pad id the engines use, tokenizer files."""
-    from llmship.export.source import TOKENIZER_FILES
     from llmship.runtime.base import special_ids
+    from llmship.source import TOKENIZER_FILES
 
     graph_config = dict(config, dtype="float32")
     graph_config.pop("torch_dtype", None)
@@ -393,7 +393,7 @@ def _resolve_inputs(cfg: Any) -> dict[str, Any]:
     """Every input the streaming compile reads, validated before the first expensive step (module doc of checkpoint)."""
     from llmship.export import check_exportable
     from llmship.export.checkpoint import open_checkpoint
-    from llmship.export.source import _read_config, _tokenizer_source, check_architecture, load_tokenizer, resolve_model_path
+    from llmship.source import _read_config, _tokenizer_source, check_architecture, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(cfg.model.path)
     model_dir = Path(path).expanduser()

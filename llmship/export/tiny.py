@@ -64,7 +64,7 @@ def make_llama(folder: str | Path, *, tokenizer_from: str | Path | None = None, 
     """Write a random LlamaForCausalLM + LLaMA tokenizer folder; the vocab follows the tokenizer unless given."""
     from transformers import LlamaForCausalLM
 
-    from llmship.export.source import load_tokenizer
+    from llmship.source import load_tokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from llmship.files import INLINE_WEIGHTS_LIMIT
 from llmship.quantize.graph import save_model
+from llmship.runtime.providers import CPU_ONLY
 
 _NUMPY_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                 onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
@@ -136,5 +137,5 @@ def probe_session(model: onnx.ModelProto, names: list[str], scratch: Path | None
         base = scratch if scratch is not None and scratch.is_dir() else None
         with tempfile.TemporaryDirectory(prefix=".llmship-probe-", dir=base) as tmp:
             path = save_model(probe, Path(tmp), external_data="always")
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(path), options, providers=CPU_ONLY)
+    return ort.InferenceSession(probe.SerializeToString(), options, providers=CPU_ONLY)

@@ -94,8 +94,8 @@ def quantize_variant(fp32: Artifact, variant: Variant | VariantConfig, calib: An
 
 def check_against_reference(cfg: Config, fp32: Artifact, folder: Path, parity: ParityConfig) -> dict[str, Any]:
     from llmship.export.parity import check_parity, parity_prompts
-    from llmship.export.source import load_tokenizer
     from llmship.runtime.ort_engine import OrtEngine
+    from llmship.source import load_tokenizer
 
     reference = reference_engine(cfg)
     candidate = OrtEngine(folder, provider=cfg.runtime.provider, threads=cfg.runtime.threads)

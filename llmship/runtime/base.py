@@ -1,7 +1,8 @@
 """The one interface every engine implements, so bench, eval and parity compare like with like.
 
-Engines: `TorchEngine` (the PyTorch baseline, HF model in its source dtype, KV cache) and `OrtEngine`
-(an exported llmship folder under ONNX Runtime). Token ids go in and out as numpy int64 arrays;
+Engines (built by `llmship.runtime.load_engine` from the registry `llmship.runtime.ENGINES`): `TorchEngine` (the
+PyTorch baseline, HF model in its source dtype, KV cache), `OrtEngine` (an exported llmship folder under ONNX Runtime)
+and `GenaiEngine` (the same folder under onnxruntime-genai). Token ids go in and out as numpy int64 arrays;
 logits come out as float32 numpy arrays whatever the engine computes in.
 
 Batches are left-padded (pad positions have attention_mask 0); position ids are derived from the
@@ -18,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from llmship.runtime.padding import left_pad
+
 
 @dataclass
 class Cache:
@@ -30,24 +33,6 @@ class Cache:
     past: Any
     attention_mask: np.ndarray
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad token lists into (input_ids, attention_mask) int64 arrays."""
-    width = max(len(s) for s in sequences)
-    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(sequences), width), dtype=np.int64)
-    for row, seq in enumerate(sequences):
-        if len(seq):
-            ids[row, width - len(seq) :] = seq
-            mask[row, width - len(seq) :] = 1
-    return ids, mask
-
-
-def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
-    """Position ids of a left-padded batch: cumsum of the mask minus one, pads clamped to 0."""
-    pos = np.cumsum(attention_mask, axis=-1) - 1
-    return np.where(attention_mask > 0, pos, 0).astype(np.int64)
 
 
 StepCallback = Callable[[int, np.ndarray], None]

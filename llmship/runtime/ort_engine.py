@@ -15,11 +15,13 @@ import numpy as np
 from llmship.artifact import read_config_json
 from llmship.errors import UserError
 from llmship.files import MANIFEST_FILE, MODEL_FILE, read_json_object
-from llmship.runtime.base import Cache, Engine, positions_from_mask, special_ids
+from llmship.runtime.base import Cache, Engine, special_ids
+from llmship.runtime.layout import runtime_layout
+from llmship.runtime.padding import left_padded_to_right, positions_from_mask, right_padded_mask, right_padded_to_left
+from llmship.runtime.providers import CPU_ONLY, ort_providers
 
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 class OrtEngine(Engine):
@@ -35,23 +37,16 @@ class OrtEngine(Engine):
         onnx_path = self.path / (onnx_file or manifest.get("onnx", {}).get("file", MODEL_FILE))
         if not onnx_path.is_file():
             raise UserError("no model.onnx in the folder (not a compiled llmship variant?)", where=str(self.path))
-        if provider not in PROVIDERS:
-            raise UserError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}", where="runtime.provider")
-        ep = PROVIDERS[provider]
-        if ep not in ort.get_available_providers():
-            raise UserError(f"ONNX Runtime has no {ep} here (install onnxruntime-gpu for cuda)", where="runtime.provider")
+        providers = ort_providers(provider)
         opts = ort.SessionOptions()
         if threads > 0:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
         except Exception as exc:  # noqa: BLE001 - invalid graph, missing .data, unsupported op
             raise UserError(f"ONNX Runtime cannot load the graph: {str(exc).splitlines()[0][:300]}", where=str(onnx_path)) from None
-        from llmship.export.fusion import runtime_layout
-
         # A GroupQueryAttention graph reads row lengths from position_ids and needs right-padded prompts
         # (llmship.export.fusion.GQA_CONTRACT); the Engine interface stays left-padded for callers. A fused graph
         # runs as many positions as its rotary cos/sin table has rows (past max_position_embeddings).
@@ -65,7 +60,6 @@ class OrtEngine(Engine):
         generation = read_json_object(self.path / "generation_config.json")
         self.max_positions = int(config.get("max_position_embeddings", 2048))
         self.vocab_size = int(self._vocab or config.get("vocab_size", 0))
-        self._tokenizer = None
         # The export writes the tokenizer's pad id into generation_config.json, so no tokenizer load is needed here.
         self.eos_token_id, self.pad_token_id = special_ids(None, _Obj(generation), _Obj(config))
 
@@ -94,14 +88,6 @@ class OrtEngine(Engine):
         self.dtype = {np.float32: "float32", np.float16: "float16"}.get(self.input_types.get(self.past_names[0]) if self.past_names
                                                                         else np.float32, "float32")
 
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            from llmship.export.source import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.path)
-        return self._tokenizer
-
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
         feeds: dict[str, np.ndarray] = {
             "input_ids": np.ascontiguousarray(ids, dtype=self.input_types["input_ids"]),
@@ -121,11 +107,9 @@ class OrtEngine(Engine):
         mask = np.asarray(attention_mask, dtype=np.int64)
         empty = self._empty_past(len(input_ids))
         if self.padding == "right":
-            from llmship.export.fusion import left_align, right_pad
-
-            ids, positions, _ = right_pad(np.asarray(input_ids, dtype=np.int64), mask)
+            ids, positions, _ = left_padded_to_right(np.asarray(input_ids, dtype=np.int64), mask)
             logits, present = self._run(ids, mask, positions, empty)
-            return left_align(logits, mask), Cache(past=present, attention_mask=mask)
+            return right_padded_to_left(logits, mask), Cache(past=present, attention_mask=mask)
         logits, present = self._run(input_ids, mask, positions_from_mask(mask), empty)
         return logits, Cache(past=present, attention_mask=mask)
 
@@ -148,11 +132,9 @@ class OrtEngine(Engine):
         share one binding with a preallocated logits buffer (binding afresh every step measured 18% slower on a
         200M model). Other graphs: prefill."""
         # CPU only: the buffers are host OrtValues; on CUDA they would be copied to the device each step.
-        if self.padding != "right" or not self.past_names or self.provider != "CPUExecutionProvider":
+        if self.padding != "right" or not self.past_names or self.provider not in CPU_ONLY:
             return self.prefill(input_ids, attention_mask)
         import onnxruntime as ort
-
-        from llmship.export.fusion import left_align, right_pad
 
         mask = np.asarray(attention_mask, dtype=np.int64)
         batch = len(mask)
@@ -161,9 +143,9 @@ class OrtEngine(Engine):
             capacity = min(capacity, self.position_limit)
         buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, heads, capacity, size), dtype=self.input_types[n]))
                    for n, (heads, size) in self.past_shapes.items()]
-        ids, positions, lengths = right_pad(np.asarray(input_ids, dtype=np.int64), mask)
-        logits = self._run_inplace(self._bind_cache(buffers), ids, _right_mask(lengths, mask.shape[1]), positions)
-        return left_align(logits, mask), Cache(past=buffers, attention_mask=mask,
+        ids, positions, lengths = left_padded_to_right(np.asarray(input_ids, dtype=np.int64), mask)
+        logits = self._run_inplace(self._bind_cache(buffers), ids, right_padded_mask(lengths, mask.shape[1]), positions)
+        return right_padded_to_left(logits, mask), Cache(past=buffers, attention_mask=mask,
                                                extra=self._decode_binding(buffers, batch, capacity))
 
     def _decode_binding(self, buffers: list, batch: int, capacity: int) -> dict[str, Any]:
@@ -188,7 +170,7 @@ class OrtEngine(Engine):
         arrays["input_ids"][:, 0] = tokens
         if "position_ids" in arrays:
             arrays["position_ids"][:] = positions
-        mask = _right_mask(positions[:, 0] + 1)
+        mask = right_padded_mask(positions[:, 0] + 1)
         binding.bind_cpu_input("attention_mask", mask.astype(self.input_types["attention_mask"], copy=False))
         self.session.run_with_iobinding(binding)
         # a copy: the next step writes into the same logits buffer
@@ -215,7 +197,7 @@ class OrtEngine(Engine):
         return binding.get_outputs()[0].numpy().astype(np.float32, copy=False)
 
     def info(self) -> dict[str, Any]:
-        in_place = self.padding == "right" and self.provider == "CPUExecutionProvider"
+        in_place = self.padding == "right" and self.provider in CPU_ONLY
         kv_cache = "in-place (GroupQueryAttention, I/O binding)" if in_place else "concatenated per step"
         options = self.session.get_session_options()  # what the session was built with, 0 = ONNX Runtime's default
         return {"engine": self.name, "provider": self.provider, "threads": options.intra_op_num_threads,
@@ -225,28 +207,6 @@ class OrtEngine(Engine):
 
     def close(self) -> None:
         self.session = None
-
-
-def folder_position_limit(folder: str | Path) -> int | None:
-    """`OrtEngine.position_limit` of a compiled folder without starting a session (None: no limit, or no graph
-    to read: loading the engine then reports what is wrong with the folder)."""
-    from llmship.export.fusion import runtime_layout
-
-    path = Path(folder)
-    graph = path / read_json_object(path / MANIFEST_FILE).get("onnx", {}).get("file", MODEL_FILE)
-    if not graph.is_file():
-        return None
-    try:
-        return runtime_layout(graph)[1]
-    except Exception:  # noqa: BLE001 - an unreadable graph: OrtEngine's load gives the one-line error
-        return None
-
-
-def _right_mask(lengths: np.ndarray, width: int | None = None) -> np.ndarray:
-    """Right-padded attention mask: row b's first lengths[b] positions are ones."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    width = int(lengths.max()) if width is None else width
-    return (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
 
 
 def _layer_order(name: str) -> tuple[int, int]:

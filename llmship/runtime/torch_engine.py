@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmship.runtime.base import Cache, Engine, positions_from_mask, special_ids
+from llmship.runtime.base import Cache, Engine, special_ids
+from llmship.runtime.padding import positions_from_mask
 
 
 def cache_kwarg(model: Any) -> str:
