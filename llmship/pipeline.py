@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llmship.cache import cached, folder_fingerprint, load_record, rebuilding, record, stage_key
-from llmship.calib_data.sources import data_fingerprint
+from llmship.data.sources import data_fingerprint
 from llmship.config import EMBEDDED, EMBEDDED_MODEL_DIR, Config
 from llmship.errors import CheckFailed, StageNotBuilt, UserError
 
@@ -131,7 +131,7 @@ def compile_stage(cfg: Config, out: Path, progress: Any, force: bool) -> dict[st
 
 
 def _calibration_set(cfg: Config, fp32_dir: Path) -> Any:
-    build = _entry("llmship.calib_data", "build_calibration_set", "calibration")
+    build = _entry("llmship.data.mixture", "build_calibration_set", "calibration")
     from llmship.export.source import load_tokenizer
 
     tokenizer = load_tokenizer(fp32_dir)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmship.calib_data import sources, templates
+from llmship.data import sources, templates
 from llmship.config import EMBEDDED, EMBEDDED_MODEL_DIR
 from llmship.export.source import load_tokenizer
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from llmship.calib_data import templates
+from llmship.data import templates
 from llmship.config import EMBEDDED_MODEL_DIR, SAMPLES_DIR, CevalTask, Goal
 from llmship.errors import UserError
 from llmship.eval import ceval, consistency, perplexity

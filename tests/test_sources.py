@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmship.calib_data import sources, templates
+from llmship.data import sources, templates
 from llmship.config import EMBEDDED, SAMPLES_DIR
 from llmship.errors import UserError
 

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from llmship.artifact import atomic_folder
-from llmship.calib_data import templates
+from llmship.data import templates
 from llmship.config import Config
 from llmship.errors import UserError
 from llmship.eval import ceval as ceval_mod
@@ -469,7 +469,7 @@ def stage_inputs(cfg: Config) -> dict[str, Any]:
     is derived from this (llmship.pipeline). The gate's goals are left out: a changed gate re-gates the stored scores
     instead of re-scoring."""
     from llmship.cache import folder_fingerprint
-    from llmship.calib_data.sources import data_fingerprint
+    from llmship.data.sources import data_fingerprint
     from llmship.export.source import resolve_model_path
 
     ev, gate = cfg.eval, cfg.gate

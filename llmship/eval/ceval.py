@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from llmship.calib_data import templates
+from llmship.data import templates
 from llmship.config import CevalTask
 from llmship.errors import UserError
 from llmship.eval.lm import sequence_logprobs

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from llmship.calib_data.templates import alpaca_prompt
+from llmship.data.templates import alpaca_prompt
 from llmship.errors import UserError
 from llmship.eval.lm import sequence_logprobs
 from llmship.runtime.base import Engine
