@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from llmship.cache import cached, folder_fingerprint, load_record, rebuilding, record, stage_key
-from llmship.data.sources import data_fingerprint
 from llmship.config import EMBEDDED, EMBEDDED_MODEL_DIR, Config
+from llmship.data.sources import data_fingerprint
 from llmship.errors import CheckFailed, StageNotBuilt, UserError
 
 log = logging.getLogger("llmship")

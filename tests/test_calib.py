@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llmship.data.mixture import build_calibration_set
-from llmship.data.mixture import c4_windows, shuffled_texts, token_hash
 from llmship.config import SAMPLES_DIR, CalibrationConfig
+from llmship.data.mixture import build_calibration_set, c4_windows, shuffled_texts, token_hash
 from llmship.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -149,12 +148,12 @@ def test_calibration_and_eval_draw_disjoint_data():
     """C4: calibration reads the train split, eval the validation split; alpaca: eval scores the held-out part only."""
     from llmship.data import sources
     from llmship.data.mixture import alpaca_texts
-    from llmship.eval import data
+    from llmship.eval.perplexity import eval_records, eval_texts
 
-    train, validation = sources.read_c4("@embedded", split="train"), data.read_c4_texts("@embedded")
+    train, validation = sources.read_c4("@embedded", split="train"), eval_texts("@embedded")
     assert train and validation and not set(train) & set(validation)
     records = sources.read_alpaca("@embedded")
-    held_out, calibration = data.read_alpaca("@embedded"), sources.alpaca_part(records, "calibration")
+    held_out, calibration = eval_records("@embedded"), sources.alpaca_part(records, "calibration")
     assert held_out and calibration and len(held_out) + len(calibration) == len(records)
     assert not {json.dumps(r) for r in held_out} & {json.dumps(r) for r in calibration}
     assert len(alpaca_texts("@embedded")) == len(calibration)
