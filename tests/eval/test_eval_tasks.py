@@ -98,3 +98,15 @@ def test_baseline_scores_are_a_cached_stage(tmp_path):
     # eval.baseline_cache: false neither reads nor writes it
     off = more.model_copy(update={"eval": more.eval.model_copy(update={"baseline_cache": False})})
     assert not run_eval(off, {}, tmp_path / "eval4")["baseline_cached"]
+
+
+def test_cmmlu_goals_are_validated_like_ceval_goals():
+    from llmship.errors import UserError
+
+    goal = {"metric": "cmmlu/gen/average", "type": "threshold", "value": 20}
+    assert Config.model_validate({"gate": {"goals": [goal]}}).gate.goals[0].judged_by_interval
+    for eval_section in ({"cmmlu": {"enabled": False}}, {"cmmlu": {"modes": ["ppl"]}}):
+        with pytest.raises((UserError, ValueError), match="not measured with this eval config"):
+            Config.model_validate({"eval": eval_section, "gate": {"goals": [goal]}})
+    with pytest.raises((UserError, ValueError), match="a percentage"):
+        Config.model_validate({"gate": {"goals": [{**goal, "value": 120}]}})
