@@ -6,19 +6,24 @@ skipped by position (`,Question,A,B,C,D,Answer`), then rows of exactly 7 fields 
 (discarded), question, A, B, C, D, answer; raw strings, nothing stripped (opencompass/datasets/cmmlu.py
 `CMMLUDataset.load`). opencompass/datasets/base.py then appends `subdivision` (`cmmlu-<subject>_<split>`) and `idx`
 (row number in its split); the prompt filling reads the keys in that order (llmship.data.templates).
-The hub id `haonan-li/cmmlu` is read one subject config at a time with `datasets` (columns Question, A-D, Answer).
+The hub id `haonan-li/cmmlu` publishes the same CSVs in one archive, cmmlu_v1_0_1.zip (`dev/`, `test/`, 67 files
+each), beside a loading script that `datasets` 4 and later no longer run: the archive is downloaded with
+huggingface_hub and its CSVs are read exactly as a local folder's.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from llmship.data.sources import hub_dataset, is_hub_id, require_exists, resolve
+from llmship.data.sources import hub_logs_once, is_hub_id, require_exists, resolve
 from llmship.errors import UserError
 
 CMMLU_HUB_ID = "haonan-li/cmmlu"
+CMMLU_HUB_ARCHIVE = "cmmlu_v1_0_1.zip"  # the release archive of haonan-li/cmmlu (its loading script downloads it)
 CMMLU_LABELS = ("A", "B", "C", "D")
 CMMLU_FIELDS = ("question", "A", "B", "C", "D", "answer")  # columns 1-6 of a row, by position
 CMMLU_ROW_FIELDS = 7  # CMMLUDataset.load asserts len(row) == 7
@@ -154,18 +159,26 @@ def read_cmmlu_csv(file: Path, subject: str, split: str) -> list[dict[str, str |
     """One split's rows as OpenCompass's CMMLUDataset reads them, with base.py's subdivision and idx appended."""
     require_exists(file, f"the {split} split of subject {subject}")
     try:
-        with open(file, encoding="utf-8", newline="") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read as UTF-8 CSV ({err})", where=str(file)) from err
+    return cmmlu_rows(text, subject, split, str(file))
+
+
+def cmmlu_rows(text: str, subject: str, split: str, where: str) -> list[dict[str, str | int]]:
+    """The rows of one CSV's text: the header skipped by position, then exactly 7 fields per row."""
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as err:
+        raise UserError(f"cannot read as CSV ({err})", where=where) from err
     out: list[dict[str, str | int]] = []
     for number, values in enumerate(rows[1:], start=2):
         if len(values) != CMMLU_ROW_FIELDS:
             raise UserError(f"row at line {number} has {len(values)} fields; expected 7 (index,Question,A,B,C,D,Answer)",
-                            where=str(file))
+                            where=where)
         out.append(entry(values[1:], subject, split, len(out)))
     if not out:
-        raise UserError("no rows after the header; expected index,Question,A,B,C,D,Answer rows", where=str(file))
+        raise UserError("no rows after the header; expected index,Question,A,B,C,D,Answer rows", where=where)
     return out
 
 
@@ -179,16 +192,26 @@ def entry(values: list[str], subject: str, split: str, idx: int) -> dict[str, st
 
 
 def read_cmmlu_hub(name: str, subjects: list[str]) -> dict[str, CmmluSubject]:
-    """haonan-li/cmmlu on the hub: one config per subject with dev and test splits (columns Question, A-D, Answer)."""
+    """The release archive of a hub dataset (haonan-li/cmmlu): its dev/ and test/ CSVs, read as a local folder's."""
+    from huggingface_hub import hf_hub_download
+
+    hub_logs_once()
+    try:
+        archive = hf_hub_download(name, CMMLU_HUB_ARCHIVE, repo_type="dataset")
+    except Exception as err:  # noqa: BLE001 - the hub raises many types; the user needs one line
+        raise UserError(f"cannot download {CMMLU_HUB_ARCHIVE} ({type(err).__name__}); point eval.cmmlu.path at a local "
+                        "folder with dev/ and test/ CSVs", where=name) from err
     out = {}
-    for subject in subjects:
-        if subject not in CMMLU_SUBJECTS:
-            raise UserError(f"{subject!r} is not one of CMMLU's 67 subjects", where="eval.cmmlu.subjects")
-        data = hub_dataset(name, f"{name}:{subject}", name=subject)
-        splits = {}
-        for split in ("dev", "test"):
-            rows = data.get(split, [])
-            splits[split] = [entry([str(r[c]) for c in ("Question", "A", "B", "C", "D", "Answer")], subject, split, i)
-                             for i, r in enumerate(rows)]
-        out[subject] = CmmluSubject(subject, CMMLU_SUBJECTS[subject][0], dev=splits["dev"], test=splits["test"])
+    with zipfile.ZipFile(archive) as zf:
+        members = {f"{PurePosixPath(n).parent.name}/{PurePosixPath(n).name}": n for n in zf.namelist() if n.endswith(".csv")}
+        for subject in subjects:
+            if subject not in CMMLU_SUBJECTS:
+                raise UserError(f"{subject!r} is not one of CMMLU's 67 subjects", where="eval.cmmlu.subjects")
+            splits = {}
+            for split in ("dev", "test"):
+                member = members.get(f"{split}/{subject}.csv")
+                if member is None:
+                    raise UserError(f"the archive has no {split}/{subject}.csv", where=f"{name}: {CMMLU_HUB_ARCHIVE}")
+                splits[split] = cmmlu_rows(zf.read(member).decode("utf-8"), subject, split, f"{name}: {member}")
+            out[subject] = CmmluSubject(subject, CMMLU_SUBJECTS[subject][0], dev=splits["dev"], test=splits["test"])
     return out
