@@ -17,6 +17,8 @@ Metric names (gate goals use them; all in results.json["engines"][name]["metrics
   ceval/<mode>/hard             the 8-subject hard set present
   ceval/<mode>/average          unweighted mean of all subjects present (OpenCompass 'ceval')
   ceval/<mode>/agreement        % of questions predicted as the baseline predicts
+  cmmlu/<mode>/<subject|group>  the same for CMMLU; groups humanities | stem | social-science | other |
+                                china-specific (overlapping, as OpenCompass's) | average; cmmlu/<mode>/agreement
   ppl/c4                        GPTQ-convention perplexity on C4-format text (lower is better)
   ppl/alpaca                    perplexity of alpaca-cleaned responses (lower is better)
   consistency/top1              % of next-token argmaxes equal to the baseline's (alpaca responses)

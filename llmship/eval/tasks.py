@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -155,8 +156,6 @@ def counter(progress: Progress | None, description: str, total: int) -> Callable
 def score_engine(engine: Engine, tasks: list[EvalTask], prepared: Mapping[str, Any], tokenizer: Any,
                  progress: Progress | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every task on one engine: (record with info, metrics and each task's fields; task name -> reference)."""
-    import time
-
     start = time.perf_counter()
     rec: dict[str, Any] = {"info": engine.info(), "vocab_size": int(engine.vocab_size), "metrics": {}}
     refs: dict[str, Any] = {}

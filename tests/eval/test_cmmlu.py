@@ -1,9 +1,10 @@
 """CMMLU as OpenCompass 0.5.4 scores it (cmmlu_ppl_8b9c76, the 5-shot cmmlu_gen_c13365) on the bundled sample.
 
-cmmlu_opencompass_reference.json holds what OpenCompass's own components produced on llmship/assets/samples/cmmlu with
-tiny-llama-zh (fp32, batch 1): every prompt string, the token ids the model saw, the examples kept, the PPL scores,
-the generated text and the predictions. llmship must render the same strings, feed the same ids and predict the same
-letters."""
+cmmlu_opencompass_reference*.json hold what OpenCompass's own components produced on llmship/assets/samples/cmmlu with
+tiny-llama-zh (fp32, batch 1, max_out_len 8), with max_seq_len unset (5 examples everywhere), 512 (examples dropped from
+the end: 2-5 kept) and 60 (no example left, ids left-truncated to BOS + the last 59): every prompt string, the token
+ids the model saw, the examples kept, the PPL scores, the generated text and the predictions. llmship must render the
+same strings, feed the same ids and predict the same letters."""
 
 from __future__ import annotations
 
@@ -18,12 +19,19 @@ from llmship.data.cmmlu import CMMLU_SUBJECTS, categories_of, read_cmmlu
 from llmship.errors import UserError
 from llmship.eval.cmmlu import Cmmlu, group_members
 
-REFERENCE = json.loads((Path(__file__).parent / "cmmlu_opencompass_reference.json").read_text(encoding="utf-8"))
+HERE = Path(__file__).parent
+REFERENCES = {None: "cmmlu_opencompass_reference.json", 512: "cmmlu_opencompass_reference_msl512.json",
+              60: "cmmlu_opencompass_reference_msl60.json"}
+REFERENCE = json.loads((HERE / REFERENCES[None]).read_text(encoding="utf-8"))
 H_ECONOMICS = "以下是关于经济学的单项选择题，请直接给出正确答案的选项。\n题目："
 
 
-def _questions(mode: str):
-    for subject, found in REFERENCE["modes"][mode]["subjects"].items():
+def _reference(max_seq_len: int | None) -> dict:
+    return json.loads((HERE / REFERENCES[max_seq_len]).read_text(encoding="utf-8"))
+
+
+def _questions(mode: str, reference: dict = REFERENCE):
+    for subject, found in reference["modes"][mode]["subjects"].items():
         for q in found["questions"]:
             yield subject, q
 
@@ -47,45 +55,54 @@ def test_safe_format_fills_cmmlu_keys_in_order():
     assert "题目：见丙与3\n" in templates.cmmlu_gen_prompt("经济学", [], row)
 
 
-def test_prompts_equal_opencompass_on_the_samples():
-    data = read_cmmlu("@embedded")
-    compared = 0
-    for subject, q in _questions("ppl"):
+@pytest.mark.parametrize("max_seq_len", list(REFERENCES))
+def test_prompts_equal_opencompass_on_the_samples(max_seq_len):
+    data, reference = read_cmmlu("@embedded"), _reference(max_seq_len)
+    compared, shots = 0, set()
+    for subject, q in _questions("ppl", reference):
         s = data[subject]
-        assert templates.cmmlu_ppl_prompt(s.name_zh, s.dev[:5], s.test[q["idx"]], "A") == q["prompt_A"]
-        compared += 1
-    for subject, q in _questions("gen"):
+        assert templates.cmmlu_ppl_prompt(s.name_zh, s.dev[: q["shots"]], s.test[q["idx"]], "A") == q["prompt_A"]
+        compared, shots = compared + 1, shots | {q["shots"]}
+    for subject, q in _questions("gen", reference):
         s = data[subject]
-        assert templates.cmmlu_gen_prompt(s.name_zh, s.dev[:5], s.test[q["idx"]]) == q["prompt"]
+        assert templates.cmmlu_gen_prompt(s.name_zh, s.dev[: q["shots"]], s.test[q["idx"]]) == q["prompt"]
         compared += 1
-    assert compared == 32
+    assert compared == 32 and shots == {None: {5}, 512: {2, 3, 4, 5}, 60: {0}}[max_seq_len]
+
+
+def _prepared(max_seq_len: int | None):
+    from llmship.export.source import load_tokenizer
+
+    task = Cmmlu(Config.model_validate({"eval": {"cmmlu": {"max_seq_len": max_seq_len}}}))
+    return task, task.prepare(load_tokenizer(EMBEDDED_MODEL_DIR), 1024)
 
 
 @pytest.fixture(scope="module")
 def prepared():
-    from llmship.export.source import load_tokenizer
-
-    task = Cmmlu(Config())
-    return task, task.prepare(load_tokenizer(EMBEDDED_MODEL_DIR), 1024)
+    return _prepared(None)
 
 
-def test_token_ids_and_shots_equal_opencompass(prepared):
-    _, cset = prepared
+@pytest.mark.parametrize("max_seq_len", list(REFERENCES))
+def test_token_ids_and_shots_equal_opencompass(max_seq_len):
+    _, cset = _prepared(max_seq_len)
+    reference = _reference(max_seq_len)
     by_key = {(q.subject, q.idx): q for q in cset.questions}
-    for subject, ref in _questions("ppl"):
+    for subject, ref in _questions("ppl", reference):
         q = by_key[(subject, ref["idx"])]
         for label in "ABCD":
             assert q.ppl_ids[label][:-1] == ref["ids_A"][:-1] and q.ppl_ids[label][-1] == ref["last_token"][label]
         assert set(q.ppl_shots.values()) == {ref["shots"]} and q.gold == ref["gold"]
-    for subject, ref in _questions("gen"):
+    for subject, ref in _questions("gen", reference):
         q = by_key[(subject, ref["idx"])]
         assert q.gen_ids == ref["ids"] and q.gen_shots == ref["shots"]
 
 
-def test_embedded_model_predicts_what_opencompass_predicts(prepared):
+@pytest.mark.parametrize("max_seq_len", list(REFERENCES))
+def test_embedded_model_predicts_what_opencompass_predicts(max_seq_len):
     from llmship.runtime import load_engine
 
-    task, cset = prepared
+    task, cset = _prepared(max_seq_len)
+    reference = _reference(max_seq_len)
     engine = load_engine(task.cfg.model, task.cfg.runtime)
     try:
         fields, metrics, _ = task.score(engine, cset, _tokenizer(), None)
@@ -93,16 +110,16 @@ def test_embedded_model_predicts_what_opencompass_predicts(prepared):
         engine.close()
     for mode in ("ppl", "gen"):
         mine = {(r["subject"], r["idx"]): r for r in fields["cmmlu_predictions"][mode]}
-        for subject, ref in _questions(mode):
+        for subject, ref in _questions(mode, reference):
             record = mine[(subject, ref["idx"])]
             assert (record["pred"] or "") == ref["prediction"]  # OpenCompass's first_capital gives '' where llmship None
             if mode == "ppl":
                 assert record["scores"] == pytest.approx(ref["ppl"], abs=1e-4)
             else:
                 assert record["output"] == ref["output"]
-        for subject, found in REFERENCE["modes"][mode]["subjects"].items():
+        for subject, found in reference["modes"][mode]["subjects"].items():
             assert metrics[f"cmmlu/{mode}/{subject}"] == pytest.approx(found["accuracy"])
-        assert metrics[f"cmmlu/{mode}/average"] == pytest.approx(REFERENCE["modes"][mode]["naive_average"])
+        assert metrics[f"cmmlu/{mode}/average"] == pytest.approx(reference["modes"][mode]["naive_average"])
 
 
 def _tokenizer():
