@@ -179,8 +179,22 @@ class PerplexityTask(Section):
     alpaca_samples: int = Field(32, ge=1, description="alpaca records whose responses are scored.")
 
 
+class CmmluTask(Section):
+    enabled: bool = Field(True, description="Score CMMLU.")
+    path: str = Field(EMBEDDED, description="CMMLU folder (dev/ and test/ CSVs), 'haonan-li/cmmlu', or '@embedded'.")
+    modes: list[Literal["ppl", "gen"]] = Field(default_factory=lambda: ["ppl", "gen"], description="OpenCompass modes "
+                                               "to run (gen: the 5-shot cmmlu_gen_c13365 prompt, first capital letter).")
+    shots: int = Field(5, ge=0, le=5, description="Dev examples in each prompt (OpenCompass: the first 5).")
+    subjects: list[str] | None = Field(None, description="Subjects to score (default: every subject present).")
+    max_questions: int | None = Field(None, ge=1, description="Cap on test questions per subject (default: all).")
+    max_out_len: int = Field(8, ge=1, description="GEN mode: new tokens generated per question.")
+    max_seq_len: int | None = Field(None, ge=2, description="OpenCompass's max_seq_len: drop examples until a prompt "
+                                    "fits, truncate at it (default: none dropped, truncate at max positions).")
+
+
 class EvalConfig(Section):
     ceval: CevalTask = Field(default_factory=CevalTask, description="C-Eval, OpenCompass style.")
+    cmmlu: CmmluTask = Field(default_factory=CmmluTask, description="CMMLU, OpenCompass style.")
     perplexity: PerplexityTask = Field(default_factory=PerplexityTask, description="Perplexity tasks.")
     consistency_prompts: int = Field(16, ge=0, description="alpaca prompts for top-1 / KL / greedy-prefix consistency.")
     batch_size: int = Field(8, ge=1, description="Sequences scored together.")
@@ -189,11 +203,13 @@ class EvalConfig(Section):
 
 # --------------------------------------------------------------------------- gate
 # Metrics on a 0-100 scale (accuracies and agreements x100): a threshold outside [0, 100] can never be met (or always is).
-PERCENT_METRIC_PREFIXES = ("ceval/",)
+PERCENT_METRIC_PREFIXES = ("ceval/", "cmmlu/")
 PERCENT_METRICS = ("consistency/top1",)
-# Metrics the eval produces, by family (C-Eval names depend on the data's subjects and are checked before scoring).
-METRIC_FAMILIES = ("ceval/ppl/", "ceval/gen/", "ppl/c4", "ppl/alpaca", "consistency/top1", "consistency/kl",
-                   "consistency/greedy_prefix")
+# Metrics the eval produces: families whose names depend on the data's subjects (checked before scoring), then names.
+METRIC_PREFIXES = ("ceval/ppl/", "ceval/gen/", "cmmlu/ppl/", "cmmlu/gen/")
+METRIC_NAMES = ("ppl/c4", "ppl/alpaca", "consistency/top1", "consistency/kl", "consistency/greedy_prefix")
+# Multiple-choice tasks: metric prefix -> the eval section that turns the task and its modes on.
+CHOICE_TASKS = {"ceval/": "ceval", "cmmlu/": "cmmlu"}
 
 
 def is_percent_metric(metric: str) -> bool:
@@ -218,9 +234,10 @@ class Goal(Section):
     @field_validator("metric")
     @classmethod
     def _known_family(cls, metric: str) -> str:
-        if not (metric.startswith(METRIC_FAMILIES[:2]) or metric in METRIC_FAMILIES[2:]):
+        if not (metric.startswith(METRIC_PREFIXES) or metric in METRIC_NAMES):
             raise ValueError(f"no eval task produces '{metric}'; metrics are ceval/<ppl|gen>/<subject|stem|"
-                             "social-science|humanities|other|hard|average|agreement>, ppl/c4, ppl/alpaca, "
+                             "social-science|humanities|other|hard|average|agreement>, cmmlu/<ppl|gen>/<subject|stem|"
+                             "social-science|humanities|other|china-specific|average|agreement>, ppl/c4, ppl/alpaca, "
                              "consistency/<top1|kl|greedy_prefix>")
         return metric
 
@@ -289,8 +306,9 @@ class Config(Section):
         if ev is None:
             return gate
         for i, goal in enumerate(gate.goals):
-            mode = goal.metric.split("/")[1] if goal.metric.startswith("ceval/") else None
-            off = ((mode is not None and (not ev.ceval.enabled or mode not in ev.ceval.modes))
+            family = next((f for f in CHOICE_TASKS if goal.metric.startswith(f)), None)
+            task = getattr(ev, CHOICE_TASKS[family]) if family else None
+            off = ((task is not None and (not task.enabled or goal.metric.split("/")[1] not in task.modes))
                    or (goal.metric.startswith("ppl/") and not ev.perplexity.enabled)
                    or (goal.metric.startswith("consistency/") and ev.consistency_prompts == 0))
             if off:

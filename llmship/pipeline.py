@@ -18,23 +18,24 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from llmship import calib_data, preflight
+from llmship import preflight
 from llmship.artifact import Artifact, recover_interrupted
 from llmship.bench import run_bench
 from llmship.bench import stage_inputs as bench_inputs
 from llmship.cache import Stage, build, folder_fingerprint
-from llmship.calib_data.sources import data_fingerprint
 from llmship.config import Config
+from llmship.data import mixture
+from llmship.data.sources import data_fingerprint
 from llmship.errors import CheckFailed, UserError
 from llmship.eval import regate, run_eval
 from llmship.eval import stage_inputs as eval_inputs
 from llmship.export import export_fp32
-from llmship.source import load_tokenizer, resolve_model_path
 from llmship.export.streaming import streaming_stages
 from llmship.quantize import Variant, resolve_variants
 from llmship.quantize.registry import EXPORT_FOLDER
 from llmship.quantize.variant import quantize_variant
 from llmship.report import write_report
+from llmship.source import load_tokenizer, resolve_model_path
 
 log = logging.getLogger("llmship")
 
@@ -138,7 +139,7 @@ class Calibration:
     def samples(self) -> Any:
         tokenizer = load_tokenizer(self.fp32_dir)
         max_positions = json.loads((self.fp32_dir / "config.json").read_text())["max_position_embeddings"]
-        return calib_data.build_calibration_set(self.cfg.calibration, tokenizer, max_positions)
+        return mixture.build_calibration_set(self.cfg.calibration, tokenizer, max_positions)
 
 
 def variant_stage(cfg: Config, out: Path, variant: Variant, export: Stage, calibration: Calibration,

@@ -109,7 +109,7 @@ def _guard(plan: Plan, step: Any, *args: Any) -> None:
 
 def _local(value: str) -> Path | None:
     """A local path, or None for a hub id (same rule as the readers: existing, or written as a path)."""
-    from llmship.calib_data.sources import looks_like_file
+    from llmship.data.sources import looks_like_file
 
     path = Path(value).expanduser()
     if path.exists() or value.startswith((".", "/", "~")) or value.count("/") > 1 or looks_like_file(value):
@@ -274,7 +274,7 @@ def _check_json_file(file: Path, field_name: str) -> None:
 # --------------------------------------------------------------------------- data files
 def _check_data(plan: Plan, field_name: str, kind: str, value: str, reader: str, split: Any, subjects: Any = None) -> None:
     """One dataset field: a hub id is queued for the hub check; a local file or folder has its header parsed."""
-    from llmship.calib_data.sources import resolve
+    from llmship.data.sources import resolve
 
     resolved = resolve(value, kind)
     if isinstance(resolved, str):
@@ -295,7 +295,7 @@ _EXPECTED = {
 
 
 def _check_c4(path: Path, split: str, _subjects: Any) -> str:
-    from llmship.calib_data.sources import C4_SUFFIXES, c4_split_files, files_in
+    from llmship.data.sources import C4_SUFFIXES, c4_split_files, files_in
 
     files = c4_split_files(files_in(path, C4_SUFFIXES, "C4 JSON lines"), split) if path.is_dir() else [path]
     for file in files:
@@ -324,7 +324,7 @@ def _first_line(file: Path) -> str:
 
 
 def _check_ceval(path: Path, splits: tuple[str, ...], subjects: list[str] | None) -> str:
-    from llmship.calib_data.sources import CEVAL_COLUMNS, ceval_split_files, read_subject_mapping
+    from llmship.data.sources import CEVAL_COLUMNS, ceval_split_files, read_subject_mapping
 
     if not path.is_dir():
         raise UserError("is a file; expected a C-Eval folder with dev/<subject>_dev.csv and val/<subject>_val.csv", where=str(path))
@@ -361,7 +361,7 @@ def _csv_header(file: Path) -> list[str]:
 def _first_record(path: Path, suffix: str, what: str) -> tuple[Path, Any]:
     """The file (a folder's first `suffix` file) and the first record of its JSON list (None when it is longer
     than HEAD_BYTES)."""
-    from llmship.calib_data.sources import files_in
+    from llmship.data.sources import files_in
 
     file = files_in(path, (suffix,), what)[0] if path.is_dir() else path
     try:

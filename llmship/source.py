@@ -381,7 +381,7 @@ def load_source(model_cfg: ModelConfig) -> SourceModel:
 def _check_hub_config(hub_id: str, model_cfg: ModelConfig) -> None:
     from transformers import AutoConfig
 
-    from llmship.calib_data.sources import hub_logs_once
+    from llmship.data.sources import hub_logs_once
 
     hub_logs_once()
     try:

@@ -97,8 +97,8 @@ def llmship_results(model: Path, data: Path, subjects: list[str], questions: int
                     variants: list[Path]) -> tuple[object, dict]:
     from llmship.artifact import max_positions
     from llmship.config import CevalTask, ModelConfig
+    from llmship.data.sources import read_ceval
     from llmship.eval import ceval
-    from llmship.eval.data import read_ceval
     from llmship.runtime import load_engine
     from llmship.source import load_tokenizer
 

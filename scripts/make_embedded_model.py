@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmship.calib_data import templates  # noqa: E402
+from llmship.data import templates  # noqa: E402
 
 ASSETS = ROOT / "llmship" / "assets"
 SAMPLES = ASSETS / "samples"

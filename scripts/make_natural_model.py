@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from make_embedded_model import PPL_SEQ_LEN, heldout_perplexity, save_model_folder  # noqa: E402
 
-from llmship.calib_data import sources, templates  # noqa: E402
+from llmship.data import sources, templates  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SAMPLES = ROOT / "llmship" / "assets" / "samples"

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llmship.calib_data import build_calibration_set
-from llmship.calib_data.mixture import c4_windows, shuffled_texts, token_hash
 from llmship.config import SAMPLES_DIR, CalibrationConfig
+from llmship.data.mixture import build_calibration_set, c4_windows, shuffled_texts, token_hash
 from llmship.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -129,8 +128,8 @@ def test_too_few_samples_fails_unless_partial_is_allowed(embedded_tokenizer, cap
 
 @needs_samples
 def test_ceval_and_alpaca_samples_are_rendered_with_their_templates():
-    from llmship.calib_data.mixture import alpaca_texts, ceval_texts
-    from llmship.calib_data.sources import read_ceval
+    from llmship.data.mixture import alpaca_texts, ceval_texts
+    from llmship.data.sources import read_ceval
 
     texts = ceval_texts("@embedded")
     data = read_ceval("@embedded")
@@ -147,14 +146,14 @@ def test_ceval_and_alpaca_samples_are_rendered_with_their_templates():
 @needs_samples
 def test_calibration_and_eval_draw_disjoint_data():
     """C4: calibration reads the train split, eval the validation split; alpaca: eval scores the held-out part only."""
-    from llmship.calib_data import sources
-    from llmship.calib_data.mixture import alpaca_texts
-    from llmship.eval import data
+    from llmship.data import sources
+    from llmship.data.mixture import alpaca_texts
+    from llmship.eval.perplexity import eval_records, eval_texts
 
-    train, validation = sources.read_c4("@embedded", split="train"), data.read_c4_texts("@embedded")
+    train, validation = sources.read_c4("@embedded", split="train"), eval_texts("@embedded")
     assert train and validation and not set(train) & set(validation)
     records = sources.read_alpaca("@embedded")
-    held_out, calibration = data.read_alpaca("@embedded"), sources.alpaca_part(records, "calibration")
+    held_out, calibration = eval_records("@embedded"), sources.alpaca_part(records, "calibration")
     assert held_out and calibration and len(held_out) + len(calibration) == len(records)
     assert not {json.dumps(r) for r in held_out} & {json.dumps(r) for r in calibration}
     assert len(alpaca_texts("@embedded")) == len(calibration)
@@ -164,7 +163,7 @@ def test_c4_folder_with_one_split_refuses_the_other(tmp_path):
     folder = tmp_path / "en"
     folder.mkdir()
     (folder / "c4-validation.00000-of-00008.json").write_text('{"text": "a b c"}\n', encoding="utf-8")
-    from llmship.calib_data import sources
+    from llmship.data import sources
 
     assert sources.read_c4(str(folder), split="validation") == ["a b c"]
     with pytest.raises(UserError, match="no c4-train") as err:

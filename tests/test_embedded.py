@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmship.calib_data import sources, templates
 from llmship.config import EMBEDDED, EMBEDDED_MODEL_DIR
+from llmship.data import sources, templates
 from llmship.source import load_tokenizer
 
 MAX_BYTES = 15 * 1024 * 1024

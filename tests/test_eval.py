@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from llmship.calib_data import templates
 from llmship.config import EMBEDDED_MODEL_DIR, SAMPLES_DIR, CevalTask, Goal
+from llmship.data import templates
 from llmship.errors import UserError
 from llmship.eval import ceval, consistency, perplexity
 from llmship.eval.gate import check_metrics_known, evaluate_goals, failure_table, junit_xml
@@ -363,11 +363,11 @@ CEVAL_SOURCES = [pytest.param(SAMPLES_DIR / "ceval", 230, 1024, None, id="bundle
 
 @pytest.mark.parametrize(("folder", "max_seq_len", "max_positions", "per_subject"), CEVAL_SOURCES)
 def test_prompts_and_kept_examples_follow_opencompass_rules(folder, max_seq_len, max_positions, per_subject):
-    from llmship.eval import data
+    from llmship.data import sources
 
     tok = load_tokenizer(EMBEDDED_MODEL_DIR)
     task = CevalTask(path=str(folder), max_seq_len=max_seq_len, max_questions=per_subject)
-    cset = ceval.prepare(task, data.read_ceval(str(folder)), tok, max_positions=max_positions)
+    cset = ceval.prepare(task, sources.read_ceval(str(folder)), tok, max_positions=max_positions)
     mapping = json.loads((folder / "subject_mapping.json").read_text(encoding="utf-8"))
     expected = []
     for subject in sorted(p.name.removesuffix("_val.csv") for p in (folder / "val").glob("*_val.csv")):

@@ -79,18 +79,19 @@ def _old_table_copy(folder: Path, target: Path) -> Path:
 
 @pytest.mark.slow
 def test_gen_truncates_at_max_positions_and_generates_past_them_in_every_engine(short_model):
-    from llmship.eval import ceval, data
+    from llmship.data.sources import read_ceval
+    from llmship.eval import ceval
     from llmship.runtime import load_engine
     from llmship.source import load_tokenizer
 
     cfg, root, folders = short_model
     tokenizer = load_tokenizer(EMBEDDED_MODEL_DIR)
-    cset = ceval.prepare(cfg.eval.ceval, data.read_ceval(cfg.eval.ceval.path), tokenizer, POSITIONS)
+    cset = ceval.prepare(cfg.eval.ceval, read_ceval(cfg.eval.ceval.path), tokenizer, POSITIONS)
     prompts = [q.gen_ids for q in cset.questions if q.truncated][:3]
     if (SHARED_CEVAL / "val" / "logic_val.csv").is_file():  # real prompts of ~3000 tokens, when present
         real = ceval.prepare(cfg.eval.ceval.model_copy(update={"path": str(SHARED_CEVAL), "subjects": ["logic"],
                                                                "max_questions": 1}),
-                             data.read_ceval(str(SHARED_CEVAL)), tokenizer, POSITIONS)
+                             read_ceval(str(SHARED_CEVAL)), tokenizer, POSITIONS)
         prompts.append(real.questions[0].gen_ids)
     # OpenCompass: BOS + the last 255 tokens, no room kept for the new ones
     assert len(prompts) >= 3 and all(len(p) == POSITIONS and p[0] == 1 for p in prompts)

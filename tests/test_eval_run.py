@@ -75,7 +75,7 @@ def _corrupt(fp32: Path, target: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    pytest.importorskip("llmship.calib_data.sources")
+    pytest.importorskip("llmship.data.sources")
     from llmship.export import export_fp32
     from llmship.export.tiny import make_llama
 

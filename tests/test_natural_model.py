@@ -56,7 +56,7 @@ def _compile(config: str, out: Path) -> subprocess.CompletedProcess:
 
 def _held_out(tokenizer, count: int = 24, length: int = 128) -> list[list[int]]:
     """The bundled C4 validation split: never in the natural model's training text, never drawn for calibration."""
-    from llmship.calib_data.sources import read_c4
+    from llmship.data.sources import read_c4
 
     ids = [list(tokenizer(t)["input_ids"])[:length] for t in read_c4(str(SAMPLES_DIR / "c4"), split="validation")]
     return [s for s in ids if len(s) >= 16][:count]

@@ -198,7 +198,7 @@ def test_hub_warnings_are_printed_once(capsys):
     """huggingface_hub adds its own stderr handler and also propagates to the root logger."""
     import huggingface_hub  # noqa: F401 - adds the library's handler
 
-    from llmship.calib_data.sources import hub_logs_once
+    from llmship.data.sources import hub_logs_once
 
     root = logging.getLogger()
     handler = logging.StreamHandler(sys.stderr)
@@ -228,13 +228,13 @@ def test_hub_warnings_are_printed_once(capsys):
 # --------------------------------------------------------------------------- compile without calibration, moved output
 @pytest.mark.slow
 def test_int8_config_compiles_without_calibration_and_a_copied_output_is_reused(tmp_path, monkeypatch):
-    import llmship.calib_data
-    from llmship.calib_data import sources
+    import llmship.data.mixture
+    from llmship.data import sources
 
     def untouchable(*args, **kwargs):
         raise AssertionError("calibration data was read")
 
-    monkeypatch.setattr(llmship.calib_data, "build_calibration_set", untouchable)
+    monkeypatch.setattr(llmship.data.mixture, "build_calibration_set", untouchable)
     monkeypatch.setattr(sources, "hub_dataset", untouchable)
     first = tmp_path / "first"
     result = invoke("compile", CONFIGS / "hf_llama_int8.yaml", "model.path=@embedded", f"output.dir={first}")

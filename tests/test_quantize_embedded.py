@@ -47,7 +47,7 @@ HELD_OUT_LEN = 128
 def held_out_texts() -> list[str]:
     """The bundled C4 validation documents: generated apart from the training corpus (scripts/make_embedded_model.py),
     and never drawn for calibration (that reads the train split)."""
-    from llmship.calib_data.sources import read_c4
+    from llmship.data.sources import read_c4
 
     return read_c4(str(SAMPLES_DIR / "c4"), split="validation")
 
@@ -88,7 +88,7 @@ def measure(reference, candidate, seqs: list[list[int]]) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from llmship.calib_data import build_calibration_set
+    from llmship.data.mixture import build_calibration_set
     from llmship.export import export_fp32
     from llmship.source import load_tokenizer
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llmship.calib_data import sources, templates
 from llmship.config import EMBEDDED, SAMPLES_DIR
+from llmship.data import sources, templates
 from llmship.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"

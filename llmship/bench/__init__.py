@@ -355,7 +355,7 @@ def summary(result: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 def stage_inputs(cfg: Config) -> dict[str, Any]:
     """What the bench stage reads besides the variant folders: the stage's cache key is derived from this."""
     from llmship.cache import folder_fingerprint
-    from llmship.calib_data.sources import data_fingerprint
+    from llmship.data.sources import data_fingerprint
     from llmship.source import resolve_model_path
 
     return {"model": folder_fingerprint(resolve_model_path(cfg.model.path)), "model_config": cfg.model.model_dump(),

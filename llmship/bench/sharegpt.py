@@ -81,7 +81,7 @@ class Limits:
 
 def load_conversations(path: str | Path) -> list[dict[str, Any]]:
     """ShareGPT V3 entries from a local file/folder, a hub dataset id or '@embedded' (the shared reader)."""
-    from llmship.calib_data.sources import read_sharegpt
+    from llmship.data.sources import read_sharegpt
 
     return read_sharegpt(path)
 

@@ -43,10 +43,13 @@ from typing import Any
 
 import numpy as np
 
-from llmship.calib_data import templates
-from llmship.config import CevalTask
+from llmship.config import CevalTask, Config
+from llmship.data import templates
+from llmship.data.sources import read_ceval
 from llmship.errors import UserError
+from llmship.eval.intervals import ceval_intervals
 from llmship.eval.lm import sequence_logprobs
+from llmship.eval.tasks import EvalTask, Progress, counter
 from llmship.runtime.base import Engine
 
 LABELS = templates.CEVAL_LABELS
@@ -165,15 +168,17 @@ def prepare(task: CevalTask, data: Any, tokenizer: Any, max_positions: int) -> C
                     max_out_len=task.max_out_len, shots=task.shots)
 
 
-def tokenize_question(q: Question, name_zh: str, examples: Sequence[Any], row: Any, task: CevalTask, tokenizer: Any,
-                      length: int) -> None:
-    """Fill q's prompts of every mode: examples dropped to fit max_seq_len (when set), then left-truncated at `length`."""
+def tokenize_question(q: Question, name_zh: str, examples: Sequence[Any], row: Any, task: Any, tokenizer: Any,
+                      length: int, ppl_template: Callable[..., str] = templates.ceval_ppl_prompt,
+                      gen_template: Callable[..., str] = templates.ceval_gen_prompt) -> None:
+    """Fill q's prompts of every mode: examples dropped to fit max_seq_len (when set), then left-truncated at `length`.
+    `task`: a multiple-choice section (modes, shots, max_seq_len); the templates render (name_zh, examples, row[, label])."""
     if "ppl" in task.modes:
         shots = task.shots
         for label in LABELS:  # in turn: a count reduced for one label carries over to the next
 
             def ppl_prompt(k: int, label: str = label) -> list[int]:
-                return encode(tokenizer, templates.ceval_ppl_prompt(name_zh, examples[:k], row, label))
+                return encode(tokenizer, ppl_template(name_zh, examples[:k], row, label))
 
             ids, shots = fit_examples(ppl_prompt, shots, task.max_seq_len)
             q.truncated |= len(ids) > length
@@ -181,7 +186,7 @@ def tokenize_question(q: Question, name_zh: str, examples: Sequence[Any], row: A
     if "gen" in task.modes:
 
         def gen_prompt(k: int) -> list[int]:
-            return encode(tokenizer, templates.ceval_gen_prompt(name_zh, examples[:k], row))
+            return encode(tokenizer, gen_template(name_zh, examples[:k], row))
 
         ids, q.gen_shots = fit_examples(gen_prompt, task.shots, task.max_seq_len)
         q.truncated |= len(ids) > length
@@ -278,53 +283,52 @@ def gen_outputs(engine: Engine, questions: Sequence[Question], max_out_len: int,
 
 # --------------------------------------------------------------------------- scoring
 def score_engine(engine: Engine, cset: CevalSet, tokenizer: Any, batch_size: int,
-                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Predictions and accuracies of one engine in every configured mode."""
+                 progress: Progress | None = None, subjects: Sequence[str] | None = None,
+                 modes: Sequence[str] | None = None) -> dict[str, Any]:
+    """Predictions and accuracies of one engine in every configured mode (or the given subjects and modes)."""
     out: dict[str, Any] = {"metrics": {}, "predictions": {}}
-    for mode in cset.modes:
-        total = ppl_units(cset.questions) if mode == "ppl" else len(cset.questions)
-        step = _counter(progress, f"ceval {mode}", total)
-        if mode == "ppl":
-            scores = ppl_scores(engine, cset.questions, batch_size, on_batch=step)
-            preds: list[dict[str, Any]] = [{"pred": argmin_label(s), "scores": {k: round(v, 6) for k, v in s.items()}}
-                                           for s in scores]
-        else:
-            texts = gen_outputs(engine, cset.questions, cset.max_out_len, batch_size, tokenizer, on_batch=step)
-            preds = [{"pred": first_capital_postprocess(t), "output": t} for t in texts]
-        records = []
-        for q, p in zip(cset.questions, preds, strict=True):
-            shots = q.ppl_shots if mode == "ppl" else q.gen_shots
-            dropped = min(shots.values()) < cset.shots if mode == "ppl" else shots < cset.shots
-            records.append({"subject": q.subject, "idx": q.idx, "gold": q.gold, **p,
-                            "correct": str(p["pred"]) == q.gold, **({"truncated": True} if q.truncated else {}),
-                            **({"shots": shots} if dropped else {})})
+    questions = [q for q in cset.questions if subjects is None or q.subject in subjects]
+    for mode in modes or cset.modes:
+        records = score_mode(engine, cset, questions, mode, tokenizer, batch_size, progress)
         out["predictions"][mode] = records
         out["metrics"].update(accuracy_metrics(mode, cset.subjects, records))
     return out
 
 
-def _counter(progress: Callable[[str, int, int], None] | None, description: str, total: int) -> Callable[[int], None]:
-    done = [0]
+def score_mode(engine: Engine, cset: CevalSet, questions: Sequence[Question], mode: str, tokenizer: Any,
+               batch_size: int, progress: Progress | None) -> list[dict[str, Any]]:
+    """One engine's prediction record of every question in one mode."""
+    total = ppl_units(questions) if mode == "ppl" else len(questions)
+    step = counter(progress, f"ceval {mode}", total)
+    if mode == "ppl":
+        scores = ppl_scores(engine, questions, batch_size, on_batch=step)
+        preds: list[dict[str, Any]] = [{"pred": argmin_label(s), "scores": {k: round(v, 6) for k, v in s.items()}}
+                                       for s in scores]
+    else:
+        texts = gen_outputs(engine, questions, cset.max_out_len, batch_size, tokenizer, on_batch=step)
+        preds = [{"pred": first_capital_postprocess(t), "output": t} for t in texts]
+    records = []
+    for q, p in zip(questions, preds, strict=True):
+        shots = q.ppl_shots if mode == "ppl" else q.gen_shots
+        dropped = min(shots.values()) < cset.shots if mode == "ppl" else shots < cset.shots
+        records.append({"subject": q.subject, "idx": q.idx, "gold": q.gold, **p,
+                        "correct": str(p["pred"]) == q.gold, **({"truncated": True} if q.truncated else {}),
+                        **({"shots": shots} if dropped else {})})
+    return records
 
-    def step(n: int) -> None:
-        done[0] += n
-        if progress is not None:
-            progress(description, done[0], total)
 
-    return step
-
-
-def accuracy_metrics(mode: str, subjects: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """ceval/<mode>/<subject> (x100) and the groups as unweighted means of the subjects present."""
+def accuracy_metrics(mode: str, subjects: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]],
+                     prefix: str = "ceval", groups: dict[str, list[str]] | None = None) -> dict[str, float]:
+    """<prefix>/<mode>/<subject> (x100) and the groups as unweighted means of the subjects present."""
     per_subject: dict[str, list[bool]] = {s["name"]: [] for s in subjects}
     for r in records:
         per_subject[r["subject"]].append(bool(r["correct"]))
     acc = {name: 100.0 * float(np.mean(hits)) for name, hits in per_subject.items() if hits}
-    metrics = {f"ceval/{mode}/{name}": value for name, value in acc.items()}
-    for slug, members in group_members(subjects).items():
+    metrics = {f"{prefix}/{mode}/{name}": value for name, value in acc.items()}
+    for slug, members in (group_members(subjects) if groups is None else groups).items():
         present = [acc[m] for m in members if m in acc]
         if present:
-            metrics[f"ceval/{mode}/{slug}"] = float(np.mean(present))
+            metrics[f"{prefix}/{mode}/{slug}"] = float(np.mean(present))
     return metrics
 
 
@@ -370,3 +374,112 @@ def summary_rows(cset: CevalSet) -> list[dict[str, Any]]:
         rows.append({"dataset": "ceval-agreement", "version": "-", "metric": "same_prediction_as_baseline", "mode": mode,
                      "name": f"ceval/{mode}/agreement"})
     return rows
+
+
+# --------------------------------------------------------------------------- the task
+class Ceval(EvalTask):
+    """C-Eval val questions in OpenCompass's PPL and GEN modes (eval.ceval)."""
+
+    name = "ceval"
+    title = "C-Eval"
+    section = "eval.ceval"
+    metric_prefixes = ("ceval/",)
+    length_hint = "eval.ceval.max_out_len / max_seq_len"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.task = cfg.eval.ceval
+
+    @classmethod
+    def enabled(cls, cfg: Config) -> bool:
+        return cfg.eval.ceval.enabled
+
+    def settings(self) -> Any:
+        return self.task.model_dump()
+
+    def data_files(self) -> dict[str, tuple[str, str]]:
+        return {"ceval": (self.task.path, "ceval")}
+
+    def prepare(self, tokenizer: Any, positions: int) -> CevalSet:
+        return prepare(self.task, read_ceval(self.task.path), tokenizer, positions)
+
+    def metric_names(self, prepared: CevalSet) -> set[str]:
+        return set(metric_names(prepared))
+
+    def positions_needed(self, prepared: CevalSet) -> int:
+        return prepared.positions_needed
+
+    def score(self, engine: Engine, prepared: CevalSet, tokenizer: Any, progress: Progress | None,
+              ) -> tuple[dict[str, Any], dict[str, float], Any]:
+        scored = score_engine(engine, prepared, tokenizer, self.cfg.eval.batch_size, progress)
+        return {"predictions": scored["predictions"]}, scored["metrics"], None
+
+    def units(self, prepared: CevalSet) -> list[str]:
+        """One per mode and subject: '<mode>/<subject>'."""
+        return [f"{mode}/{name}" for mode in prepared.modes for name in prepared.subject_names]
+
+    def score_unit(self, engine: Engine, prepared: CevalSet, unit: str, tokenizer: Any,
+                   progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, float], Any]:
+        mode, _, subject = unit.partition("/")
+        if mode not in prepared.modes or subject not in prepared.subject_names:
+            raise KeyError(unit)
+        scored = score_engine(engine, prepared, tokenizer, self.cfg.eval.batch_size, progress, [subject], [mode])
+        own = {f"ceval/{mode}/{subject}": scored["metrics"][f"ceval/{mode}/{subject}"]}
+        return {"predictions": scored["predictions"]}, own, None
+
+    def compare(self, prepared: CevalSet, base: dict[str, Any], base_ref: Any, rec: dict[str, Any], ref: Any) -> None:
+        """ceval/<mode>/agreement against the baseline's per-question predictions."""
+        base_preds = base.get("predictions") or {}
+        for mode, records in (rec.get("predictions") or {}).items():
+            base_records = base_preds.get(mode)
+            if base_records is not None and _keys(base_records) == _keys(records):
+                rec["metrics"][f"ceval/{mode}/agreement"] = agreement(base_records, records)
+
+    def summary_rows(self, prepared: CevalSet) -> list[dict[str, Any]]:
+        per_subject = {s["name"]: s["questions"] for s in prepared.subjects}
+        groups = group_members(prepared.subjects)
+        rows = summary_rows(prepared)
+        for row in rows:
+            _, _, which = row["name"].split("/", 2)
+            row["n"] = (len(prepared.questions) if which == "agreement" else per_subject[which]
+                        if which in per_subject else sum(per_subject[m] for m in groups[which]))
+        return rows
+
+    def intervals(self, prepared: CevalSet, engines: Any, baseline: str) -> dict[str, dict[str, dict]]:
+        return mode_intervals(engines, baseline, "predictions", group_members(prepared.subjects))
+
+    def notes(self, prepared: CevalSet) -> list[str]:
+        notes = []
+        truncated = sum(q.truncated for q in prepared.questions)
+        if truncated:
+            limit = f"max_seq_len {self.task.max_seq_len}" if self.task.max_seq_len else "the model's positions"
+            notes.append(f"{truncated} C-Eval question(s) had prompts longer than {limit} (left-truncated)")
+        dropped = sum(min(q.ppl_shots.values(), default=prepared.shots) < prepared.shots or
+                      (bool(q.gen_ids) and q.gen_shots < prepared.shots) for q in prepared.questions)
+        if dropped:
+            notes.append(f"{dropped} C-Eval question(s) kept fewer than {prepared.shots} examples to fit max_seq_len "
+                         f"{self.task.max_seq_len}")
+        return notes
+
+    def results_fields(self, prepared: CevalSet) -> dict[str, Any]:
+        return {"subjects": prepared.subjects, "groups": group_members(prepared.subjects),
+                "versions": prepared.versions}
+
+
+def _keys(records: Sequence[dict[str, Any]]) -> list[tuple[str, int]]:
+    return [(r["subject"], r["idx"]) for r in records]
+
+
+def mode_intervals(engines: Any, baseline: str, field_name: str, groups: dict[str, list[str]],
+                   prefix: str = "ceval") -> dict[str, dict[str, dict]]:
+    """Paired intervals of every mode's subject, group and agreement metrics, from the per-question records each
+    engine holds under `field_name` ({mode: records})."""
+    variants = {name: rec for name, rec in engines.items() if name != baseline}
+    out: dict[str, dict[str, dict]] = {name: {} for name in variants}
+    for mode, base_records in ((engines.get(baseline) or {}).get(field_name) or {}).items():
+        per_mode = {name: (rec.get(field_name) or {}).get(mode) for name, rec in variants.items()}
+        found = ceval_intervals(mode, groups, base_records, {n: r for n, r in per_mode.items() if r is not None},
+                                prefix=prefix)
+        for name, metrics in found.items():
+            out[name].update(metrics)
+    return out

@@ -10,12 +10,18 @@ forcing, the same tokens for every engine; the baseline's log-probabilities are 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from llmship.config import Config
+from llmship.eval.intervals import top1_interval
 from llmship.eval.lm import for_each_logits, log_softmax64
+from llmship.eval.perplexity import alpaca_examples, eval_records
+from llmship.eval.tasks import EvalTask, Progress, counter, short_hash
 from llmship.runtime.base import Engine
 
 GREEDY_TOKENS = 32  # new tokens of the greedy-prefix comparison
@@ -72,3 +78,78 @@ def top1_per_prompt(base: dict[str, Any], other: dict[str, Any]) -> list[list[in
 
 
 METRICS = ("consistency/top1", "consistency/kl", "consistency/greedy_prefix")
+# Summary table: metric column of each row, in METRICS order.
+ROW_METRICS = ("top1_agreement", "kl_baseline_variant", "greedy_prefix_tokens")
+REFERENCE_FILE = "consistency.npz"
+
+
+class Consistency(EvalTask):
+    """Next-token agreement, KL and greedy prefix of each variant with the baseline on alpaca prompts
+    (eval.consistency_prompts, prompts from eval.perplexity.alpaca_path)."""
+
+    name = "consistency"
+    title = "consistency"
+    section = "eval.consistency_prompts"
+    metric_prefixes = ("consistency/",)
+    lower_is_better = ("consistency/kl",)
+
+    @classmethod
+    def enabled(cls, cfg: Config) -> bool:
+        return cfg.eval.consistency_prompts > 0
+
+    def settings(self) -> Any:
+        return {"prompts": self.cfg.eval.consistency_prompts, "alpaca_path": self.cfg.eval.perplexity.alpaca_path}
+
+    def data_files(self) -> dict[str, tuple[str, str]]:
+        return {"alpaca": (self.cfg.eval.perplexity.alpaca_path, "alpaca")}
+
+    def prepare(self, tokenizer: Any, positions: int) -> list[dict[str, Any]]:
+        count = self.cfg.eval.consistency_prompts
+        examples = alpaca_examples(eval_records(self.cfg.eval.perplexity.alpaca_path), tokenizer, 10 * count, positions)
+        return [e for e in examples if len(e["prompt_ids"]) + GREEDY_TOKENS <= positions][:count]
+
+    def metric_names(self, prepared: list[dict[str, Any]]) -> set[str]:
+        return set(METRICS) if prepared else set()
+
+    def score(self, engine: Engine, prepared: list[dict[str, Any]], tokenizer: Any, progress: Progress | None,
+              ) -> tuple[dict[str, Any], dict[str, float], Any]:
+        if not prepared:
+            return {}, {}, None
+        ref = reference(engine, prepared, self.cfg.eval.batch_size, counter(progress, "consistency", len(prepared)))
+        return {}, {}, ref
+
+    def compare(self, prepared: Any, base: dict[str, Any], base_ref: Any, rec: dict[str, Any], ref: Any) -> None:
+        if base_ref is None or ref is None:
+            return
+        rec["metrics"].update(compare(base_ref, ref))
+        if ref is not base_ref:
+            rec["consistency_top1_prompts"] = top1_per_prompt(base_ref, ref)
+
+    def summary_rows(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not prepared:
+            return []
+        version = short_hash(["consistency", self.cfg.eval.consistency_prompts, GREEDY_TOKENS])
+        return [{"dataset": "alpaca-consistency", "version": version, "metric": metric, "mode": "gen", "name": name,
+                 "n": len(prepared)} for name, metric in zip(METRICS, ROW_METRICS, strict=True)]
+
+    def intervals(self, prepared: Any, engines: Any, baseline: str) -> dict[str, dict[str, dict]]:
+        out: dict[str, dict[str, dict]] = {}
+        for name, rec in engines.items():
+            top1 = top1_interval(rec.get("consistency_top1_prompts") or []) if name != baseline else None
+            if top1 is not None:
+                out[name] = {"consistency/top1": top1}
+        return out
+
+    def save_reference(self, ref: Any, folder: Path) -> None:
+        if ref is None:
+            return
+        arrays = {f"lp{i}": lp for i, lp in enumerate(ref["logprobs"])}
+        np.savez(folder / REFERENCE_FILE, count=np.array(len(ref["logprobs"])),
+                 greedy=np.array(json.dumps(ref["greedy"])), **arrays)
+
+    def load_reference(self, folder: Path) -> Any:
+        if not (folder / REFERENCE_FILE).is_file():
+            return None
+        with np.load(folder / REFERENCE_FILE) as npz:
+            count = int(npz["count"])
+            return {"logprobs": [npz[f"lp{i}"] for i in range(count)], "greedy": json.loads(str(npz["greedy"]))}

@@ -5,8 +5,8 @@ Goal kinds (`gate.goals[].type`), with `v` the goal's value and `b` the baseline
 - `max-degradation` (absolute): value >= b - v (higher is better) or value <= b + v (lower is better).
 - `percent-max-degradation`: value >= b - |b| * v / 100 or value <= b + |b| * v / 100.
 
-A metric's direction comes from the goal (`higher_is_better`) or, when unset, from its name: perplexities
-(`ppl/...`) and divergences (`.../kl`) are lower-is-better, accuracies and agreements higher-is-better.
+A metric's direction comes from the goal (`higher_is_better`) or, when unset, from the eval task that produces it
+(llmship.eval.registry): perplexities and divergences are lower-is-better, accuracies and agreements higher-is-better.
 
 What is compared with the limit (`judge`): `point` compares the measured value. `interval` compares the worse end of
 the 95% interval (llmship.eval.intervals): for a degradation goal, the baseline plus the pessimistic end of the paired
@@ -29,19 +29,16 @@ from typing import Any
 
 from llmship.config import Goal
 from llmship.errors import UserError
+from llmship.eval.registry import higher_is_better as metric_higher_is_better
 from llmship.files import write_atomic
 
 log = logging.getLogger("llmship")
-
-LOWER_IS_BETTER_PREFIXES = ("ppl/",)
-LOWER_IS_BETTER_SUFFIXES = ("/kl",)
 
 
 def higher_is_better(goal: Goal) -> bool:
     if goal.higher_is_better is not None:
         return goal.higher_is_better
-    metric = goal.metric
-    return not (metric.startswith(LOWER_IS_BETTER_PREFIXES) or metric.endswith(LOWER_IS_BETTER_SUFFIXES))
+    return metric_higher_is_better(goal.metric)
 
 
 def goal_label(goal: Goal) -> str:

@@ -60,8 +60,10 @@ def _by_subject(records: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[
 
 def ceval_intervals(mode: str, groups: Mapping[str, Sequence[str]], baseline: Sequence[Mapping[str, Any]],
                     variants: Mapping[str, Sequence[Mapping[str, Any]]],
-                    resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, dict[str, dict]]:
-    """variant -> metric -> {diff, low, high, n, value_low, value_high} for ceval/<mode>/<subject|group|agreement>.
+                    resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                    prefix: str = "ceval") -> dict[str, dict[str, dict]]:
+    """variant -> metric -> {diff, low, high, n, value_low, value_high} for <prefix>/<mode>/<subject|group|agreement>
+    (prefix: the multiple-choice task, ceval or cmmlu).
 
     `baseline` and each variant's records are the eval's per-question predictions ({subject, idx, pred, correct});
     a variant whose questions are not the baseline's, in the same order, gets no intervals (nothing to pair).
@@ -90,7 +92,7 @@ def ceval_intervals(mode: str, groups: Mapping[str, Sequence[str]], baseline: Se
             var_acc[name][subject] = 100.0 * hits[draw].mean(axis=1)
             same[name] += np.array([a == r["pred"] for a, r in zip(base_preds, vrecs, strict=True)])[draw].sum(axis=1)
             point = 100.0 * (hits.mean() - base_hits.mean())
-            out[name][f"ceval/{mode}/{subject}"] = _entry(point, var_acc[name][subject] - base_acc[subject], n,
+            out[name][f"{prefix}/{mode}/{subject}"] = _entry(point, var_acc[name][subject] - base_acc[subject], n,
                                                           var_acc[name][subject])
     sizes = {subject: len(recs) for subject, recs in base_subjects.items()}
     for slug, members in groups.items():
@@ -100,14 +102,14 @@ def ceval_intervals(mode: str, groups: Mapping[str, Sequence[str]], baseline: Se
         base_mean = np.mean([base_acc[m] for m in present], axis=0)
         for name in paired:
             var_mean = np.mean([var_acc[name][m] for m in present], axis=0)
-            point = float(np.mean([out[name][f"ceval/{mode}/{m}"]["diff"] for m in present]))
-            out[name][f"ceval/{mode}/{slug}"] = _entry(point, var_mean - base_mean, sum(sizes[m] for m in present),
+            point = float(np.mean([out[name][f"{prefix}/{mode}/{m}"]["diff"] for m in present]))
+            out[name][f"{prefix}/{mode}/{slug}"] = _entry(point, var_mean - base_mean, sum(sizes[m] for m in present),
                                                        var_mean)
     total = len(keys)
     for name, recs in paired.items():
         agree = 100.0 * same[name] / total
         point = 100.0 * float(np.mean([a["pred"] == b["pred"] for a, b in zip(baseline, recs, strict=True)]))
-        out[name][f"ceval/{mode}/agreement"] = _entry(point - 100.0, agree - 100.0, total, agree)
+        out[name][f"{prefix}/{mode}/agreement"] = _entry(point - 100.0, agree - 100.0, total, agree)
     return out
 
 

@@ -21,13 +21,18 @@ from typing import Any
 
 import numpy as np
 
-from llmship.calib_data.templates import alpaca_prompt
+from llmship.config import Config
+from llmship.data import templates
+from llmship.data.sources import alpaca_part, read_alpaca, read_c4
+from llmship.data.templates import alpaca_prompt
 from llmship.errors import UserError
 from llmship.eval.lm import sequence_logprobs
+from llmship.eval.tasks import EvalTask, Progress, counter, short_hash
 from llmship.runtime.base import Engine
 
 C4_EVAL_SEED = 0  # GPTQ datautils.get_c4: the validation windows always use random.seed(0)
 MAX_DRAWS_PER_WINDOW = 10_000  # a document pool with no long-enough text would otherwise loop forever
+
 
 def c4_windows(texts: Sequence[str], tokenizer: Any, seq_len: int, windows: int, seed: int = C4_EVAL_SEED,
                where: str = "eval.perplexity.c4_path") -> list[list[int]]:
@@ -86,3 +91,102 @@ def alpaca_perplexity(engine: Engine, examples: Sequence[dict[str, Any]], batch_
     nll = [float(-lp[e["start"] - 1:].sum()) for e, lp in zip(examples, own, strict=True)]
     tokens = sum(len(e["ids"]) - e["start"] for e in examples)
     return {"ppl": math.exp(sum(nll) / tokens), "tokens": tokens, "records": len(examples)}
+
+
+def eval_texts(path: str) -> list[str]:
+    """C4's validation split: calibration reads the train split, so a variant is never scored on its calibration text."""
+    return read_c4(path, split="validation")
+
+
+def eval_records(path: str) -> list[dict[str, Any]]:
+    """The held-out part of alpaca-cleaned (the records calibration never draws)."""
+    return alpaca_part(read_alpaca(path), "eval")
+
+
+# --------------------------------------------------------------------------- the tasks
+class C4Perplexity(EvalTask):
+    """GPTQ-convention perplexity on C4's validation split (eval.perplexity)."""
+
+    name = "c4"
+    title = "C4 perplexity"
+    section = "eval.perplexity"
+    metric_prefixes = ("ppl/c4",)
+    lower_is_better = ("ppl/",)
+
+    @classmethod
+    def enabled(cls, cfg: Config) -> bool:
+        return cfg.eval.perplexity.enabled
+
+    def settings(self) -> Any:
+        pt = self.cfg.eval.perplexity
+        return {"c4_path": pt.c4_path, "seq_len": pt.seq_len, "windows": pt.windows}
+
+    def data_files(self) -> dict[str, tuple[str, str]]:
+        return {"c4": (self.cfg.eval.perplexity.c4_path, "c4")}
+
+    def prepare(self, tokenizer: Any, positions: int) -> list[list[int]]:
+        pt = self.cfg.eval.perplexity
+        if pt.seq_len > positions:
+            raise UserError(f"seq_len {pt.seq_len} exceeds the model's {positions} positions", where="eval.perplexity.seq_len")
+        return c4_windows(eval_texts(pt.c4_path), tokenizer, pt.seq_len, pt.windows)
+
+    def metric_names(self, prepared: Any) -> set[str]:
+        return {"ppl/c4"}
+
+    def score(self, engine: Engine, prepared: list[list[int]], tokenizer: Any, progress: Progress | None,
+              ) -> tuple[dict[str, Any], dict[str, float], Any]:
+        c4 = c4_perplexity(engine, prepared, self.cfg.eval.batch_size, counter(progress, "ppl c4", len(prepared)))
+        return {"c4": c4}, {"ppl/c4": c4["ppl"]}, None
+
+    def summary_rows(self, prepared: list[list[int]]) -> list[dict[str, Any]]:
+        pt = self.cfg.eval.perplexity
+        return [{"dataset": "c4", "version": short_hash(["gptq-c4", pt.seq_len, pt.windows, C4_EVAL_SEED]),
+                 "metric": "perplexity", "mode": "ppl", "name": "ppl/c4", "n": len(prepared)}]
+
+
+class AlpacaPerplexity(EvalTask):
+    """Perplexity of held-out alpaca-cleaned responses under the Stanford Alpaca prompt (eval.perplexity)."""
+
+    name = "alpaca"
+    title = "alpaca perplexity"
+    section = "eval.perplexity"
+    metric_prefixes = ("ppl/alpaca",)
+    lower_is_better = ("ppl/",)
+
+    @classmethod
+    def enabled(cls, cfg: Config) -> bool:
+        return cfg.eval.perplexity.enabled
+
+    def settings(self) -> Any:
+        pt = self.cfg.eval.perplexity
+        return {"alpaca_path": pt.alpaca_path, "alpaca_samples": pt.alpaca_samples}
+
+    def data_files(self) -> dict[str, tuple[str, str]]:
+        return {"alpaca": (self.cfg.eval.perplexity.alpaca_path, "alpaca")}
+
+    def prepare(self, tokenizer: Any, positions: int) -> list[dict[str, Any]]:
+        pt = self.cfg.eval.perplexity
+        examples = alpaca_examples(eval_records(pt.alpaca_path), tokenizer, pt.alpaca_samples, positions)
+        if not examples:
+            raise UserError(f"no alpaca record fits in {positions} positions", where="eval.perplexity.alpaca_path")
+        return examples
+
+    def metric_names(self, prepared: Any) -> set[str]:
+        return {"ppl/alpaca"}
+
+    def score(self, engine: Engine, prepared: list[dict[str, Any]], tokenizer: Any, progress: Progress | None,
+              ) -> tuple[dict[str, Any], dict[str, float], Any]:
+        alpaca = alpaca_perplexity(engine, prepared, self.cfg.eval.batch_size,
+                                   counter(progress, "ppl alpaca", len(prepared)))
+        return {"alpaca": alpaca}, {"ppl/alpaca": alpaca["ppl"]}, None
+
+    def summary_rows(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        version = short_hash([templates.ALPACA_PROMPT_INPUT, templates.ALPACA_PROMPT_NO_INPUT,
+                              self.cfg.eval.perplexity.alpaca_samples])
+        return [{"dataset": "alpaca-cleaned", "version": version, "metric": "response_perplexity", "mode": "ppl",
+                 "name": "ppl/alpaca", "n": len(prepared)}]
+
+    def notes(self, prepared: list[dict[str, Any]]) -> list[str]:
+        if len(prepared) < self.cfg.eval.perplexity.alpaca_samples:
+            return [f"alpaca perplexity over {len(prepared)} records (fewer fit than asked)"]
+        return []

@@ -46,7 +46,7 @@ def _sample_texts() -> list[str]:
     if not SAMPLES_DIR.is_dir():
         return []
     try:
-        from llmship.calib_data import sources, templates
+        from llmship.data import sources, templates
     except ImportError:
         return []
     readers = (

@@ -486,7 +486,7 @@ class StreamingRun:
     @cached_property
     def source(self) -> dict[str, Any]:
         from llmship.cache import folder_fingerprint
-        from llmship.export.source import resolve_model_path
+        from llmship.source import resolve_model_path
 
         adapter = self.cfg.model.adapter
         fingerprints = [folder_fingerprint(Path(resolve_model_path(self.cfg.model.path)).expanduser()),

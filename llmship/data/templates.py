@@ -12,6 +12,13 @@ row (GEN: the test answer is '' first). So a literal `{C}` / `{D}` inside a ques
 by an option's text, and a `{question}` left in an example's text would take the test question. Doing the same keeps
 llmship's scores comparable with published OpenCompass numbers.
 
+CMMLU (OpenCompass 0.5.4 = @a5acc4bb, cmmlu_ppl_8b9c76.py and the 5-shot cmmlu_gen_c13365.py), with H(e) = CMMLU_QUESTION
+filled with row e and E_i = H(dev_i) + "\n答案是: " + answer_i (the answer cue is the BOT piece, so the parser puts
+a "\n" before it):
+- PPL, candidate L: E_1 "\n\n\n" E_2 ... E_k "\n\n\n\n\n" H(test) "\n答案是: " L    (k = 0: "\n\n" H(test) "\n答案是: " L)
+- GEN:              E_1 "\n" E_2 ... E_k "\n" H(test) "\n答案是: "                  (k = 0: "\n" H(test) "\n答案是: ")
+filled by the same safe_format, over CMMLU's keys (question, A-D, answer, subdivision, idx).
+
 Stanford Alpaca: the two prompts of tatsu-lab/stanford_alpaca `train.py` (PROMPT_DICT), used verbatim.
 """
 
@@ -49,9 +56,17 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
-def safe_format(text: str, row: Mapping[str, Any]) -> str:
+# opencompass/configs/datasets/cmmlu/cmmlu_ppl_8b9c76.py and cmmlu_gen_c13365.py: the HUMAN piece (Chinese name by
+# f-string), then the BOT piece '答案是: <answer>' after the parser's '\n'.
+CMMLU_QUESTION = "以下是关于{subject_zh}的单项选择题，请直接给出正确答案的选项。\n题目：{{question}}\nA. {{A}}\nB. {{B}}\nC. {{C}}\nD. {{D}}"
+CMMLU_ANSWER_CUE = "\n答案是: "
+# opencompass/datasets/cmmlu.py columns, then base.py's subdivision and idx: safe_format's key order.
+CMMLU_ENTRY_KEYS = ("question", "A", "B", "C", "D", "answer", "subdivision", "idx")
+
+
+def safe_format(text: str, row: Mapping[str, Any], keys: Sequence[str] = CEVAL_ENTRY_KEYS) -> str:
     """opencompass/utils/prompt.py safe_format: replace '{key}' by str(value), key by key in entry order."""
-    for key in CEVAL_ENTRY_KEYS:
+    for key in keys:
         if key in row:
             text = text.replace("{" + key + "}", str(row[key]))
     return text
@@ -81,6 +96,23 @@ def ceval_gen_prompt(subject_zh: str, examples: Sequence[Mapping[str, Any]], row
     shots = [safe_format(h + "\n{answer}", ex) for ex in examples]
     head = CEVAL_GEN_SEPARATOR.join(shots) + CEVAL_GEN_SEPARATOR if shots else CEVAL_GEN_SEPARATOR
     return safe_format(head + h, {**row, "answer": ""})
+
+
+def cmmlu_ppl_prompt(subject_zh: str, examples: Sequence[Mapping[str, Any]], row: Mapping[str, Any], label: str) -> str:
+    """The PPL-mode prompt scored for candidate `label` (cmmlu_ppl_8b9c76.py through PPLInferencer)."""
+    h = CMMLU_QUESTION.format(subject_zh=subject_zh)
+    shots = [safe_format(h + CMMLU_ANSWER_CUE + str(ex["answer"]), ex, CMMLU_ENTRY_KEYS) for ex in examples]
+    head = CEVAL_PPL_EXAMPLE_SEPARATOR.join(shots) + CEVAL_PPL_TEST_SEPARATOR if shots else CEVAL_PPL_ZERO_SHOT_PREFIX
+    return safe_format(head + h + CMMLU_ANSWER_CUE + label, row, CMMLU_ENTRY_KEYS)
+
+
+def cmmlu_gen_prompt(subject_zh: str, examples: Sequence[Mapping[str, Any]], row: Mapping[str, Any]) -> str:
+    """The 5-shot GEN-mode prompt (cmmlu_gen_c13365.py through GenInferencer): ends with '答案是: ' (its BOT piece,
+    the test answer blanked)."""
+    h = CMMLU_QUESTION.format(subject_zh=subject_zh)
+    shots = [safe_format(h + CMMLU_ANSWER_CUE + "{answer}", ex, CMMLU_ENTRY_KEYS) for ex in examples]
+    head = CEVAL_GEN_SEPARATOR.join(shots) + CEVAL_GEN_SEPARATOR if shots else CEVAL_GEN_SEPARATOR
+    return safe_format(head + h + CMMLU_ANSWER_CUE + "{answer}", {**row, "answer": ""}, CMMLU_ENTRY_KEYS)
 
 
 def alpaca_prompt(record: Mapping[str, Any]) -> str:

@@ -269,7 +269,7 @@ def subject_names(mapping: dict[str, tuple[str, str, str]], subject: str, where:
     """(English name, Chinese name, category) of a subject: from subject_mapping.json, else C-Eval's own table (as
     OpenCompass has it). The prompt needs the Chinese name and the summary the category, so a guess would change
     the scores: a subject in neither is an error."""
-    from llmship.calib_data.ceval_subjects import CEVAL_SUBJECTS
+    from llmship.data.ceval_subjects import CEVAL_SUBJECTS
 
     names = mapping.get(subject) or CEVAL_SUBJECTS.get(subject)
     if names is None:

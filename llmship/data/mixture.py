@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmship.config import CalibrationConfig, CalibSource
+from llmship.data import sources, templates
 from llmship.errors import UserError
 
 log = logging.getLogger("llmship")
@@ -74,8 +75,6 @@ def shuffled_texts(texts: list[str], tokenizer: Any, count: int, seq_len: int, s
 
 
 def ceval_texts(path: str) -> list[str]:
-    from llmship.calib_data import sources, templates
-
     data = sources.read_ceval(path)
     texts = []
     for subject in sorted(data.subjects):
@@ -86,15 +85,11 @@ def ceval_texts(path: str) -> list[str]:
 
 
 def alpaca_texts(path: str) -> list[str]:
-    from llmship.calib_data import sources, templates
-
     records = sources.alpaca_part(sources.read_alpaca(path), "calibration")
     return [templates.alpaca_prompt(rec) + rec["output"] for rec in records]
 
 
 def c4_texts(path: str) -> list[str]:
-    from llmship.calib_data import sources
-
     return list(sources.read_c4(path, split="train"))
 
 

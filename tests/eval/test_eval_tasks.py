@@ -1,0 +1,112 @@
+"""The eval tasks behind one protocol: the registry, directions the gate reads from the tasks, the stage key derived
+from the enabled tasks' declarations, units scored one at a time, and the baseline cache as a cached stage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llmship.config import SAMPLES_DIR, Config, Goal
+from llmship.eval import run_eval, stage_inputs
+from llmship.eval.gate import evaluate_goals
+from llmship.eval.registry import TASKS, enabled_tasks, higher_is_better
+
+ONLY_CMMLU = {"ceval": {"enabled": False}, "perplexity": {"enabled": False}, "consistency_prompts": 0,
+              "cmmlu": {"modes": ["ppl"], "max_questions": 1}}
+
+
+def test_registry_lists_every_task_once_in_table_order():
+    assert [t.name for t in TASKS] == ["ceval", "cmmlu", "c4", "alpaca", "consistency"]
+    off = Config.model_validate({"eval": {"cmmlu": {"enabled": False}, "consistency_prompts": 0}})
+    assert [t.name for t in enabled_tasks(off)] == ["ceval", "c4", "alpaca"]
+
+
+@pytest.mark.parametrize(("metric", "higher"), [("ppl/c4", False), ("ppl/alpaca", False), ("consistency/kl", False),
+                                                ("consistency/top1", True), ("consistency/greedy_prefix", True),
+                                                ("ceval/gen/average", True), ("cmmlu/ppl/china-specific", True)])
+def test_directions_come_from_the_tasks(metric, higher):
+    assert higher_is_better(metric) is higher
+
+
+def test_gate_judges_a_perplexity_threshold_downwards():
+    goal = Goal(metric="ppl/c4", type="threshold", value=3.0)
+    rows = evaluate_goals([goal], {"pytorch": {"ppl/c4": 2.5}, "v": {"ppl/c4": 2.9}, "w": {"ppl/c4": 3.1}}, "pytorch")
+    assert [(r["variant"], r["passed"], r["higher_is_better"]) for r in rows] == [("v", True, False), ("w", False, False)]
+
+
+def test_stage_inputs_follow_the_enabled_tasks(tmp_path):
+    base = stage_inputs(Config())
+    assert set(base["tasks"]) == {"ceval", "cmmlu", "c4", "alpaca", "consistency"}
+    assert set(stage_inputs(Config.model_validate({"eval": {"cmmlu": {"enabled": False}}}))["tasks"]) == \
+        {"ceval", "c4", "alpaca", "consistency"}
+    # the gate's goals are not an input (a changed gate re-gates); a changed CMMLU file is
+    gated = Config.model_validate({"gate": {"goals": [{"metric": "cmmlu/ppl/average", "type": "threshold", "value": 1}]}})
+    assert stage_inputs(gated) == base
+    copy = tmp_path / "cmmlu"
+    shutil.copytree(SAMPLES_DIR / "cmmlu", copy)
+    moved = stage_inputs(Config.model_validate({"eval": {"cmmlu": {"path": str(copy)}}}))["tasks"]["cmmlu"]
+    assert moved["data"] == base["tasks"]["cmmlu"]["data"]
+    with (copy / "test" / "economics.csv").open("a", encoding="utf-8") as fh:
+        fh.write("4,新题,a,b,c,d,A\n")
+    changed = stage_inputs(Config.model_validate({"eval": {"cmmlu": {"path": str(copy)}}}))["tasks"]["cmmlu"]
+    assert changed["data"] != base["tasks"]["cmmlu"]["data"]
+
+
+def test_ceval_units_scored_one_by_one_equal_the_whole():
+    from llmship.eval import eval_tokenizer
+    from llmship.eval.ceval import Ceval
+    from llmship.runtime import load_engine
+
+    cfg = Config.model_validate({"eval": {"ceval": {"max_questions": 2, "subjects": ["civil_servant", "metrology_engineer"]}}})
+    task, tokenizer = Ceval(cfg), eval_tokenizer(cfg)
+    cset = task.prepare(tokenizer, 1024)
+    assert task.units(cset) == ["ppl/civil_servant", "ppl/metrology_engineer", "gen/civil_servant",
+                                "gen/metrology_engineer"]
+    engine = load_engine(cfg.model, cfg.runtime)
+    try:
+        whole, metrics, _ = task.score(engine, cset, tokenizer, None)
+        parts = [task.score_unit(engine, cset, unit, tokenizer) for unit in task.units(cset)]
+    finally:
+        engine.close()
+    for unit, (fields, unit_metrics, _) in zip(task.units(cset), parts, strict=True):
+        mode, subject = unit.split("/")
+        assert fields["predictions"][mode] == [r for r in whole["predictions"][mode] if r["subject"] == subject]
+        assert unit_metrics == {f"ceval/{unit}": metrics[f"ceval/{unit}"]}
+
+
+def test_baseline_scores_are_a_cached_stage(tmp_path):
+    out = tmp_path / "out"
+    cfg = Config.model_validate({"output": {"dir": str(out)}, "eval": ONLY_CMMLU})
+    first = run_eval(cfg, {}, tmp_path / "eval1")
+    assert not first["baseline_cached"]
+    record = json.loads((out / ".llmship" / "stages" / "eval-baseline.json").read_text())
+    folder = out / record["artifact"]
+    assert (folder / "baseline.json").is_file() and folder.parent == out / ".llmship" / "eval-baseline"
+    second = run_eval(cfg, {}, tmp_path / "eval2")
+    assert second["baseline_cached"] and second["metrics"] == first["metrics"]
+    assert "cmmlu/ppl/average" in second["metrics"]["pytorch"]
+    # another question count is another key: scored again, and the stale entry goes
+    more = cfg.model_copy(update={"eval": Config.model_validate({"eval": {**ONLY_CMMLU, "cmmlu": {
+        "modes": ["ppl"], "max_questions": 2}}}).eval})
+    third = run_eval(more, {}, tmp_path / "eval3")
+    assert not third["baseline_cached"] and not folder.exists()
+    assert [p.name for p in (out / ".llmship" / "eval-baseline").iterdir()] == \
+        [Path(json.loads((out / ".llmship" / "stages" / "eval-baseline.json").read_text())["artifact"]).name]
+    # eval.baseline_cache: false neither reads nor writes it
+    off = more.model_copy(update={"eval": more.eval.model_copy(update={"baseline_cache": False})})
+    assert not run_eval(off, {}, tmp_path / "eval4")["baseline_cached"]
+
+
+def test_cmmlu_goals_are_validated_like_ceval_goals():
+    from llmship.errors import UserError
+
+    goal = {"metric": "cmmlu/gen/average", "type": "threshold", "value": 20}
+    assert Config.model_validate({"gate": {"goals": [goal]}}).gate.goals[0].judged_by_interval
+    for eval_section in ({"cmmlu": {"enabled": False}}, {"cmmlu": {"modes": ["ppl"]}}):
+        with pytest.raises((UserError, ValueError), match="not measured with this eval config"):
+            Config.model_validate({"eval": eval_section, "gate": {"goals": [goal]}})
+    with pytest.raises((UserError, ValueError), match="a percentage"):
+        Config.model_validate({"gate": {"goals": [{**goal, "value": 120}]}})
