@@ -84,6 +84,16 @@ class ExportConfig(Section):
 Scheme = Literal["none", "fp16", "w8a8-dynamic", "w8a8-static", "w8a16", "w4a16"]
 
 
+class AutoConfig(Section):
+    """`quantize.auto`: mixed precision searched against quality goals within a size budget (llmship.quantize.auto)."""
+
+    # 1.02: the issue-21 bar for w4a16 at 0.25x fp32; a gate goal `ppl/c4 percent-max-degradation p` is 1 + p/100.
+    max_ppl_ratio: float | None = Field(1.02, gt=1, description="Goal: largest perplexity ratio to fp32 on held-out calibration text.")
+    min_top1: float | None = Field(None, ge=0, le=1, description="Goal: smallest top-1 agreement with fp32 on held-out calibration text.")
+    budget: float = Field(0.25, gt=0, description="Largest model size (graph + weights) as a fraction of the fp32 model's.")
+    holdout: float = Field(0.25, gt=0, lt=1, description="Fraction of the calibration samples held out to judge the goals.")
+
+
 class VariantConfig(Section):
     name: str | None = Field(None, description="Folder name of the variant under output.dir (default: the scheme, plus method).")
     scheme: Scheme = Field("none", description="none (fp32), fp16, w8a8-dynamic, w8a8-static, w8a16 or w4a16.")
@@ -95,6 +105,7 @@ class VariantConfig(Section):
         default_factory=list, description="Node or weight names (fnmatch patterns) kept in float, e.g. '*lm_head*'."
     )
     parity: ParityConfig | None = Field(None, description="Parity tolerances for this variant (default: fitting its scheme).")
+    auto: AutoConfig | None = Field(None, description="Mixed precision: keep the most sensitive layers at int8 or float until the goals pass (w4a16).")
 
     @property
     def variant_name(self) -> str:
