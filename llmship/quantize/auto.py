@@ -24,12 +24,13 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from llmship.artifact import model_size
 from llmship.config import AutoConfig
@@ -59,6 +60,8 @@ def check_auto(scheme: Scheme, auto: AutoConfig, where: str) -> None:
     methods = AUTO_SCHEMES.get(scheme.name)
     if methods is None:
         raise UserError(f"auto searches {', '.join(AUTO_SCHEMES)} variants, not {scheme.name}", where=f"{where}.auto")
+    if auto.max_ppl_ratio is None and auto.min_top1 is None:
+        raise UserError("auto needs a goal: set max_ppl_ratio or min_top1", where=f"{where}.auto")
     if scheme.method not in methods:
         raise UserError(f"auto works with methods {', '.join(methods)}, not {scheme.method} (AWQ folds its scales into "
                         "the norms, so its layers cannot be swapped back to fp32 one by one)", where=f"{where}.auto")
@@ -80,7 +83,7 @@ class Layer:
 def tensor_bytes(tensor: onnx.TensorProto) -> int:
     if tensor.raw_data:
         return len(tensor.raw_data)
-    return int(onnx.numpy_helper.to_array(tensor).nbytes)
+    return int(numpy_helper.to_array(tensor).nbytes)
 
 
 def split_samples(samples: list[list[int]], holdout: float) -> tuple[list[list[int]], list[list[int]]]:
@@ -121,7 +124,7 @@ def auto_quantize(scheme: Scheme, auto: AutoConfig, job: QuantizeJob) -> dict[st
         shutil.rmtree(scratch, ignore_errors=True)
     record = search.record(chosen, len(fit), len(held))
     if not chosen["passed"]:
-        best = chosen
+        best = chosen  # the search returns its best step when none passed
         raise CheckFailed(f"quantize.auto: no mix within {auto.budget:g}x of fp32 meets the goals; best found (step "
                           f"{best['step']}, {best['size_ratio']:.4f}x fp32, ppl ratio {best['ppl_ratio']:.4f}, top-1 "
                           f"{best['top1']:.4f}, {describe_choice(best['precisions'])}) missed: "
@@ -133,8 +136,6 @@ def auto_quantize(scheme: Scheme, auto: AutoConfig, job: QuantizeJob) -> dict[st
 
 
 def _job_into(job: QuantizeJob, target: Path, samples: list[list[int]]) -> QuantizeJob:
-    from dataclasses import replace
-
     target.mkdir(parents=True, exist_ok=True)
     return replace(job, target=target, samples=samples)
 

@@ -104,6 +104,8 @@ def test_auto_refuses_schemes_and_methods_it_cannot_mix():
         build_scheme(VariantConfig(scheme="w8a16", auto={}))
     with pytest.raises(UserError, match=r"quantize\.auto.*AWQ folds"):
         build_scheme(VariantConfig(scheme="w4a16", method="awq", auto={}))
+    with pytest.raises(UserError, match=r"quantize\.auto.*needs a goal"):
+        build_scheme(VariantConfig(scheme="w4a16", method="rtn", auto={"max_ppl_ratio": None}))
     scheme = build_scheme(VariantConfig(scheme="w4a16", method="rtn", auto={"budget": 0.3}))
     assert scheme.uses_calibration() and not build_scheme(VariantConfig(scheme="w4a16", method="rtn")).uses_calibration()
 
