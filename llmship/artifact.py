@@ -20,7 +20,7 @@ from typing import Any
 
 from llmship.cache import library_versions
 from llmship.errors import UserError
-from llmship.files import MANIFEST_FILE, MODEL_FILE, fsync_file, read_json_object, write_json_atomic
+from llmship.files import MANIFEST_FILE, MODEL_FILE, folder_size, fsync_file, model_size, read_json_object, write_json_atomic
 
 FORMAT = 1  # bump when the folder layout changes incompatibly
 
@@ -72,17 +72,6 @@ def max_positions(model: Any, folders: Any) -> int:
 
         found.append(int(AutoConfig.from_pretrained(model.path, revision=model.revision).max_position_embeddings))
     return min(found)
-
-
-def folder_size(path: str | Path) -> int:
-    """Bytes of every file under `path` (the manifest included)."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-def model_size(path: str | Path) -> int:
-    """Bytes of the graph and its external data only (what a size ratio compares)."""
-    folder = Path(path)
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and (p.suffix == ".onnx" or p.name.endswith(".onnx.data")))
 
 
 def new_manifest(kind: str, **sections: Any) -> dict[str, Any]:

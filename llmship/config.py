@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from llmship.errors import UserError
-from llmship.sections import ParityConfig, Section
+from llmship.sections import AutoConfig, ParityConfig, Section
 
 # Paths that point into llmship's own bundled assets (no network needed).
 EMBEDDED = "@embedded"
@@ -67,6 +67,7 @@ class VariantConfig(Section):
         default_factory=list, description="Node or weight names (fnmatch patterns) kept in float, e.g. '*lm_head*'."
     )
     parity: ParityConfig | None = Field(None, description="Parity tolerances for this variant (default: fitting its scheme).")
+    auto: AutoConfig | None = Field(None, description="Mixed precision: keep the most sensitive layers at int8 or float until the goals pass (w4a16).")
 
     @property
     def variant_name(self) -> str:

@@ -65,3 +65,14 @@ def read_json_object(file: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"expected a JSON object, got {type(data).__name__}", where=str(file))
     return data
+
+
+def folder_size(path: str | Path) -> int:
+    """Bytes of every file under `path` (the manifest included)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def model_size(path: str | Path) -> int:
+    """Bytes of the graph and its external data only (what a size ratio compares)."""
+    folder = Path(path)
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and (p.suffix == ".onnx" or p.name.endswith(".onnx.data")))

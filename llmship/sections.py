@@ -1,5 +1,6 @@
 """The config sections that modules below `llmship.config` declare defaults with: the strict `Section` base and
-`ParityConfig`, the tolerances each scheme module sets for its variants.
+`ParityConfig`, the tolerances each scheme module sets for its variants, and `AutoConfig`, which the mixed precision
+search (llmship.quantize.auto) reads.
 
 They live here, not in llmship.config, because config validates `quantize.scheme` against the scheme registry, which
 imports the scheme modules: were those to import llmship.config, the two would import each other. llmship.config
@@ -37,3 +38,13 @@ class ParityConfig(Section):
     max_nll_increase: float = Field(
         0.05, ge=0, description="Largest allowed relative increase of the variant's NLL on the parity prompts (catches collapse)."
     )
+
+
+class AutoConfig(Section):
+    """`quantize.auto`: mixed precision searched against quality goals within a size budget (llmship.quantize.auto)."""
+
+    # 1.02: the issue-21 bar for w4a16 at 0.25x fp32; a gate goal `ppl/c4 percent-max-degradation p` is 1 + p/100.
+    max_ppl_ratio: float | None = Field(1.02, gt=1, description="Goal: largest perplexity ratio to fp32 on held-out calibration text.")
+    min_top1: float | None = Field(None, ge=0, le=1, description="Goal: smallest top-1 agreement with fp32 on held-out calibration text.")
+    budget: float = Field(0.25, gt=0, description="Largest model size (graph + weights) as a fraction of the fp32 model's.")
+    holdout: float = Field(0.25, gt=0, lt=1, description="Fraction of the calibration samples held out to judge the goals.")

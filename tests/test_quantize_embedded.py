@@ -104,8 +104,8 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def compiled(setup):
-    from llmship.artifact import model_size
     from llmship.config import VariantConfig
+    from llmship.files import model_size
     from llmship.quantize.variant import quantize_variant, reference_engine
     from llmship.runtime import OrtEngine
 

@@ -143,7 +143,7 @@ def cache_bytes_per_token(engine: Any, spec: dict[str, Any]) -> int:
 def size_on_disk(engine: Any, spec: dict[str, Any]) -> int:
     """Bytes of the weights as stored: the graph + external data, or the source checkpoint's weight files."""
     if spec["kind"] != "torch":
-        from llmship.artifact import model_size
+        from llmship.files import model_size
 
         return model_size(spec["folder"])
     folder = Path(getattr(engine, "path", "") or "")

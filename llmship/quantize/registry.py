@@ -24,6 +24,7 @@ from llmship.sections import ParityConfig
 
 if TYPE_CHECKING:  # annotations only: llmship.config imports this module
     from llmship.config import QuantizeConfig, VariantConfig
+from llmship.quantize.auto import check_auto
 
 # Tie-aware greedy bar of the integer schemes: the run must match, near-ties forgiven, for at least half its tokens.
 # Their tie tolerance is 4 sigma of their measured logit noise, so over 4 prompts x 32 steps a correct variant may still
@@ -68,6 +69,7 @@ class Scheme:
     def variant_name(cls, method: str | None) -> str:
         """The variant's folder name when the YAML gives it no `name`: the scheme, plus the method written there."""
         return f"{cls.name}-{method}" if method else cls.name
+    auto: Any = None  # the variant's `quantize.auto` (llmship.quantize.auto), which reads the calibration set
 
     def __init__(self, method: str | None, options: SchemeOptions):
         self.method = method
@@ -76,6 +78,8 @@ class Scheme:
     def uses_calibration(self) -> bool:
         """Whether `quantize` reads `job.samples` with these options (the compile stage builds the calibration set,
         and reads its data files, only when some variant's scheme says so)."""
+        if self.auto is not None:
+            return True
         if isinstance(self.needs_calibration, tuple):
             return self.method in self.needs_calibration
         return bool(self.needs_calibration)
@@ -129,6 +133,9 @@ def build_scheme(variant: VariantConfig, where: str = "quantize") -> Scheme:
                         where=f"{where}.options.{key}") from None
     scheme = cls(method, options)
     scheme.check(where)
+    if variant.auto is not None:
+        scheme.auto = variant.auto
+        check_auto(scheme, variant.auto, where)
     return scheme
 
 

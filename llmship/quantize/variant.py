@@ -15,6 +15,7 @@ from llmship.config import Config, ParityConfig, VariantConfig
 from llmship.errors import CheckFailed, UserError
 from llmship.files import GENAI_CONFIG_FILE, MANIFEST_FILE, MODEL_DATA_FILE, MODEL_FILE
 from llmship.progress import Steps
+from llmship.quantize.auto import auto_quantize
 from llmship.quantize.graph import initializers, load_model, node_names
 from llmship.quantize.registry import QuantizeJob, Variant, resolve_variant
 
@@ -72,7 +73,7 @@ def quantize_variant(fp32: Artifact, variant: Variant | VariantConfig, calib: An
         job = QuantizeJob(source=fp32.onnx_path, folder=fp32.path, target=folder,
                           samples=list(calib.samples) if calib is not None else None, exclude=list(variant.exclude),
                           external_data=cfg.export.external_data, progress=steps)
-        report = scheme.quantize(job)
+        report = auto_quantize(scheme, scheme.auto, job) if scheme.auto is not None else scheme.quantize(job)
         quantize_seconds = time.perf_counter() - started
         steps(f"{variant.variant_name}: checking parity against PyTorch")
         figures = check_against_reference(cfg, fp32, folder, parity)

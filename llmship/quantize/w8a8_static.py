@@ -25,10 +25,13 @@ from llmship.quantize.graph import (
 from llmship.quantize.ort_quiet import without_preprocess_hint
 from llmship.quantize.registry import QUANTIZED_GREEDY_MATCH, QuantizeJob, Scheme, SchemeOptions, register
 from llmship.quantize.smoothquant import DEFAULT_ALPHA, smooth_model
+from llmship.quantize.weight_only import layer_of, quantize_matmuls
 from llmship.sections import ParityConfig
 
 # Packed calibration rows per ONNX Runtime run.
 CALIBRATION_BATCH = 8
+# lm_head's block with `head: weight_only`: w8a16's (one fp32 scale + zero point per 32 int8 weights).
+HEAD_BLOCK = 32
 CALIBRATORS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
 
@@ -38,12 +41,16 @@ class W8A8StaticOptions(SchemeOptions):
     activation_type: Literal["int8", "uint8"] = Field("int8", description="Activation type (ORT QDQ default: int8).")
     symmetric_activations: bool = Field(False, description="Zero point 0 for activations.")
     smoothquant: bool = Field(False, description="Fold SmoothQuant scales into the RMSNorm weights and q/k/v, gate/up first.")
-    alpha: float = Field(DEFAULT_ALPHA, ge=0, le=1, description="SmoothQuant migration strength (library default 0.5).")
+    alpha: float | Literal["auto"] = Field(DEFAULT_ALPHA, description="SmoothQuant migration strength in [0, 1] "
+                                           "(library default 0.5), or auto: searched per layer group.")
     percentile: float = Field(99.999, gt=0, le=100, description="percentile: the kept percentile of |activation| (ORT default).")
     num_bins: int | None = Field(None, ge=16, description="entropy/percentile: histogram bins (ORT default per method).")
     calib_samples: int | None = Field(None, ge=1, description="Calibration samples used (default: all of the set).")
     quantize_embeddings: bool = Field(True, description="Also store the token embedding table as int8 (GatherBlockQuantized).")
     embedding_block: int = Field(128, description="Embedding values per scale (power of two >= 16).")
+    head: Literal["static", "weight_only", "float"] = Field(
+        "static", description="lm_head: static QDQ as the other linears, int8 weights only (MatMulNBits, float "
+        "activations), or float.")
 
 
 @register
@@ -59,6 +66,8 @@ class W8A8Static(Scheme):
     def check(self, where: str) -> None:
         super().check(where)
         opts: W8A8StaticOptions = self.options
+        if isinstance(opts.alpha, float) and not 0 <= opts.alpha <= 1:
+            raise UserError(f"alpha must be in [0, 1] or auto (got {opts.alpha})", where=f"{where}.options.alpha")
         if not opts.smoothquant and "alpha" in opts.model_fields_set:
             raise UserError("alpha is only used with smoothquant: true", where=f"{where}.options.alpha")
         if self.method != "percentile" and "percentile" in opts.model_fields_set:
@@ -81,9 +90,11 @@ class W8A8Static(Scheme):
             report["smoothquant"] = smooth_model(model, packed, opts.alpha, job.target)
         inits = initializers(model)
         linears = linear_nodes(model)
-        todo = [n for n in linears if not excluded(n, job.exclude, inits)]
-        report["kept_float"] = [{"node": n.name, "name": describe_node(n, inits), "reason": "excluded"}
-                                for n in linears if n not in todo]
+        head = [n for n in linears if layer_of(n) == "lm_head" and not excluded(n, job.exclude, inits)]
+        todo = [n for n in linears if not excluded(n, job.exclude, inits) and (opts.head == "static" or n not in head)]
+        report["kept_float"] = [{"node": n.name, "name": describe_node(n, inits),
+                                 "reason": "excluded" if n not in head else "head: float"}
+                                for n in linears if n not in todo and (n not in head or opts.head == "float")]
         rows = [{"node": n.name, "name": describe_node(n, inits), "weight": n.input[1], "shape": list(inits[n.input[1]].dims),
                  "op": "MatMul", "as": f"QDQ int8 ({self.method})"} for n in todo]
         staged = job.target / "_float"
@@ -105,6 +116,12 @@ class W8A8Static(Scheme):
         for path in sorted(staged.iterdir()):
             path.unlink()
         staged.rmdir()
+        if opts.head == "weight_only" and head:
+            # The QDQ linears no longer read a float initializer, so only the head (and excluded ones) are left.
+            keep = [n.name for n in linear_nodes(quantized) if n.name not in {h.name for h in head}]
+            quantized, head_rows, _ = quantize_matmuls(quantized, bits=8, block_size=HEAD_BLOCK, symmetric=False,
+                                                       accuracy_level=4, method="rtn", exclude=job.exclude + keep)
+            rows += [{**r, "as": f"MatMulNBits(bits=8, block={HEAD_BLOCK}) (head: weight_only)"} for r in head_rows]
         emb_rows = quantize_embeddings(quantized, 8, opts.embedding_block, job.exclude) if opts.quantize_embeddings else []
         save_model(quantized, job.target, job.external_data)
         for leftover in job.target.glob("augmented_model*"):

@@ -15,6 +15,7 @@ from typing import Any
 
 from llmship.config import Config
 from llmship.files import MANIFEST_FILE
+from llmship.report.auto_search import auto_search_section
 from llmship.report.environment import environment
 from llmship.report.render import Document, to_html, to_markdown
 
@@ -31,7 +32,7 @@ def write_report(cfg: Config, folders: dict[str, Path], eval_result: dict | None
     summary = build_summary(cfg, folders, eval_result or {}, bench_result or {})
     with atomic_folder(report_dir) as tmp:
         images = _copy_plots(bench_result or {}, tmp)
-        doc = build_document(summary, images)
+        doc = build_document(summary, images, tmp / "plots")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
         (tmp / "report.md").write_text(to_markdown(doc, tmp), encoding="utf-8")
         (tmp / "report.html").write_text(to_html(doc), encoding="utf-8")
@@ -58,6 +59,7 @@ def variant_rows(folders: dict[str, Path]) -> list[dict[str, Any]]:
             "size_ratio": ratio,
             "parity": manifest.get("parity") or {},
             "quantized": (manifest.get("quantization") or {}).get("summary"),
+            "auto": (manifest.get("quantization") or {}).get("auto"),
             "folder": str(folder),
         })
     return rows
@@ -106,10 +108,12 @@ def _copy_plots(bench_result: dict, dest: Path) -> list[tuple[Path, str]]:
     return images
 
 
-def build_document(summary: dict[str, Any], images: list[tuple[Path, str]]) -> Document:
+def build_document(summary: dict[str, Any], images: list[tuple[Path, str]], plot_dir: Path | None = None) -> Document:
     doc = Document(f"llmship report: {summary['model']}")
     doc.text(f"Generated {summary['generated']}." + (f" LoRA adapter: {summary['adapter']}." if summary["adapter"] else ""))
     _variants_section(doc, summary["variants"])
+    if plot_dir is not None:
+        auto_search_section(doc, summary["variants"], plot_dir)
     _accuracy_section(doc, summary)
     _speed_section(doc, summary["bench"], images)
     _environment_section(doc, summary["environment"])
