@@ -16,11 +16,6 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "llmship"
 
-# Cycles present when this test was written, in packages being reworked on other branches: delete an entry when its
-# cycle is gone (the test fails until then, so a fixed cycle cannot come back unnoticed).
-KNOWN_CYCLES = {
-    frozenset({"llmship.bench", "llmship.bench.runner"}),
-}
 
 
 def module_names() -> dict[str, Path]:
@@ -119,11 +114,8 @@ def test_the_graph_sees_function_level_imports_and_skips_type_checking_ones():
 
 
 def test_no_import_cycle():
-    found = set(cycles(import_graph()))
-    new = [sorted(c) for c in found - KNOWN_CYCLES]
-    assert not new, f"import cycles: {new}"
-    fixed = [sorted(c) for c in KNOWN_CYCLES - found]
-    assert not fixed, f"these cycles are gone: delete them from KNOWN_CYCLES: {fixed}"
+    found = [sorted(c) for c in cycles(import_graph())]
+    assert not found, f"import cycles: {found}"
 
 
 def test_only_the_cli_imports_the_pipeline_and_nothing_imports_the_cli():

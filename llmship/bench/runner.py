@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import llmship.bench.roofline as roofline
 from llmship.bench.metrics import request_latencies
 from llmship.errors import CheckFailed
 from llmship.files import write_json_atomic
@@ -119,8 +120,6 @@ def preload_libraries(spec: dict[str, Any]) -> None:
 
 
 def weight_bytes(engine: Any, spec: dict[str, Any]) -> dict[str, Any]:
-    from llmship.bench import roofline
-
     if spec["kind"] == "torch":
         return roofline.torch_weight_bytes(engine.model)
     return roofline.onnx_weight_bytes(folder_graph(spec["folder"]))
@@ -128,8 +127,6 @@ def weight_bytes(engine: Any, spec: dict[str, Any]) -> dict[str, Any]:
 
 def cache_bytes_per_token(engine: Any, spec: dict[str, Any]) -> int:
     """KV-cache bytes per context token: the PyTorch model's config and dtype, or the ONNX graph's past inputs."""
-    from llmship.bench import roofline
-
     if spec["kind"] == "torch":
         from llmship.export.onnx_export import cache_shape
 
