@@ -100,11 +100,12 @@ def test_streamed_variants_are_cached_and_the_eval_side_reads_them(both):
     assert set(compiled_variants(cfg, both[True])) == set(NAMES)
 
 
-def test_calibrated_scheme_is_refused_before_any_work(tmp_path):
+@pytest.mark.parametrize("variant", [{"scheme": "w4a16", "method": "gptq"}, {"scheme": "w4a16", "method": "awq"},
+                                     {"scheme": "w4a16", "auto": {}}, {"scheme": "w8a8-static"}])
+def test_calibrated_scheme_is_refused_before_any_work(tmp_path, variant):
     from llmship.pipeline import run_stage
 
-    cfg = Config.model_validate({"output": {"dir": str(tmp_path)}, "export": {"streaming": True},
-                                 "quantize": {"scheme": "w4a16", "method": "gptq"}})
+    cfg = Config.model_validate({"output": {"dir": str(tmp_path)}, "export": {"streaming": True}, "quantize": variant})
     with pytest.raises(UserError, match="cannot stream") as info:
         run_stage("compile", cfg, quiet=True)
     assert info.value.where == "quantize.scheme"

@@ -40,14 +40,9 @@ INLINE_LIMIT = 1024
 ALIGN = 64
 # Output bytes per checkpoint parameter of each scheme, with headroom for scales and the graph; the disk check
 # compares their sum with the free space before anything is written.
-BYTES_PER_PARAM = {"none": 4.0, "w8a16": 1.3, "w8a8-dynamic": 1.2, "w4a16": 0.75}
 DISK_MARGIN = 1.05
 # Embedding tables are quantized in row chunks of this many fp32 bytes (see `_quantize_table`).
 TABLE_CHUNK_BYTES = 64 << 20
-
-
-def streamable(scheme: str, method: str | None) -> bool:
-    return scheme in BYTES_PER_PARAM and not (scheme == "w4a16" and method == "gptq")
 
 
 # --------------------------------------------------------------------------- memory
@@ -351,9 +346,10 @@ def _merge_rows(rows_of: list[dict], table_rows: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- inputs
-def check_disk(out: Path, params: int, schemes: list[str]) -> dict[str, float]:
-    """UserError when the output folder's disk cannot hold the variants (estimated per scheme, see BYTES_PER_PARAM)."""
-    need = int(sum(params * BYTES_PER_PARAM.get(s, 4.0) for s in schemes) * DISK_MARGIN)
+def check_disk(out: Path, params: int, schemes: list[Any]) -> dict[str, float]:
+    """UserError when the output folder's disk cannot hold the variants (estimated per scheme from its
+    `stream_bytes_per_param`)."""
+    need = int(sum(params * s.stream_bytes_per_param for s in schemes) * DISK_MARGIN)
     free = shutil.disk_usage(out).free
     if need > free:
         raise UserError(f"too little disk space: the variants need about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free",
@@ -407,11 +403,15 @@ def _resolve_inputs(cfg: Any) -> dict[str, Any]:
     config = _read_config(model_dir, str(model_dir))
     check_architecture(config, str(model_dir / "config.json"), cfg.model.trust_remote_code)
     check_exportable(SimpleNamespace(**config), f"model.path ({model_dir})")
-    for i, variant in enumerate(cfg.quantize.all_variants()):
-        if not streamable(variant.scheme, variant.method):
-            where = "quantize" if i == 0 else f"quantize.variants.{i - 1}"
-            raise UserError(f"scheme {variant.scheme} ({variant.method or 'default'}) needs the whole model and cannot "
-                            f"stream; streaming builds: {', '.join(BYTES_PER_PARAM)} (w4a16 rtn/hqq)", where=f"{where}.scheme")
+    from llmship.quantize import SCHEMES, resolve_variants
+
+    streaming = ", ".join(sorted(name for name, cls in SCHEMES.items() if cls.stream_bytes_per_param is not None))
+    for variant in resolve_variants(cfg.quantize):
+        if not variant.scheme.streams():
+            raise UserError(f"scheme {variant.scheme.name} ({variant.scheme.method or 'default'}"
+                            f"{', with quantize.auto' if variant.scheme.auto else ''}) needs the whole model and cannot "
+                            f"stream; streaming builds {streaming} without calibration (w4a16 rtn/hqq)",
+                            where=f"{variant.where}.scheme")
     checkpoint = open_checkpoint(model_dir, config)
     if adapter_dir is not None:
         from llmship.export.checkpoint import LoraMerged
@@ -500,7 +500,7 @@ class StreamingRun:
 
         inputs = _resolve_inputs(self.cfg)
         self.left = {name for name, stage in self.stages.items() if self.force or not stage.up_to_date(self.out)}
-        schemes = [self.variants[name].scheme.name for name in self.left]
+        schemes = [self.variants[name].scheme for name in self.left]
         disk = check_disk(self.out, inputs["checkpoint"].weight_bytes // 4, schemes)
         steps = Steps(self.progress, "streaming compile")
         steps("building the graph skeleton (one layer, exported and fused)")

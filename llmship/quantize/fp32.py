@@ -9,6 +9,7 @@ from llmship.quantize.registry import EXPORT_FOLDER, Scheme, register
 @register
 class Fp32(Scheme):
     name = "none"  # the YAML spelling: no quantization
+    stream_bytes_per_param = 4.0
     builds_export = True
 
     @classmethod

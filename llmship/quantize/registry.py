@@ -64,12 +64,16 @@ class Scheme:
     parity: ClassVar[ParityConfig] = ParityConfig()
     needs_calibration: ClassVar[bool | tuple[str, ...]] = False  # True, or the methods that need it
     builds_export: ClassVar[bool] = False  # True for fp32: its variant is the export itself, nothing rewrites it
+    # Output bytes per checkpoint parameter when the streaming compile (llmship.export.streaming) writes the scheme
+    # tensor by tensor, with headroom for scales and the graph (its disk check adds these up); None: the scheme needs
+    # the whole model.
+    stream_bytes_per_param: ClassVar[float | None] = None
+    auto: Any = None  # the variant's `quantize.auto` (llmship.quantize.auto), which reads the calibration set
 
     @classmethod
     def variant_name(cls, method: str | None) -> str:
         """The variant's folder name when the YAML gives it no `name`: the scheme, plus the method written there."""
         return f"{cls.name}-{method}" if method else cls.name
-    auto: Any = None  # the variant's `quantize.auto` (llmship.quantize.auto), which reads the calibration set
 
     def __init__(self, method: str | None, options: SchemeOptions):
         self.method = method
@@ -83,6 +87,11 @@ class Scheme:
         if isinstance(self.needs_calibration, tuple):
             return self.method in self.needs_calibration
         return bool(self.needs_calibration)
+
+    def streams(self) -> bool:
+        """Whether the streaming compile can build it: a per-tensor rewrite that reads no calibration data (gptq, awq,
+        static W8A8, fp16's overflow scan and `quantize.auto` all run the model)."""
+        return self.stream_bytes_per_param is not None and not self.uses_calibration()
 
     def quantize(self, job: QuantizeJob) -> dict[str, Any]:
         """Write `job.target/model.onnx`; return the report (quantized nodes, kept nodes, counts)."""

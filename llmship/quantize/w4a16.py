@@ -39,6 +39,7 @@ METHOD_OPTIONS = {"percdamp": "gptq", "actorder": "gptq", "true_sequential": "gp
 @register
 class W4A16(Scheme):
     name = "w4a16"
+    stream_bytes_per_param = 0.75
     Options = W4A16Options
     methods = ("rtn", "hqq", "gptq", "awq")
     needs_calibration = ("gptq", "awq")

@@ -25,6 +25,7 @@ class W8A16Options(SchemeOptions):
 @register
 class W8A16(Scheme):
     name = "w8a16"
+    stream_bytes_per_param = 1.3
     Options = W8A16Options
     needs_calibration = False  # round-to-nearest weights, activations stay float
     # Greedy: tie-aware (llmship.export.parity); QUANTIZED_GREEDY_MATCH says why half. The NLL bound catches collapse.

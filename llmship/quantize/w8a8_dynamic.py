@@ -66,6 +66,7 @@ class W8A8DynamicOptions(SchemeOptions):
 @register
 class W8A8Dynamic(Scheme):
     name = "w8a8-dynamic"
+    stream_bytes_per_param = 1.2
     Options = W8A8DynamicOptions
     needs_calibration = False  # weights: their own min/max; activations: their own range at run time
     # Run-time activation ranges add noise at every layer: top-1 on a few short prompts moves, the NLL bound is the guard.
