@@ -227,31 +227,25 @@ def _check_calibration(cfg: Config, variants: list[Variant], plan: Plan) -> None
 
 # --------------------------------------------------------------------------- eval and bench
 def _check_eval(cfg: Config, plan: Plan) -> None:
-    ev = cfg.eval
-    positions = plan.max_positions
-    if ev.ceval.enabled:
-        splits = ("val", "dev") if ev.ceval.shots > 0 else ("val",)
-        _guard(plan, _check_data, plan, "eval.ceval.path", "ceval", ev.ceval.path, "eval: C-Eval", splits,
-               ev.ceval.subjects)
-        if positions is not None and "gen" in ev.ceval.modes and ev.ceval.max_out_len >= positions:
-            plan.problems.append(f"eval.ceval.max_out_len: max_out_len {ev.ceval.max_out_len} leaves no room for a prompt "
-                                 f"in {positions} positions")
-    else:
-        plan.skipped.append("eval.ceval.path: not read (eval.ceval.enabled is false)")
-    alpaca_readers = []
-    if ev.perplexity.enabled:
-        pt = ev.perplexity
-        if positions is not None and pt.seq_len > positions:
-            plan.problems.append(f"eval.perplexity.seq_len: seq_len {pt.seq_len} exceeds the model's {positions} positions")
-        _guard(plan, _check_data, plan, "eval.perplexity.c4_path", "c4", pt.c4_path, "eval: C4 perplexity", "validation")
-        alpaca_readers.append("alpaca perplexity")
-    else:
-        plan.skipped.append("eval.perplexity: not read (eval.perplexity.enabled is false)")
-    if ev.consistency_prompts > 0:
-        alpaca_readers.append("consistency")
-    if alpaca_readers:
-        _guard(plan, _check_data, plan, "eval.perplexity.alpaca_path", "alpaca", ev.perplexity.alpaca_path,
-               f"eval: {', '.join(alpaca_readers)}", None)
+    """Every enabled eval task's data inputs (one check per file, naming every task that reads it) and lengths."""
+    from llmship.eval.registry import TASKS
+
+    readers: dict[tuple[str, str, str], list[str]] = {}
+    inputs = {}
+    for task_class in TASKS:
+        if not task_class.enabled(cfg):
+            plan.skipped.append(f"{task_class.section}: not read ({task_class.title} is off)")
+            continue
+        task = task_class(cfg)
+        if plan.max_positions is not None:
+            plan.problems.extend(task.length_problems(plan.max_positions))
+        for data in task.data_inputs():
+            key = (data.field, data.kind, data.path)
+            readers.setdefault(key, []).append(task.title)
+            inputs.setdefault(key, data)
+    for key, data in inputs.items():
+        _guard(plan, _check_data, plan, data.field, data.kind, data.path, f"eval: {', '.join(readers[key])}",
+               data.splits, data.subjects)
     if cfg.gate.baseline_json:
         file = Path(cfg.gate.baseline_json).expanduser()
         _guard(plan, _check_json_file, file, "gate.baseline_json")
@@ -289,13 +283,16 @@ def _check_data(plan: Plan, field_name: str, kind: str, value: str, reader: str,
 _EXPECTED = {
     "c4": "a C4 .json/.json.gz file of JSON lines, or a folder of them",
     "ceval": "a C-Eval folder with dev/ and val/ CSVs",
+    "cmmlu": "a CMMLU folder with dev/ and test/ CSVs",
     "alpaca": "an alpaca JSON list file, or a folder holding one",
     "sharegpt": "a ShareGPT V3 JSON list file, or a folder holding one",
 }
 
 
-def _check_c4(path: Path, split: str, _subjects: Any) -> str:
+def _check_c4(path: Path, splits: str | tuple[str, ...], _subjects: Any) -> str:
     from llmship.data.sources import C4_SUFFIXES, c4_split_files, files_in
+
+    split = splits if isinstance(splits, str) else splits[0]  # C4 tasks read one split
 
     files = c4_split_files(files_in(path, C4_SUFFIXES, "C4 JSON lines"), split) if path.is_dir() else [path]
     for file in files:
@@ -398,7 +395,14 @@ def _check_sharegpt(path: Path, _split: Any, _subjects: Any) -> str:
     return "JSON list, first entry"
 
 
-_DATA_CHECKS = {"c4": _check_c4, "ceval": _check_ceval, "alpaca": _check_alpaca, "sharegpt": _check_sharegpt}
+def _check_cmmlu(path: Path, splits: tuple[str, ...], subjects: tuple[str, ...] | None) -> str:
+    from llmship.data.cmmlu import read_cmmlu
+
+    read = read_cmmlu(path, list(subjects) if subjects else None)  # small CSVs: read whole, as the task will
+    return f"{len(read)} subjects, {' + '.join(splits)} CSVs"
+
+
+_DATA_CHECKS = {"c4": _check_c4, "ceval": _check_ceval, "cmmlu": _check_cmmlu, "alpaca": _check_alpaca, "sharegpt": _check_sharegpt}
 
 
 def _shown(value: str, resolved: Path) -> str:

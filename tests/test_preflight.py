@@ -116,13 +116,27 @@ def test_check_lists_what_each_verb_reads():
         assert field in out, field
     assert "8 val + 8 dev CSV headers" in out  # the bundled C-Eval sample: 8 subjects
     assert "calibration: not read (no variant reads it: fp32, w8a8-dynamic, w4a16-rtn)" in out
-    assert "ok: 7 input(s) checked for `llmship run`" in out
+    assert "ok: 8 input(s) checked for `llmship run`" in out
 
     compile_only = invoke("check", CONFIGS / "demo.yaml", "quantize.variants.1.method=gptq", "--verb", "compile")
     assert compile_only.exit_code == 0, compile_only.stderr[-2000:]
     out = compile_only.stdout
     assert "calibration.sources.0.path" in out and "calibration (w4a16-gptq)" in out
     assert "eval.ceval.path" not in out and "bench.dataset" not in out
+
+
+def test_every_eval_task_declares_its_data_to_the_preflight(tmp_path):
+    """CMMLU's folder is checked before the export like every task's: the preflight loops over the task registry."""
+    bad = tmp_path / "cmmlu"
+    (bad / "test").mkdir(parents=True)
+    result = invoke("run", CONFIGS / "demo.yaml", f"eval.cmmlu.path={bad}", f"output.dir={tmp_path / 'out'}")
+    assert result.exit_code == 2, result.stderr[-2000:]
+    assert len(error_lines(result)) == 1 and "no test/<subject>.csv files" in message(result)
+    assert not (tmp_path / "out" / "fp32").exists()
+    ok = invoke("check", CONFIGS / "demo.yaml")
+    assert "eval.cmmlu.path" in ok.stdout and "eval: CMMLU" in ok.stdout
+    off = invoke("check", CONFIGS / "demo.yaml", "eval.cmmlu.enabled=false")
+    assert "eval.cmmlu: not read (CMMLU is off)" in off.stdout and "ok: 7 input(s)" in off.stdout
 
 
 def test_missing_data_file_of_a_task_that_runs_is_named_in_one_line(tmp_path):
@@ -286,4 +300,4 @@ def test_real_data_files_pass_the_header_checks():
                     f"calibration.sources.0.path={c4}", "quantize.variants.1.method=gptq")
     assert result.exit_code == 0, result.stderr[-2000:]
     assert "26 val + 52 dev CSV headers" in result.stdout
-    assert "ok: 10 input(s) checked" in result.stdout
+    assert "ok: 11 input(s) checked" in result.stdout  # CMMLU: the bundled sample

@@ -49,7 +49,7 @@ from llmship.data.sources import read_ceval
 from llmship.errors import UserError
 from llmship.eval.intervals import ceval_intervals
 from llmship.eval.lm import sequence_logprobs
-from llmship.eval.tasks import EvalTask, Progress, counter
+from llmship.eval.tasks import DataInput, EvalTask, Progress, counter
 from llmship.runtime.base import Engine
 
 LABELS = templates.CEVAL_LABELS
@@ -397,8 +397,16 @@ class Ceval(EvalTask):
     def settings(self) -> Any:
         return self.task.model_dump()
 
-    def data_files(self) -> dict[str, tuple[str, str]]:
-        return {"ceval": (self.task.path, "ceval")}
+    def data_inputs(self) -> list[DataInput]:
+        splits = ("val", "dev") if self.task.shots > 0 else ("val",)
+        subjects = tuple(self.task.subjects) if self.task.subjects else None
+        return [DataInput("eval.ceval.path", "ceval", self.task.path, splits, subjects)]
+
+    def length_problems(self, positions: int) -> list[str]:
+        if "gen" in self.task.modes and self.task.max_out_len >= positions:
+            return [f"{self.section}.max_out_len: max_out_len {self.task.max_out_len} leaves no room for a prompt "
+                    f"in {positions} positions"]
+        return []
 
     def prepare(self, tokenizer: Any, positions: int) -> CevalSet:
         return prepare(self.task, read_ceval(self.task.path), tokenizer, positions)

@@ -36,7 +36,7 @@ from llmship.eval.ceval import (
     score_mode,
     tokenize_question,
 )
-from llmship.eval.tasks import EvalTask, Progress
+from llmship.eval.tasks import DataInput, EvalTask, Progress
 from llmship.runtime.base import Engine
 
 PREFIX = "cmmlu"
@@ -117,8 +117,16 @@ class Cmmlu(EvalTask):
     def settings(self) -> Any:
         return self.task.model_dump()
 
-    def data_files(self) -> dict[str, tuple[str, str]]:
-        return {"cmmlu": (self.task.path, "cmmlu")}
+    def data_inputs(self) -> list[DataInput]:
+        splits = ("test", "dev") if self.task.shots > 0 else ("test",)
+        subjects = tuple(self.task.subjects) if self.task.subjects else None
+        return [DataInput("eval.cmmlu.path", "cmmlu", self.task.path, splits, subjects)]
+
+    def length_problems(self, positions: int) -> list[str]:
+        if "gen" in self.task.modes and self.task.max_out_len >= positions:
+            return [f"{self.section}.max_out_len: max_out_len {self.task.max_out_len} leaves no room for a prompt "
+                    f"in {positions} positions"]
+        return []
 
     def prepare(self, tokenizer: Any, positions: int) -> CevalSet:
         return prepare(self.task, read_cmmlu(self.task.path, self.task.subjects), tokenizer, positions)

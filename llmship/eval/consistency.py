@@ -21,7 +21,7 @@ from llmship.config import Config
 from llmship.eval.intervals import top1_interval
 from llmship.eval.lm import for_each_logits, log_softmax64
 from llmship.eval.perplexity import alpaca_examples, eval_records
-from llmship.eval.tasks import EvalTask, Progress, counter, short_hash
+from llmship.eval.tasks import DataInput, EvalTask, Progress, counter, short_hash
 from llmship.runtime.base import Engine
 
 GREEDY_TOKENS = 32  # new tokens of the greedy-prefix comparison
@@ -100,8 +100,8 @@ class Consistency(EvalTask):
     def settings(self) -> Any:
         return {"prompts": self.cfg.eval.consistency_prompts, "alpaca_path": self.cfg.eval.perplexity.alpaca_path}
 
-    def data_files(self) -> dict[str, tuple[str, str]]:
-        return {"alpaca": (self.cfg.eval.perplexity.alpaca_path, "alpaca")}
+    def data_inputs(self) -> list[DataInput]:
+        return [DataInput("eval.perplexity.alpaca_path", "alpaca", self.cfg.eval.perplexity.alpaca_path)]
 
     def prepare(self, tokenizer: Any, positions: int) -> list[dict[str, Any]]:
         count = self.cfg.eval.consistency_prompts

@@ -27,7 +27,7 @@ from llmship.data.sources import alpaca_part, read_alpaca, read_c4
 from llmship.data.templates import alpaca_prompt
 from llmship.errors import UserError
 from llmship.eval.lm import sequence_logprobs
-from llmship.eval.tasks import EvalTask, Progress, counter, short_hash
+from llmship.eval.tasks import DataInput, EvalTask, Progress, counter, short_hash
 from llmship.runtime.base import Engine
 
 C4_EVAL_SEED = 0  # GPTQ datautils.get_c4: the validation windows always use random.seed(0)
@@ -121,8 +121,14 @@ class C4Perplexity(EvalTask):
         pt = self.cfg.eval.perplexity
         return {"c4_path": pt.c4_path, "seq_len": pt.seq_len, "windows": pt.windows}
 
-    def data_files(self) -> dict[str, tuple[str, str]]:
-        return {"c4": (self.cfg.eval.perplexity.c4_path, "c4")}
+    def data_inputs(self) -> list[DataInput]:
+        return [DataInput("eval.perplexity.c4_path", "c4", self.cfg.eval.perplexity.c4_path, ("validation",))]
+
+    def length_problems(self, positions: int) -> list[str]:
+        seq_len = self.cfg.eval.perplexity.seq_len
+        if seq_len > positions:
+            return [f"eval.perplexity.seq_len: seq_len {seq_len} exceeds the model's {positions} positions"]
+        return []
 
     def prepare(self, tokenizer: Any, positions: int) -> list[list[int]]:
         pt = self.cfg.eval.perplexity
@@ -161,8 +167,8 @@ class AlpacaPerplexity(EvalTask):
         pt = self.cfg.eval.perplexity
         return {"alpaca_path": pt.alpaca_path, "alpaca_samples": pt.alpaca_samples}
 
-    def data_files(self) -> dict[str, tuple[str, str]]:
-        return {"alpaca": (self.cfg.eval.perplexity.alpaca_path, "alpaca")}
+    def data_inputs(self) -> list[DataInput]:
+        return [DataInput("eval.perplexity.alpaca_path", "alpaca", self.cfg.eval.perplexity.alpaca_path)]
 
     def prepare(self, tokenizer: Any, positions: int) -> list[dict[str, Any]]:
         pt = self.cfg.eval.perplexity

@@ -3,7 +3,8 @@
 
 A task declares:
 - its config section (`section`) and when it runs (`enabled`): the stage key holds the section and the fingerprints
-  of its data files (`data_files`), nothing else;
+  of its data files (`data_inputs`), nothing else; the preflight (llmship.preflight) checks the same data inputs and
+  `length_problems` before anything is built;
 - its metrics and their direction (`metric_prefixes`, `lower_is_better`): the gate reads directions from here;
 - `prepare`: everything engine-independent, tokenized once per run (the returned object is shared by all engines);
 - `score`: one engine's record fields, metrics and (optionally) a reference kept for the paired comparison
@@ -21,6 +22,7 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,6 +30,17 @@ from llmship.config import Config
 from llmship.runtime.base import Engine
 
 Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class DataInput:
+    """A data file or folder a task reads: the stage key fingerprints it, the preflight checks it."""
+
+    field: str  # the dotted config field naming it (messages, `llmship check`)
+    kind: str  # dataset kind (llmship.data.sources.resolve): c4, ceval, cmmlu, alpaca
+    path: str  # as configured: '@embedded', a local path or a hub id
+    splits: tuple[str, ...] = ()  # the splits the task reads, for the preflight's header check
+    subjects: tuple[str, ...] | None = None  # only these subjects (C-Eval, CMMLU)
 
 
 class EvalTask(ABC):
@@ -53,13 +66,18 @@ class EvalTask(ABC):
         """The config the task's scores depend on (part of the stage key)."""
 
     @abstractmethod
-    def data_files(self) -> dict[str, tuple[str, str]]:
-        """label -> (path as configured, dataset kind) of every data file or folder it reads."""
+    def data_inputs(self) -> list[DataInput]:
+        """Every data file or folder it reads."""
+
+    def length_problems(self, positions: int) -> list[str]:
+        """What in its config cannot fit in `positions` (the model's max positions), each naming the field; the
+        preflight reports them before anything is built."""
+        return []
 
     def data_fingerprints(self) -> dict[str, str]:
         from llmship.data.sources import data_fingerprint
 
-        return {label: data_fingerprint(path, kind) for label, (path, kind) in self.data_files().items()}
+        return {data.field: data_fingerprint(data.path, data.kind) for data in self.data_inputs()}
 
     def declaration(self) -> dict[str, Any]:
         """What the task's scores are a function of, besides the model and the engines: its config and its data."""
