@@ -39,7 +39,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -376,31 +376,28 @@ def summary_rows(cset: CevalSet) -> list[dict[str, Any]]:
     return rows
 
 
-# --------------------------------------------------------------------------- the task
-class Ceval(EvalTask):
-    """C-Eval val questions in OpenCompass's PPL and GEN modes (eval.ceval)."""
+# --------------------------------------------------------------------------- the tasks
+class MultipleChoiceTask(EvalTask):
+    """What C-Eval and CMMLU share: the section `eval.<name>` (path, modes, shots, subjects, max_out_len), a folder of
+    per-subject CSVs whose `scored_split` is asked with dev examples, and units of one mode and subject."""
 
-    name = "ceval"
-    title = "C-Eval"
-    section = "eval.ceval"
-    metric_prefixes = ("ceval/",)
-    length_hint = "eval.ceval.max_out_len / max_seq_len"
+    scored_split: ClassVar[str]
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        self.task = cfg.eval.ceval
+        self.task = getattr(cfg.eval, self.name)
 
     @classmethod
     def enabled(cls, cfg: Config) -> bool:
-        return cfg.eval.ceval.enabled
+        return getattr(cfg.eval, cls.name).enabled
 
     def settings(self) -> Any:
         return self.task.model_dump()
 
     def data_inputs(self) -> list[DataInput]:
-        splits = ("val", "dev") if self.task.shots > 0 else ("val",)
+        splits = (self.scored_split, "dev") if self.task.shots > 0 else (self.scored_split,)
         subjects = tuple(self.task.subjects) if self.task.subjects else None
-        return [DataInput("eval.ceval.path", "ceval", self.task.path, splits, subjects)]
+        return [DataInput(f"{self.section}.path", self.name, self.task.path, splits, subjects)]
 
     def length_problems(self, positions: int) -> list[str]:
         if "gen" in self.task.modes and self.task.max_out_len >= positions:
@@ -408,23 +405,34 @@ class Ceval(EvalTask):
                     f"in {positions} positions"]
         return []
 
+    def positions_needed(self, prepared: CevalSet) -> int:
+        return prepared.positions_needed
+
+    def units(self, prepared: CevalSet) -> list[str]:
+        """One per mode and subject: '<mode>/<subject>'."""
+        return [f"{mode}/{name}" for mode in prepared.modes for name in prepared.subject_names]
+
+
+class Ceval(MultipleChoiceTask):
+    """C-Eval val questions in OpenCompass's PPL and GEN modes (eval.ceval)."""
+
+    name = "ceval"
+    title = "C-Eval"
+    section = "eval.ceval"
+    scored_split = "val"
+    metric_prefixes = ("ceval/",)
+    length_hint = "eval.ceval.max_out_len / max_seq_len"
+
     def prepare(self, tokenizer: Any, positions: int) -> CevalSet:
         return prepare(self.task, read_ceval(self.task.path), tokenizer, positions)
 
     def metric_names(self, prepared: CevalSet) -> set[str]:
         return set(metric_names(prepared))
 
-    def positions_needed(self, prepared: CevalSet) -> int:
-        return prepared.positions_needed
-
     def score(self, engine: Engine, prepared: CevalSet, tokenizer: Any, progress: Progress | None,
               ) -> tuple[dict[str, Any], dict[str, float], Any]:
         scored = score_engine(engine, prepared, tokenizer, self.cfg.eval.batch_size, progress)
         return {"predictions": scored["predictions"]}, scored["metrics"], None
-
-    def units(self, prepared: CevalSet) -> list[str]:
-        """One per mode and subject: '<mode>/<subject>'."""
-        return [f"{mode}/{name}" for mode in prepared.modes for name in prepared.subject_names]
 
     def score_unit(self, engine: Engine, prepared: CevalSet, unit: str, tokenizer: Any,
                    progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, float], Any]:

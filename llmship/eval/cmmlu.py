@@ -21,13 +21,14 @@ import hashlib
 import json
 from typing import Any
 
-from llmship.config import CmmluTask, Config
+from llmship.config import CmmluTask
 from llmship.data import templates
 from llmship.data.cmmlu import CMMLU_GROUPS, CmmluSubject, categories_of, read_cmmlu
 from llmship.errors import UserError
 from llmship.eval.ceval import (
     LABELS,
     CevalSet,
+    MultipleChoiceTask,
     Question,
     accuracy_metrics,
     agreement,
@@ -36,7 +37,7 @@ from llmship.eval.ceval import (
     score_mode,
     tokenize_question,
 )
-from llmship.eval.tasks import DataInput, EvalTask, Progress
+from llmship.eval.tasks import Progress
 from llmship.runtime.base import Engine
 
 PREFIX = "cmmlu"
@@ -97,36 +98,15 @@ def group_members(subjects: list[dict[str, Any]]) -> dict[str, list[str]]:
     return {slug: members for slug, members in groups.items() if members}
 
 
-class Cmmlu(EvalTask):
+class Cmmlu(MultipleChoiceTask):
     """CMMLU test questions in OpenCompass's PPL and 5-shot GEN modes (eval.cmmlu)."""
 
     name = "cmmlu"
     title = "CMMLU"
     section = "eval.cmmlu"
+    scored_split = "test"
     metric_prefixes = ("cmmlu/",)
     length_hint = "eval.cmmlu.max_out_len / max_seq_len"
-
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        self.task = cfg.eval.cmmlu
-
-    @classmethod
-    def enabled(cls, cfg: Config) -> bool:
-        return cfg.eval.cmmlu.enabled
-
-    def settings(self) -> Any:
-        return self.task.model_dump()
-
-    def data_inputs(self) -> list[DataInput]:
-        splits = ("test", "dev") if self.task.shots > 0 else ("test",)
-        subjects = tuple(self.task.subjects) if self.task.subjects else None
-        return [DataInput("eval.cmmlu.path", "cmmlu", self.task.path, splits, subjects)]
-
-    def length_problems(self, positions: int) -> list[str]:
-        if "gen" in self.task.modes and self.task.max_out_len >= positions:
-            return [f"{self.section}.max_out_len: max_out_len {self.task.max_out_len} leaves no room for a prompt "
-                    f"in {positions} positions"]
-        return []
 
     def prepare(self, tokenizer: Any, positions: int) -> CevalSet:
         return prepare(self.task, read_cmmlu(self.task.path, self.task.subjects), tokenizer, positions)
@@ -136,16 +116,9 @@ class Cmmlu(EvalTask):
         return {f"{PREFIX}/{mode}/{name}" for mode in prepared.modes
                 for name in (*prepared.subject_names, *groups, "agreement")}
 
-    def positions_needed(self, prepared: CevalSet) -> int:
-        return prepared.positions_needed
-
     def score(self, engine: Engine, prepared: CevalSet, tokenizer: Any, progress: Progress | None,
               ) -> tuple[dict[str, Any], dict[str, float], Any]:
         return self._score(engine, prepared, prepared.questions, prepared.modes, tokenizer, progress)
-
-    def units(self, prepared: CevalSet) -> list[str]:
-        """One per mode and subject: '<mode>/<subject>'."""
-        return [f"{mode}/{name}" for mode in prepared.modes for name in prepared.subject_names]
 
     def score_unit(self, engine: Engine, prepared: CevalSet, unit: str, tokenizer: Any,
                    progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, float], Any]:
