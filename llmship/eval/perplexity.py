@@ -132,8 +132,8 @@ class C4Perplexity(EvalTask):
 
     def prepare(self, tokenizer: Any, positions: int) -> list[list[int]]:
         pt = self.cfg.eval.perplexity
-        if pt.seq_len > positions:
-            raise UserError(f"seq_len {pt.seq_len} exceeds the model's {positions} positions", where="eval.perplexity.seq_len")
+        for problem in self.length_problems(positions):
+            raise UserError(problem)
         return c4_windows(eval_texts(pt.c4_path), tokenizer, pt.seq_len, pt.windows)
 
     def metric_names(self, prepared: Any) -> set[str]:
