@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from testkit import run_cli as cli
 
 from llmship.config import EMBEDDED_MODEL_DIR
 
@@ -22,10 +23,6 @@ pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL_DIR / "config.json").is_file
 # Smaller than the demo so the suite stays quick; the demo itself runs the full YAML.
 QUICK = ["bench.num_prompts=4", "eval.ceval.max_questions=24", "eval.perplexity.windows=8",
          "eval.consistency_prompts=8"]
-
-
-def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmship.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

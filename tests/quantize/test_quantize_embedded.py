@@ -87,16 +87,15 @@ def measure(reference, candidate, seqs: list[list[int]]) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, embedded_fp32):
     from llmship.calib_data import build_calibration_set
-    from llmship.export import export_fp32
     from llmship.export.source import load_tokenizer
 
     out = tmp_path_factory.mktemp("embedded")
     # The default mixture (C4 train split, C-Eval dev, alpaca's calibration part): the C4 validation text the bar is
     # measured on is never drawn for calibration.
     cfg = Config.model_validate({"output": {"dir": str(out)}})
-    fp32 = export_fp32(cfg, out / "fp32")
+    fp32 = embedded_fp32  # export_fp32 with the default config, once per session
     tokenizer = load_tokenizer(fp32.path)
     calib = build_calibration_set(cfg.calibration, tokenizer, fp32.manifest["model"]["max_positions"])
     return {"out": out, "cfg": cfg, "fp32": fp32, "calib": calib, "tokenizer": tokenizer}
