@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   installs llmship (CPU build of torch) and runs the whole chain on the bundled tiny model
-#   make test   installs llmship with the test tools and runs the test suite
+#   make test   installs llmship with the test tools and runs the fast tests (not marked slow; a few minutes)
+#   make test-all  the whole suite, slow tests included: what CI runs (.ci/run)
 # They install into the active virtualenv or conda env when there is one, else into ./.venv, made here from
 # PYTHON3: system Pythons of Debian 12 / Ubuntu 23.04+ refuse `pip install` (PEP 668, externally managed).
 PYTHON3 ?= python3
@@ -15,7 +16,7 @@ endif
 PIP ?= $(PY) -m pip
 STAMP := $(if $(ENV_PY),$(VENV)/.setup.stamp,.setup.stamp)
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-all lint
 setup: $(STAMP)
 
 ifneq ($(ENV_PY),)
@@ -37,6 +38,9 @@ demo: setup
 	$(PY) -m llmship.cli demo
 
 test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup
 	$(PY) -m pytest -q
 
 lint: setup

@@ -1,6 +1,6 @@
 """Record the bundled model's eval results (per-question predictions and metrics) for the gate tests.
 
-tests/test_gate_intervals.py checks that the shipped configs' goals pass on the bundled model, judged as they are
+tests/eval/test_gate_intervals.py checks that the shipped configs' goals pass on the bundled model, judged as they are
 configured (by the worse end of the paired 95% interval for C-Eval accuracies). It reads the recording this script
 writes, so the test runs in a second instead of compiling and scoring three variants. Regenerate it after a change
 that moves the bundled model's predictions (the model, the quantizers, the C-Eval prompts):
@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "embedded_eval.json"
+OUT = Path(__file__).resolve().parents[1] / "tests" / "assets" / "embedded_eval.json"
 KEPT = ("subject", "idx", "pred", "correct")
 
 

@@ -67,12 +67,9 @@ class Ctx:
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory) -> Ctx:
-    from llmship.export.tiny import make_llama
-
+def ctx(tmp_path_factory, tiny_model) -> Ctx:
     root = tmp_path_factory.mktemp("bad")
-    model = make_llama(root / "tiny")
-    c = Ctx(root, model, root / "out")
+    c = Ctx(root, tiny_model, root / "out")  # the session's tiny model: cases that change it copy it (model_copy)
     result = CliRunner().invoke(app, ["compile", str(c.config()), "--quiet"])
     assert result.exit_code == 0, result.output
     return c

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from testkit import run_cli as cli
 
 from llmship.config import EMBEDDED_MODEL_DIR
 
@@ -22,10 +23,6 @@ pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL_DIR / "config.json").is_file
 # Smaller than the demo so the suite stays quick; the demo itself runs the full YAML.
 QUICK = ["bench.num_prompts=4", "eval.ceval.max_questions=24", "eval.perplexity.windows=8",
          "eval.consistency_prompts=8"]
-
-
-def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmship.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +35,7 @@ def demo_run(tmp_path_factory):
     return out, proc, first_wall
 
 
+@pytest.mark.slow
 def test_run_writes_report_with_every_section(demo_run):
     out, proc, _ = demo_run
     report = out / "report"
@@ -67,6 +65,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="no headless chromium installed (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(demo_run, tmp_path):
     out, _, _ = demo_run
@@ -88,6 +87,7 @@ def test_report_renders_in_headless_chromium(demo_run, tmp_path):
     assert facts["images"] >= 2 and facts["decoded"] == facts["images"]
 
 
+@pytest.mark.slow
 def test_rerun_redoes_nothing_and_eval_change_reruns_only_eval(demo_run):
     out, _, first_wall = demo_run
     stages = out / ".llmship" / "stages"
@@ -142,6 +142,7 @@ def _trusted_records_are_complete(stages: Path) -> dict[str, str]:
     return keys
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_loses_nothing(tmp_path):
     """SIGKILL a real `llmship run` at four moments (mid fp32 export, mid variant build, mid eval, mid bench); after
     each kill the index trusts only complete artifacts, finished stages are not redone, and the last rerun finishes."""
@@ -214,6 +215,7 @@ def test_rebuild_forgets_the_old_record(tmp_path, monkeypatch):
         assert index.exists() == kept, build.__name__
 
 
+@pytest.mark.slow
 def test_corrupted_variant_fails_the_demo_gate_with_exit_1(demo_run, tmp_path):
     """`llmship eval` on a compiled folder whose weights were damaged after compile: the eval is not served from the
     cache, the demo's gate fails, the CLI exits 1 with the failure table, and junit.xml reports the failure."""

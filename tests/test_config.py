@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from testkit import ROOT, run_cli
 
 from llmship.config import Config, load_config, schema_text
 from llmship.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = ROOT
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -108,10 +107,6 @@ def test_schema_documents_every_field():
     assert len(lines) > 60
     assert all("#" in line and line.split("#", 1)[1].strip() for line in lines)
     assert "quantize.scheme" in text and "calibration.seq_len" in text and "gate.goals" in text
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmship.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 def test_cli_bad_config_exit_2_one_line_no_traceback(tmp_path):

@@ -13,13 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from testkit import CONFIGS, ROOT
 from typer.testing import CliRunner
 
 from llmship.cli import app
 from llmship.config import VariantConfig, load_config
-
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs"
 
 
 def invoke(*args: str):
@@ -287,16 +285,12 @@ def test_stored_results_follow_a_moved_output_folder(tmp_path):
     assert loaded["dir"] == str(moved.resolve() / "bench") and loaded["model"] == "/models/llama"
 
 
-SHARED = (ROOT / ".." / "shared" / "data").resolve()
-
-
-@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
-def test_real_data_files_pass_the_header_checks():
+def test_real_data_files_pass_the_header_checks(shared_data):
     """The real formats (C-Eval with 26 val / 52 dev subjects, C4 gzip lines, alpaca-cleaned, ShareGPT V3)."""
-    c4 = SHARED / "c4" / "c4-sample.300docs.json.gz"
-    sharegpt = SHARED / "sharegpt" / "ShareGPT_V3_unfiltered_cleaned_split.sample300.json"
-    result = invoke("check", CONFIGS / "demo.yaml", f"eval.ceval.path={SHARED / 'ceval'}", f"eval.perplexity.c4_path={c4}",
-                    f"eval.perplexity.alpaca_path={SHARED / 'alpaca-cleaned'}", f"bench.dataset={sharegpt}",
+    c4 = shared_data / "c4" / "c4-sample.300docs.json.gz"
+    sharegpt = shared_data / "sharegpt" / "ShareGPT_V3_unfiltered_cleaned_split.sample300.json"
+    result = invoke("check", CONFIGS / "demo.yaml", f"eval.ceval.path={shared_data / 'ceval'}", f"eval.perplexity.c4_path={c4}",
+                    f"eval.perplexity.alpaca_path={shared_data / 'alpaca-cleaned'}", f"bench.dataset={sharegpt}",
                     f"calibration.sources.0.path={c4}", "quantize.variants.1.method=gptq")
     assert result.exit_code == 0, result.stderr[-2000:]
     assert "26 val + 52 dev CSV headers" in result.stdout

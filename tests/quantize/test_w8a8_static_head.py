@@ -58,11 +58,10 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 @pytest.mark.skipif(not (NATURAL / "config.json").is_file(), reason="natural test model absent")
 @pytest.mark.slow
 def test_weight_only_head_keeps_static_int8_close_to_fp32_on_the_natural_model(tmp_path):
-    from llmship.calib_data.sources import read_c4
-    from llmship.export.source import load_tokenizer
-
     from llmship.config import ModelConfig
+    from llmship.data.sources import read_c4
     from llmship.runtime import OrtEngine, load_engine
+    from llmship.source import load_tokenizer
 
     config = {
         "model": {"path": str(NATURAL)}, "runtime": {"provider": "cpu"}, "output": {"dir": str(tmp_path / "out")},

@@ -7,17 +7,16 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from testkit import NATURAL_MODEL_DIR, ROOT, run_cli
 
 from llmship.config import SAMPLES_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
-NATURAL = ROOT / "tests" / "assets" / "natural-llama"
+NATURAL = NATURAL_MODEL_DIR
 CONFIGS = {"fp16": "hf_llama_fp16.yaml", "int8": "hf_llama_int8.yaml", "w8a8_smoothquant": "hf_llama_w8a8_smoothquant.yaml",
            "int4": "hf_llama_int4.yaml"}
 # Bars for the quality check below, from the figures measured when the model was added (README "Natural model"):
@@ -49,9 +48,8 @@ def _compile(config: str, out: Path) -> subprocess.CompletedProcess:
     """`llmship compile` of a shipped config on the natural model; calibration reads the bundled samples."""
     sources = yaml.safe_load((ROOT / "configs" / config).read_text())["calibration"]["sources"]
     local = [f"calibration.sources.{i}.{key}" for i in range(len(sources)) for key in ("path=@embedded", "samples=16")]
-    args = [sys.executable, "-m", "llmship.cli", "compile", f"configs/{config}", f"model.path={NATURAL}",
-            "runtime.provider=cpu", "calibration.seq_len=256", *local, f"output.dir={out}", "--quiet"]
-    return subprocess.run(args, capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    return run_cli("compile", f"configs/{config}", f"model.path={NATURAL}", "runtime.provider=cpu",
+                   "calibration.seq_len=256", *local, f"output.dir={out}", "--quiet", timeout=1500)
 
 
 def _held_out(tokenizer, count: int = 24, length: int = 128) -> list[list[int]]:

@@ -8,21 +8,22 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from testkit import SHARED_DATA
 
 from llmship.config import EMBEDDED_MODEL_DIR, ModelConfig
 from llmship.errors import UserError
-from llmship.export.tiny import make_llama, make_tokenizer
+from llmship.export.tiny import make_tokenizer
 from llmship.source import load_source, load_tokenizer
 
-SHARED_LLAMA_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared/data/tokenizers/llama-32k"
+SHARED_LLAMA_TOKENIZER = SHARED_DATA / "tokenizers" / "llama-32k"
 TEXTS = ["今天天气很好，我们去公园散步。", "The capital of France is Paris.", "问题：TCP协议工作在哪一层？\nA. 应用层 B. 传输层\n答案：",
          # whitespace runs (code indentation): where a converted `tokenizers` BPE drifts from SentencePiece
          "def f(n):\n    if n:\n        return  n\n", " leading space and  double  spaces"]
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    return make_llama(tmp_path_factory.mktemp("good") / "model")
+def good(tiny_model):
+    return tiny_model  # shared: every test that breaks it breaks a copy (_copy)
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from testkit import SHARED_DATA
 
 from llmship.config import EMBEDDED_MODEL_DIR, SAMPLES_DIR, CevalTask, Goal
 from llmship.data import templates
@@ -299,7 +300,7 @@ def test_prepare_tokenizes_every_mode_and_checks_subjects():
 # the table of that section, examples dropped while k > 0 and tokens(prompt, BOS included) > max_seq_len (PPL: labels
 # A-D in turn, k carried over), then BOS + the last L - 1 tokens with L = max_seq_len, else max positions.
 _QUESTION = "以下是中国关于{zh}考试的单项选择题，请选出其中的正确答案。\n{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\n答案: "
-_SHARED_CEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "ceval"
+_SHARED_CEVAL = SHARED_DATA / "ceval"
 
 
 def _csv_rows(file: Path) -> list[dict[str, str]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testkit import SHARED_DATA
 
 from llmship.config import EMBEDDED_MODEL_DIR, SAMPLES_DIR, Config, ModelConfig
 from llmship.errors import UserError
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL_DIR / "config.json").is_file
 
 POSITIONS = 256
 LONG_SUBJECTS = ["metrology_engineer", "high_school_mathematics"]  # 5-shot GEN prompts of 269-288 tokens
-SHARED_CEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "ceval"
+SHARED_CEVAL = SHARED_DATA / "ceval"
 
 
 def test_pytorch_rotary_continues_past_max_positions():

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import numpy as np
 import pytest
+from testkit import ASSETS, ROOT
 from typer.testing import CliRunner
 
 from llmship.cli import app
@@ -19,8 +19,7 @@ from llmship.eval.gate import evaluate_goals, junit_xml
 from llmship.eval.intervals import ceval_intervals, engine_intervals, top1_interval
 from llmship.eval.summary import to_csv, to_md, to_txt
 
-ROOT = Path(__file__).resolve().parents[1]
-RECORDED = Path(__file__).parent / "data" / "embedded_eval.json"
+RECORDED = ASSETS / "embedded_eval.json"
 
 
 def _records(answers: dict[str, list[bool]]) -> list[dict]:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import gzip
 import json
 import random
-from pathlib import Path
 
 import pytest
+from testkit import SHARED_DATA
 
 from llmship.config import SAMPLES_DIR, CalibrationConfig
 from llmship.data.mixture import build_calibration_set, c4_windows, shuffled_texts, token_hash
 from llmship.errors import UserError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = SHARED_DATA
 TOKENIZER_DIR = SHARED / "tokenizers" / "llama-32k"
 C4_FILE = SHARED / "c4" / "c4-sample.300docs.json.gz"
 needs_shared = pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.model").is_file() or not C4_FILE.is_file(),

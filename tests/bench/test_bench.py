@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testkit import SHARED_DATA
 
 from llmship.bench import metrics, roofline, runner
 from llmship.bench.sharegpt import Limits, sample_requests
 from llmship.errors import UserError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = SHARED_DATA
 
 
 class WordTokenizer:
@@ -205,20 +206,14 @@ def test_onnx_cache_bytes_read_a_symbolic_head_size_from_genai_config(tmp_path):
 
 # --------------------------------------------------------------------------- full runs on a tiny exported model
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_model, tiny_fp32):
+    """The session's tiny model and its fp32 export (root / "fp32"; shared, never written to)."""
     from llmship.config import Config
-    from llmship.export import export_fp32
-    from llmship.export.tiny import make_llama
 
-    root = tmp_path_factory.mktemp("bench")
-    model = make_llama(root / "model")
+    root = tiny_fp32.parent
     cfg = Config()
-    cfg.model.path = str(model)
-    cfg.export.optimize = False
-    cfg.export.parity.greedy_tokens = 4
-    cfg.export.parity.decode_steps = 2
+    cfg.model.path = str(tiny_model)
     cfg.runtime.threads = 1
-    export_fp32(cfg, root / "fp32")
     cfg.bench.num_prompts = 5
     cfg.bench.batch_size = 2
     cfg.bench.max_prompt_len = 96  # keeps the run short; the sampling rules are tested exactly above

@@ -8,17 +8,18 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    """fp32 and w8a16 compiled from the embedded model (w8a16 needs no calibration set)."""
+def compiled(tmp_path_factory, embedded_fp32):
+    """fp32 (the session's default export of the embedded model) and w8a16 quantized from it (no calibration set)."""
+    import shutil
+
     from llmship.config import Config, VariantConfig
-    from llmship.export import export_fp32
     from llmship.quantize.variant import quantize_variant
 
     root = tmp_path_factory.mktemp("report")
     cfg = Config()  # model.path: @embedded
-    cfg.export.optimize = False  # the fusions change no size ratio and take most of the export time
     cfg.runtime.threads = 1
-    fp32 = export_fp32(cfg, root / "fp32")
+    fp32 = embedded_fp32
+    shutil.copytree(fp32.path, root / "fp32", symlinks=True)  # the report reads the variants from one folder
     w8a16 = quantize_variant(fp32, VariantConfig(scheme="w8a16"), None, root / "w8a16", cfg)
     return cfg, root, fp32, w8a16
 

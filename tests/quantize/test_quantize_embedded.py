@@ -87,16 +87,15 @@ def measure(reference, candidate, seqs: list[list[int]]) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, embedded_fp32):
     from llmship.data.mixture import build_calibration_set
-    from llmship.export import export_fp32
     from llmship.source import load_tokenizer
 
     out = tmp_path_factory.mktemp("embedded")
     # The default mixture (C4 train split, C-Eval dev, alpaca's calibration part): the C4 validation text the bar is
     # measured on is never drawn for calibration.
     cfg = Config.model_validate({"output": {"dir": str(out)}})
-    fp32 = export_fp32(cfg, out / "fp32")
+    fp32 = embedded_fp32  # export_fp32 with the default config, once per session
     tokenizer = load_tokenizer(fp32.path)
     calib = build_calibration_set(cfg.calibration, tokenizer, fp32.manifest["model"]["max_positions"])
     return {"out": out, "cfg": cfg, "fp32": fp32, "calib": calib, "tokenizer": tokenizer}
@@ -125,6 +124,7 @@ def compiled(setup):
     return results
 
 
+@pytest.mark.slow
 def test_fp16_is_all_but_exact(compiled):
     r = compiled["fp16"]
     assert r["top1"] >= 0.999 - SLACK and r["ppl_ratio"] <= 1.001 + SLACK / 2
@@ -133,6 +133,7 @@ def test_fp16_is_all_but_exact(compiled):
 
 # All meet the issue's 99% top-1: w8a16 measured 99.1%, w8a8-dynamic 99.15% (per-token activations, two levels for
 # down_proj and lm_head), with down_proj and lm_head in MatMulNBits blocks of 32 99.4%.
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "top1"), [("w8a16", 0.99), ("w8a8-dynamic", 0.99), ("w8a8-dynamic-blocks", 0.99)])
 def test_int8_weight_schemes(compiled, name, top1):
     r = compiled[name]
@@ -143,6 +144,7 @@ def test_int8_weight_schemes(compiled, name, top1):
     assert r["manifest"]["quantization"]["embeddings_quantized"]
 
 
+@pytest.mark.slow
 def test_per_token_activations_beat_one_range_per_call(compiled):
     """ONNX Runtime's per-tensor dynamic int8 moves 2.1% of top-1 tokens (97.9%); the default moves 0.85%."""
     default, per_tensor = compiled["w8a8-dynamic"], compiled["w8a8-dynamic-per-tensor"]
@@ -150,6 +152,7 @@ def test_per_token_activations_beat_one_range_per_call(compiled):
     assert per_tensor["ppl_ratio"] <= 1.005 + SLACK and per_tensor["manifest"]["quantization"]["activations"] == "per_tensor"
 
 
+@pytest.mark.slow
 def test_smoothquant_improves_static_int8(compiled):
     smooth, plain = compiled["w8a8-static-sq"], compiled["w8a8-static"]
     assert smooth["ppl_ratio"] <= 1.02 + SLACK
@@ -158,6 +161,7 @@ def test_smoothquant_improves_static_int8(compiled):
     assert smooth["size_ratio"] <= 0.30
 
 
+@pytest.mark.slow
 def test_int4_best_method_and_size(compiled):
     ratios = {m: compiled[f"w4a16-{m}"]["ppl_ratio"] for m in ("rtn", "hqq", "gptq")}
     assert min(ratios.values()) <= 1.05 + SLACK, ratios
@@ -165,6 +169,7 @@ def test_int4_best_method_and_size(compiled):
     assert {compiled[f"w4a16-{m}"]["manifest"]["quantization"]["block_size"] for m in ratios} == {128}
 
 
+@pytest.mark.slow
 def test_awq_and_act_order_gptq_pass_parity_and_the_int4_bar(compiled):
     """Both compile through the parity check with the w4a16 defaults and meet the w4a16 bar at block 128."""
     for name in ("w4a16-awq", "w4a16-gptq-actorder"):
@@ -180,6 +185,7 @@ def test_awq_and_act_order_gptq_pass_parity_and_the_int4_bar(compiled):
     assert options["actorder"] and options["true_sequential"]
 
 
+@pytest.mark.slow
 def test_manifests_record_scheme_calibration_and_parity(compiled):
     for name, r in compiled.items():
         m = r["manifest"]

@@ -6,16 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmship.config import EMBEDDED_MODEL_DIR, Config, ModelConfig
-from llmship.export import export_fp32
+from llmship.config import EMBEDDED_MODEL_DIR, ModelConfig
 from llmship.runtime import left_pad, load_engine
 from llmship.source import load_tokenizer
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL_DIR / "config.json").is_file(), reason="embedded model not built")
 
 
-def test_embedded_model_passes_default_fp32_parity(tmp_path):
-    artifact = export_fp32(Config(), tmp_path / "fp32")
+def test_embedded_model_passes_default_fp32_parity(embedded_fp32):
+    artifact = embedded_fp32  # export_fp32 with the default config, once per session
     parity = artifact.manifest["parity"]
     assert parity["passed"], parity["failures"]
     assert parity["max_logits_diff"] <= 1e-4 and parity["top1_agreement"] == 1.0

@@ -222,14 +222,14 @@ def test_quantizers_apply_to_fused_graph(exported: Path, fused: tuple[Path, dict
 def test_external_data_in_and_out(exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import llmship.export.fusion as fusion
 
-    monkeypatch.setattr(fusion, "EXTERNAL_DATA_THRESHOLD", 0)  # as for a model over 2 GB
+    monkeypatch.setattr(fusion, "INLINE_WEIGHTS_LIMIT", 0)  # as for a model over 2 GB
     big = tmp_path / "big" / "model.onnx"
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "model.onnx.data").write_bytes(b"stale")  # never appended to
     fuse_decoder(exported, big, HEADS, KV_HEADS, HIDDEN, max_positions=256)
     assert sorted(p.name for p in big.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
     assert big.with_name("model.onnx.data").stat().st_size > big.stat().st_size
-    monkeypatch.setattr(fusion, "EXTERNAL_DATA_THRESHOLD", 2**40)
+    monkeypatch.setattr(fusion, "INLINE_WEIGHTS_LIMIT", 2**40)
     small = tmp_path / "small" / "model.onnx"  # reads the external weights, writes them inline
     report = fuse_decoder(big, small, HEADS, KV_HEADS, HIDDEN, max_positions=256)
     assert sum(report["fusions"].values()) == 0  # already fused: nothing left to fuse

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 
 import pytest
+from testkit import SHARED_DATA
 
 from llmship.config import EMBEDDED, SAMPLES_DIR
 from llmship.data import sources, templates
 from llmship.errors import UserError
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SHARED = SHARED_DATA
 
 
 def test_embedded_c4_has_long_documents():
@@ -115,17 +115,16 @@ def test_missing_file_is_user_error(tmp_path):
     assert "missing.json.gz" in str(err.value)
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
-def test_readers_on_real_samples():
-    data = sources.read_ceval(str(SHARED / "ceval"))
+def test_readers_on_real_samples(shared_data):
+    data = sources.read_ceval(str(shared_data / "ceval"))
     assert len(data.subjects) == 52 and data.categories == ["Humanities", "Other", "STEM", "Social Science"]
     assert sum(1 for s in data.subjects.values() if s.val) == 26
     physics = data.subjects["high_school_physics"]
     assert physics.name_zh == "高中物理" and len(physics.dev) == 5 and physics.dev[0]["explanation"]
-    assert len(sources.read_c4(str(SHARED / "c4" / "c4-sample.300docs.json.gz"))) == 300
-    alpaca = sources.read_alpaca(str(SHARED / "alpaca-cleaned" / "alpaca_data_cleaned_sample1000.json"))
+    assert len(sources.read_c4(str(shared_data / "c4" / "c4-sample.300docs.json.gz"))) == 300
+    alpaca = sources.read_alpaca(str(shared_data / "alpaca-cleaned" / "alpaca_data_cleaned_sample1000.json"))
     assert len(alpaca) == 1000 and any(r["input"] for r in alpaca)
-    share = sources.read_sharegpt(str(SHARED / "sharegpt" / "ShareGPT_V3_unfiltered_cleaned_split.sample300.json"))
+    share = sources.read_sharegpt(str(shared_data / "sharegpt" / "ShareGPT_V3_unfiltered_cleaned_split.sample300.json"))
     assert 250 <= len(share) <= 300 and any(e["conversations"][0]["from"] == "gpt" for e in share)
 
 

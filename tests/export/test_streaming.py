@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testkit import ROOT
 
 from llmship.config import EMBEDDED_MODEL_DIR, Config
 from llmship.errors import UserError
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL_DIR / "config.json").is_file(), reason="embedded model not built")
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = [
     {"scheme": "w8a16"},
     {"scheme": "w4a16", "method": "rtn"},

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from testkit import run_cli
 
 from llmship.config import EMBEDDED_MODEL_DIR
 from llmship.errors import UserError
@@ -153,8 +152,7 @@ def test_cli_bad_shard_exits_2_with_one_line_and_leaves_nothing(sharded, tmp_pat
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {{path: {folder}}}\nexport: {{streaming: true}}\noutput: {{dir: {out}}}\n"
                       "quantize: {scheme: w4a16}\n")
-    run = subprocess.run([sys.executable, "-m", "llmship.cli", "compile", str(config)], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], timeout=300)
+    run = run_cli("compile", config, timeout=300)
     assert run.returncode == 2, run.stderr
     lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "model-00001-of-00003.safetensors" in lines[0] and "truncated" in lines[0]

@@ -13,7 +13,6 @@ from llmship.config import Config
 from llmship.errors import CheckFailed
 from llmship.export import export_fp32
 from llmship.export.parity import parity_failures
-from llmship.export.tiny import make_llama
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
@@ -39,9 +38,9 @@ def _config(model_dir: Path) -> Config:
     return cfg
 
 
-def test_failed_parity_keeps_the_earlier_folder(earlier, tmp_path):
+def test_failed_parity_keeps_the_earlier_folder(earlier, tiny_model):
     before = _snapshot(earlier)
-    cfg = _config(make_llama(tmp_path / "model"))
+    cfg = _config(tiny_model)
     cfg.export.parity.max_logits_diff = 0.0  # no real export reaches 0: parity fails inside the atomic write
     with pytest.raises(CheckFailed, match=r"max \|logits diff\| [0-9.e-]+ > 0"):
         export_fp32(cfg, earlier)
@@ -50,7 +49,7 @@ def test_failed_parity_keeps_the_earlier_folder(earlier, tmp_path):
     assert Artifact.load(earlier).manifest["size_bytes"] == len(b"earlier graph") + len(b"earlier weights")
 
 
-def test_crash_while_writing_weights_keeps_the_earlier_folder(earlier, tmp_path, monkeypatch):
+def test_crash_while_writing_weights_keeps_the_earlier_folder(earlier, tiny_model, monkeypatch):
     import llmship.export.onnx_export as onnx_export
 
     before = _snapshot(earlier)
@@ -63,7 +62,7 @@ def test_crash_while_writing_weights_keeps_the_earlier_folder(earlier, tmp_path,
 
     monkeypatch.setattr(onnx_export, "export_decoder", crash)
     with pytest.raises(KeyboardInterrupt):
-        export_fp32(_config(make_llama(tmp_path / "model")), earlier)
+        export_fp32(_config(tiny_model), earlier)
     assert seen["folder"] == earlier.with_name(f"fp32.tmp-{os.getpid()}")  # a fresh sibling, never the target
     assert not seen["folder"].exists() and _snapshot(earlier) == before
 
@@ -118,9 +117,9 @@ def test_slim_without_onnxslim_is_a_user_error(tmp_path, monkeypatch):
         export_fp32(cfg, tmp_path / "out")
 
 
-def test_slim_keeps_a_graph_that_passes_parity(tmp_path):
+def test_slim_keeps_a_graph_that_passes_parity(tmp_path, tiny_model):
     pytest.importorskip("onnxslim")
-    cfg = _config(make_llama(tmp_path / "model"))
+    cfg = _config(tiny_model)
     cfg.export.slim = True
     artifact = export_fp32(cfg, tmp_path / "fp32")
     slim = artifact.manifest["slim"]

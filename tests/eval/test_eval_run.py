@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testkit import SHARED_DATA
 
 from llmship.config import Config
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 
 SUBJECTS = {"college_physics": ["College Physics", "大学物理", "STEM"],
             "computer_network": ["Computer Network", "计算机网络", "STEM"],
@@ -74,18 +75,15 @@ def _corrupt(fp32: Path, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_model, tiny_fp32):
     pytest.importorskip("llmship.data.sources")
-    from llmship.export import export_fp32
-    from llmship.export.tiny import make_llama
-
     root = tmp_path_factory.mktemp("evalrun")
     rng = random.Random(0)
-    model = make_llama(root / "model")
+    model = tiny_model
     cfg = Config.model_validate({
         "model": {"path": str(model)},
         "output": {"dir": str(root / "out")},
-        "export": {"optimize": False, "parity": {"greedy_tokens": 4, "decode_steps": 2}},  # keep the fixture quick
+        "export": {"optimize": False, "parity": {"greedy_tokens": 4, "decode_steps": 2}},  # as tiny_fp32 was exported
         "eval": {"ceval": {"path": str(_write_ceval(root, rng)), "max_out_len": 4},
                  "perplexity": {"c4_path": str(_write_c4(root, rng)), "alpaca_path": str(_write_alpaca(root, rng)),
                                 "seq_len": 64, "windows": 4, "alpaca_samples": 6},
@@ -94,7 +92,7 @@ def setup(tmp_path_factory):
                            {"metric": "ppl/c4", "type": "percent-max-degradation", "value": 5.0},
                            {"metric": "consistency/top1", "type": "threshold", "value": 90.0}]},
     })
-    fp32 = export_fp32(cfg, root / "out" / "fp32").path
+    fp32 = tiny_fp32  # exported once per session, shared: read only
     broken = _corrupt(fp32, root / "out" / "broken")
     return cfg, root, fp32, broken
 
