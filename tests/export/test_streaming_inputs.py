@@ -139,9 +139,12 @@ def test_non_float_tensor(tmp_path):
 
 
 def test_too_little_disk(tmp_path):
-    assert check_disk(tmp_path, 1000, ["w4a16"])["estimated_gb"] >= 0
+    from llmship.quantize import SCHEMES
+
+    w4a16, fp32, w8a16 = SCHEMES["w4a16"], SCHEMES["none"], SCHEMES["w8a16"]
+    assert check_disk(tmp_path, 10**9, [w4a16])["estimated_gb"] == round(10**9 * 0.75 * 1.05 / 1e9, 2)
     with pytest.raises(UserError, match="too little disk space"):
-        check_disk(tmp_path, 10**15, ["none", "w8a16"])
+        check_disk(tmp_path, 10**15, [fp32, w8a16])
 
 
 def test_cli_bad_shard_exits_2_with_one_line_and_leaves_nothing(sharded, tmp_path):
