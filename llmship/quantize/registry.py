@@ -28,7 +28,7 @@ from llmship.quantize.auto import check_auto
 
 # Tie-aware greedy bar of the integer schemes: the run must match, near-ties forgiven, for at least half its tokens.
 # Their tie tolerance is 4 sigma of their measured logit noise, so over 4 prompts x 32 steps a correct variant may still
-# meet one flip beyond it late in a run; a broken one diverges within the first tokens (tests/test_parity_ties.py).
+# meet one flip beyond it late in a run; a broken one diverges within the first tokens (tests/export/test_parity_ties.py).
 QUANTIZED_GREEDY_MATCH = 0.5
 # Folder of the fp32 export under output.dir: the variant of the scheme that builds the export (`scheme: none`).
 EXPORT_FOLDER = "fp32"
