@@ -103,7 +103,7 @@ def test_rerun_redoes_nothing_and_eval_change_reruns_only_eval(demo_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = {p.name: p.stat().st_mtime_ns for p in stages.iterdir()}
     changed = {name for name in after if after[name] != before.get(name)}
-    assert changed == {"eval.json"}
+    assert changed == {"eval.json", "eval-baseline.json"}  # the baseline cache is a stage of its own, rescored too
 
     # only the gate's goals change: the stored scores are re-gated, nothing is scored again
     scored = json.loads((out / "eval" / "results.json").read_text())["wall_s"]

@@ -55,16 +55,17 @@ def test_teacher_forced_logits_match_ort_on_a_padded_batch(engines):
 
 
 def test_perplexity_and_ceval_predictions_match_ort(engines):
-    from llmship.eval import ceval, data, perplexity
+    from llmship.data.sources import read_ceval
+    from llmship.eval import ceval, perplexity
     from llmship.source import load_tokenizer
 
     ort, genai = engines
     tokenizer = load_tokenizer(EMBEDDED_MODEL_DIR)
-    windows = perplexity.c4_windows(data.read_c4_texts("@embedded"), tokenizer, 64, 3)
+    windows = perplexity.c4_windows(perplexity.eval_texts("@embedded"), tokenizer, 64, 3)
     ppl = {name: perplexity.c4_perplexity(engine, windows, 2)["ppl"] for name, engine in (("ort", ort), ("genai", genai))}
     assert ppl["genai"] == pytest.approx(ppl["ort"], rel=1e-5) and ppl["ort"] > 1.0
     task = CevalTask(max_questions=2, subjects=["high_school_geography", "civil_servant"], max_out_len=4)
-    cset = ceval.prepare(task, data.read_ceval("@embedded"), tokenizer, ort.max_positions)
+    cset = ceval.prepare(task, read_ceval("@embedded"), tokenizer, ort.max_positions)
     assert len(cset.questions) == 4
     scored = {name: ceval.score_engine(engine, cset, tokenizer, 3) for name, engine in (("ort", ort), ("genai", genai))}
     for mode in ("ppl", "gen"):
