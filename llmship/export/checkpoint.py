@@ -122,19 +122,31 @@ class Checkpoint:
             return "model.embed_tokens.weight"
         return name
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """An fp32 copy of one tensor. The shard is mapped for this read only: pages of a mapping left open would
-        count in the resident memory up to the whole shard."""
+    def tensor(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """An fp32 copy of one tensor, or of its `rows` only (the rest is never read). The shard is mapped for this
+        read only: pages of a mapping left open would count in the resident memory up to the whole shard."""
         name = self._alias(name)
         entry = self.entries[name]
         if entry.file.suffix == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(entry.file), framework="pt") as handle:
-                value = handle.get_tensor(name)
+                value = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
         else:
             value = _bin_state(entry.file)[name]
+            value = value if rows is None else value[rows]
         return value.to(torch.float32, copy=True)
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Copy one tensor into `out`, converted to its dtype in the copy (no fp32 temporary)."""
+        name = self._alias(name)
+        entry = self.entries[name]
+        if entry.file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(entry.file), framework="pt") as handle:
+                return out.copy_(handle.get_tensor(name))
+        return out.copy_(_bin_state(entry.file)[name])
 
     @property
     def weight_bytes(self) -> int:
@@ -284,16 +296,27 @@ class LoraMerged:
             return tuple(self.full[name].shape)
         return self.base.shape(name)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        every = slice(None)
         if name in self.full:
-            return self.full[name].to(torch.float32, copy=True)
-        weight = self.base.tensor(name)
+            return self.full[name][rows or every].to(torch.float32, copy=True)
+        weight = self.base.tensor(name, rows)
         pair = self.lora.get(name)
         if pair is not None:
-            # PEFT's get_delta_weight then `base.weight.data += delta` (fp32 here, as the fp32 export merges)
-            delta = (pair["lora_B"].to(torch.float32) @ pair["lora_A"].to(torch.float32)) * self.scaling
+            # PEFT's get_delta_weight then `base.weight.data += delta` (fp32 here, as the fp32 export merges); the
+            # rows of B @ A are the rows of B times A
+            delta = (pair["lora_B"][rows or every].to(torch.float32) @ pair["lora_A"].to(torch.float32)) * self.scaling
             weight += delta
         return weight
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        if name in self.full:
+            return out.copy_(self.full[name])
+        self.base.read_into(name, out)
+        pair = self.lora.get(name)
+        if pair is not None:
+            out += (pair["lora_B"].to(torch.float32) @ pair["lora_A"].to(torch.float32)) * self.scaling
+        return out
 
     @property
     def weight_bytes(self) -> int:

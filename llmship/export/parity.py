@@ -20,13 +20,13 @@ argmax there is arbitrary and near-ties are frequent.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from llmship.config import EMBEDDED, SAMPLES_DIR, ParityConfig
-from llmship.runtime.base import Engine, left_pad
+from llmship.runtime.base import Engine, left_pad, log_softmax
 
 # Built-in prompts in the formats llmship serves (plain zh/en text, C-Eval question, alpaca instruction),
 # used when the bundled samples are absent.
@@ -257,6 +257,7 @@ class ReferenceTrace:
     nll: float
     path_tokens: list[np.ndarray]      # (n,) the reference's greedy tokens of each prompt alone, cache-fed
     path_logits: list[np.ndarray]      # (n, V) the logits each of them was chosen from
+    info: dict[str, Any] = field(default_factory=dict)  # the reference engine's `info()`
 
 
 def reference_trace(reference: Engine, parity: ParityConfig, prompts: list[list[int]]) -> ReferenceTrace:
@@ -283,17 +284,87 @@ def reference_trace(reference: Engine, parity: ParityConfig, prompts: list[list[
         path_tokens.append(np.array(fed[: parity.greedy_tokens], dtype=np.int64))
         path_logits.append(np.stack(chosen_from[: parity.greedy_tokens]) if parity.greedy_tokens else empty)
     greedy = reference.generate(prompts, parity.greedy_tokens, ignore_eos=True) if parity.greedy_tokens > 0 else []
-    trace = ReferenceTrace(prefill, tokens, steps, greedy, _mean_nll(reference, prompts), path_tokens, path_logits)
+    trace = ReferenceTrace(prefill, tokens, steps, greedy, _mean_nll(reference, prompts), path_tokens, path_logits,
+                           reference.info())
     reference._parity_trace = (key, trace)  # one trace per engine: the variants of a run share their prompts
     return trace
 
 
-def check_parity(reference: Engine, candidate: Engine, parity: ParityConfig, prompts: Sequence[Sequence[int]]) -> dict[str, Any]:
-    """Figures of candidate vs reference (see the module doc); compare with `parity_failures`."""
+def batched_reference_trace(reference: Engine, parity: ParityConfig, prompts: list[list[int]]) -> ReferenceTrace:
+    """The reference's side of a parity check from one left-padded batch of the prompts: a prefill, then the batch's
+    greedy decode, all prompts in the same forward passes. For a reference that reads its weights again on every
+    forward (the layer-at-a-time reference of a streamed checkpoint: one pass over the checkpoint each), that is
+    max(decode_steps, greedy_tokens) passes, where `reference_trace` runs each prompt alone (4 x 33 + 34 at the
+    defaults). A prompt's rows in the padded batch agree with the prompt run alone to float rounding; its greedy path
+    is the batch's, so the raw greedy run is the same path."""
+    ids, mask = left_pad(prompts, reference.pad_token_id)
+    logits, cache = reference.prefill(ids, mask)
+    width = ids.shape[1]
+    prefill = [np.ascontiguousarray(logits[row, width - len(prompt):]) for row, prompt in enumerate(prompts)]
+    del logits
+    length = max(parity.decode_steps, parity.greedy_tokens)
+    step = np.stack([rows[-1] for rows in prefill])
+    fed, chosen_from, seen = [], [], []
+    for index in range(length):
+        token = step.argmax(-1).astype(np.int64)
+        fed.append(token)
+        chosen_from.append(step)
+        # the logits after feeding a token serve the decode check, and choose the next greedy token
+        if index < parity.decode_steps or index + 1 < parity.greedy_tokens:
+            step, cache = reference.decode(token, cache)
+            seen.append(step)
+    vocab = prefill[0].shape[-1]
+
+    def per_row(arrays: list[np.ndarray], row: int, count: int) -> np.ndarray:
+        return np.stack([a[row] for a in arrays[:count]]) if count else np.zeros((0, vocab), np.float32)
+
+    rows = range(len(prompts))
+    tokens = [np.array([int(t[row]) for t in fed[: parity.decode_steps]], dtype=np.int64) for row in rows]
+    path = [np.array([int(t[row]) for t in fed[: parity.greedy_tokens]], dtype=np.int64) for row in rows]
+    scores = [log_softmax(rows_[:-1].astype(np.float64))[np.arange(len(p) - 1), np.asarray(p[1:], dtype=np.int64)]
+              for rows_, p in zip(prefill, prompts, strict=True)]
+    return ReferenceTrace(prefill, tokens, [per_row(seen, row, parity.decode_steps) for row in rows],
+                          [list(map(int, t)) for t in path], float(-np.concatenate(scores).mean()), path,
+                          [per_row(chosen_from, row, parity.greedy_tokens) for row in rows], reference.info())
+
+
+def save_trace(path: Any, trace: ReferenceTrace) -> None:
+    """The trace as one .npz (atomic), for the variants compiled by later processes."""
+    import io
+    import json
+
+    from llmship.files import write_atomic
+
+    arrays: dict[str, np.ndarray] = {}
+    for name in ("prefill", "decode_tokens", "decode_logits", "path_tokens", "path_logits"):
+        for row, value in enumerate(getattr(trace, name)):
+            arrays[f"{name}.{row}"] = value
+    meta = {"rows": len(trace.prefill), "greedy": trace.greedy, "nll": trace.nll, "info": trace.info}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomic(path, buffer.getvalue())
+
+
+def load_trace(path: Any) -> ReferenceTrace:
+    import json
+
+    with np.load(path) as data:
+        meta = json.loads(data["meta"].tobytes().decode())
+        fields = {name: [data[f"{name}.{row}"] for row in range(meta["rows"])]
+                  for name in ("prefill", "decode_tokens", "decode_logits", "path_tokens", "path_logits")}
+    return ReferenceTrace(fields["prefill"], fields["decode_tokens"], fields["decode_logits"], meta["greedy"],
+                          meta["nll"], fields["path_tokens"], fields["path_logits"], meta["info"])
+
+
+def check_parity(reference: Engine | None, candidate: Engine, parity: ParityConfig, prompts: Sequence[Sequence[int]],
+                 trace: ReferenceTrace | None = None) -> dict[str, Any]:
+    """Figures of candidate vs reference (see the module doc); compare with `parity_failures`. `trace`: the
+    reference's side computed before (then `reference` is not used)."""
     prompts = [list(p) for p in prompts if len(p) >= 2]
     if not prompts:
         raise ValueError("parity needs at least one prompt of two or more tokens")
-    ref = reference_trace(reference, parity, prompts)
+    ref = trace if trace is not None else reference_trace(reference, parity, prompts)
     prefill, decode, batch = _Tally(), _Tally(), _Tally()
     for row, prompt in enumerate(prompts):
         cand_logits, cand_cache = candidate.prefill(*left_pad([prompt], candidate.pad_token_id))
@@ -346,7 +417,7 @@ def check_parity(reference: Engine, candidate: Engine, parity: ParityConfig, pro
         "nll_reference": nll_ref,
         "nll_candidate": nll_cand,
         "nll_increase": (nll_cand - nll_ref) / abs(nll_ref) if nll_ref else float(nll_cand - nll_ref),
-        "reference": reference.info(),
+        "reference": ref.info,
         "candidate": candidate.info(),
     }
     return figures

@@ -55,6 +55,16 @@ class WeightSpec:
             return np.ascontiguousarray(tensors[0].T)
         return np.concatenate([t.T for t in tensors], axis=1)
 
+    @property
+    def chunk_axis(self) -> int | None:
+        """The axis of the built tensor that runs along the checkpoint tensor's rows (None: packed, not chunkable)."""
+        return {"same": 0, "transpose": 1}.get(self.transform)
+
+    def build_part(self, read_rows, start: int, stop: int) -> np.ndarray:
+        """`build` restricted to [start, stop) along `chunk_axis`: only those checkpoint rows are read."""
+        part = read_rows(self.sources[0], slice(start, stop))
+        return part if self.transform == "same" else np.ascontiguousarray(part.T)
+
     def shape(self, shape_of) -> list[int]:
         shapes = [shape_of(s) for s in self.sources]
         if self.transform == "same":
@@ -236,7 +246,7 @@ def replicate_layers(model: onnx.ModelProto, specs: dict[str, WeightSpec], num_l
                 for prop in new.metadata_props:
                     prop.value = LAYER0.sub(f"layers.{k}", prop.value)
             nodes.append(new)
-        for name in layer_inits:
+        for name in sorted(layer_inits):  # a fixed order: the same graph, byte for byte, in every process
             init = copy.deepcopy(inits[name])
             init.name = rename(name)
             if name in specs:
@@ -313,3 +323,32 @@ def build_skeleton(config: dict[str, Any], scratch: Path, *, opset: int, attenti
     skeleton = replicate_layers(one_layer, specs, config["num_hidden_layers"], config["vocab_size"])
     skeleton.fusion = report
     return skeleton
+
+
+# A one-layer export whose attention weights reach this many fp32 bytes runs in a child process: the export's
+# temporaries (about 1.9 GB peak at LLaMA-7B width, for 0.27 GB of weights) leave with the child instead of staying on
+# this process's heap through the rest of the compile. Smaller models skip the child's start-up (a few seconds).
+CHILD_PROCESS_BYTES = 64 << 20
+
+
+def attention_bytes(config: dict[str, Any]) -> int:
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    return 4 * hidden * head_dim * (2 * heads + 2 * kv_heads)
+
+
+def build_skeleton_isolated(config: dict[str, Any], scratch: Path, *, opset: int, attention: str,
+                            child: bool | None = None) -> Skeleton:
+    """`build_skeleton`, in a child process (spawned: this one may hold torch's thread pools) when the attention
+    weights reach CHILD_PROCESS_BYTES or `child` says so; its errors are raised here."""
+    if child is None:
+        child = attention_bytes(config) >= CHILD_PROCESS_BYTES
+    if not child:
+        return build_skeleton(config, scratch, opset=opset, attention=attention)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(build_skeleton, config, scratch, opset=opset, attention=attention).result()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -38,11 +39,15 @@ log = logging.getLogger("llmship")
 INLINE_LIMIT = 1024
 # Offsets of external tensors are aligned (ORT maps the file; aligned starts avoid unaligned copies).
 ALIGN = 64
+# The skeleton's scratch folder in output.dir (named as atomic folders are, so a killed run's is cleaned up).
+SKELETON_SCRATCH = ".skeleton"
 # Output bytes per checkpoint parameter of each scheme, with headroom for scales and the graph; the disk check
 # compares their sum with the free space before anything is written.
 DISK_MARGIN = 1.05
-# Embedding tables are quantized in row chunks of this many fp32 bytes (see `_quantize_table`).
-TABLE_CHUNK_BYTES = 64 << 20
+# Weights larger than this many fp32 bytes go through the scheme in chunks of checkpoint rows, which are the output
+# columns of a MatMul and the rows of an embedding table (see `_quantize_chunked`): at 7B the lm_head's whole-tensor
+# arithmetic alone took the peak past 3 GB.
+CHUNK_BYTES = 64 << 20
 
 
 # --------------------------------------------------------------------------- memory
@@ -160,16 +165,24 @@ class Throughput:
         return round(self.done_bytes / 2**20 / max(time.perf_counter() - self.started, 1e-6), 1)
 
 
-def _single_node_model(node: onnx.NodeProto, weight_name: str, weight: np.ndarray, template: onnx.ModelProto) -> onnx.ModelProto:
-    """A graph of `node` alone, its weight an initializer (what the scheme's rewrite needs to see)."""
+def _write_single_node_model(node: onnx.NodeProto, weight_name: str, weight: np.ndarray, template: onnx.ModelProto,
+                             folder: Path) -> None:
+    """`folder/model.onnx`: a graph of `node` alone, its weight an initializer (what the scheme's rewrite needs to
+    see), written straight to the external-data file (no serialized copy of the weight in memory)."""
     if node.op_type == "MatMul":
         data_in = helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, ["batch", "sequence", weight.shape[0]])
     else:  # Gather over the embedding table
         data_in = helper.make_tensor_value_info(node.input[1], onnx.TensorProto.INT64, ["batch", "sequence"])
     out = helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)
-    graph = helper.make_graph([node], "one_node", [data_in], [out], [numpy_helper.from_array(weight, weight_name)])
+    weight = np.ascontiguousarray(weight, dtype=np.float32)
+    weight.tofile(folder / MODEL_DATA_FILE)
+    init = onnx.TensorProto(name=weight_name, data_type=onnx.TensorProto.FLOAT, dims=weight.shape,
+                            data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", MODEL_DATA_FILE), ("offset", "0"), ("length", str(weight.nbytes))):
+        init.external_data.add(key=key, value=value)
+    graph = helper.make_graph([node], "one_node", [data_in], [out], [init])
     model = helper.make_model(graph, opset_imports=list(template.opset_import), ir_version=template.ir_version)
-    return model
+    onnx.save(model, str(folder / MODEL_FILE))
 
 
 def quantizable(node: onnx.NodeProto, weight: str) -> bool:
@@ -196,6 +209,8 @@ def write_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exc
     quantized_rows: list[dict] = []
     kept_rows: list[dict] = []
     written: set[str] = set()
+    chunking: dict[str, int] = {}  # weight -> chunks it went through the scheme in (1: whole, the scheme's layout
+    # is not column-wise)
     scratch = Path(tempfile.mkdtemp(prefix=".stream-", dir=folder))
     try:
         for node in source.graph.node:
@@ -218,11 +233,16 @@ def write_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exc
                 nodes.append(node)
                 produced.update(node.output)
                 continue
-            if node.op_type == "Gather":
-                result, report, nbytes = _quantize_table(scheme, node, target, specs[target].build(read), source,
-                                                         scratch, exclude, QuantizeJob)
+            spec = specs[target]
+            rows = checkpoint.shape(spec.sources[0])
+            # embedding tables: every scheme's are blocks along each row, so rows are always independent
+            columnwise = node.op_type == "Gather" or scheme.columnwise()
+            if spec.chunk_axis is not None and columnwise and 4 * int(np.prod(rows)) > CHUNK_BYTES:
+                result, report, nbytes = _quantize_chunked(scheme, node, target, spec, checkpoint, read, source,
+                                                           scratch, exclude, QuantizeJob)
+                chunking[target] = report.pop("chunks")
             else:
-                result, report, nbytes = _quantize_one(scheme, node, target, lambda t=target: specs[t].build(read),
+                result, report, nbytes = _quantize_one(scheme, node, target, lambda s=spec: s.build(read),
                                                        source, scratch, exclude, QuantizeJob)
             written.add(target)
             progress(target, nbytes)
@@ -268,7 +288,7 @@ def write_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exc
     report = {"streamed": True, "tensors": len(specs), "read_mb_s": progress.mb_per_s,
               "data_bytes": writer.offset}
     if scheme is not None:
-        report.update({"quantized": quantized_rows, "kept_float": kept_rows,
+        report.update({"quantized": quantized_rows, "kept_float": kept_rows, "chunked": chunking,
                        "summary": f"{len(quantized_rows)} weight(s) quantized while streaming, {len(kept_rows)} kept float"})
     return model, report
 
@@ -282,10 +302,8 @@ def _quantize_one(scheme: Any, node: onnx.NodeProto, weight_name: str, make_weig
     (work / "out").mkdir(parents=True)
     weight = make_weight()
     nbytes = weight.nbytes
-    one = _single_node_model(node, weight_name, weight, template)
+    _write_single_node_model(node, weight_name, weight, template, work)
     del weight
-    onnx.save(one, str(work / MODEL_FILE), save_as_external_data=True, location=MODEL_DATA_FILE, size_threshold=INLINE_LIMIT)
-    del one
     job = job_class(source=work / MODEL_FILE, folder=work, target=work / "out", samples=None, exclude=list(exclude),
                     external_data="auto")
     report = scheme.quantize(job)
@@ -300,46 +318,104 @@ def _standalone(message: Any, kind: Any) -> Any:
     return copy
 
 
-def _quantize_table(scheme: Any, node: onnx.NodeProto, weight_name: str, table: np.ndarray, template: onnx.ModelProto,
-                    scratch: Path, exclude: list[str], job_class: Any) -> tuple[onnx.ModelProto, dict[str, Any], int]:
-    """An embedding table through the scheme's rewrite in row chunks (its blocks run along each row, so the rows are
-    independent): the quantized tables of the chunks, stacked, are the whole table's, without the whole-table
-    temporaries of the blockwise arithmetic (several copies of a 0.5 GB table at 7B)."""
-    rows = table.shape[0]
-    step = max(1, TABLE_CHUNK_BYTES // max(1, table.itemsize * int(np.prod(table.shape[1:]))))
-    if rows <= step:
-        return _quantize_one(scheme, node, weight_name, lambda: table, template, scratch, exclude, job_class)
+def chunk_bounds(total: int, step: int) -> list[tuple[int, int]]:
+    """[start, stop) of each chunk of `total` rows, `step` wide but the first, which is half as wide: chunks of two
+    widths show which axis of each quantized tensor runs along them (`merge_chunks`)."""
+    if total <= step:
+        return [(0, total)]
+    edges = [0, *range(max(1, step // 2), total, step), total]
+    return list(zip(edges[:-1], edges[1:], strict=False))
+
+
+def _quantize_chunked(scheme: Any, node: onnx.NodeProto, weight_name: str, spec: Any, checkpoint: Any, read: Any,
+                      template: onnx.ModelProto, scratch: Path, exclude: list[str],
+                      job_class: Any) -> tuple[onnx.ModelProto, dict[str, Any], int]:
+    """A large weight through the scheme's rewrite in chunks of checkpoint rows (output columns of a MatMul, rows of
+    an embedding table), each read from the checkpoint on its own: without the whole-tensor temporaries of the
+    scheme's arithmetic (several copies of a 0.5 GB lm_head at 7B). The scheme's tensors of the chunks, concatenated,
+    are the whole weight's when its layout is column-wise (blocks along K, one scale per output channel); where they
+    are not (one scale per tensor), `merge_chunks` says so after two chunks and the weight goes through whole."""
+    shape = checkpoint.shape(spec.sources[0])
+    step = max(2, CHUNK_BYTES // max(1, 4 * int(np.prod(shape[1:]))))
+    bounds = chunk_bounds(shape[0], step)
+    read_rows = lambda name, rows: checkpoint.tensor(name, rows).numpy()  # noqa: E731
     parts: list[tuple[onnx.ModelProto, dict[str, Any]]] = []
-    for start in range(0, rows, step):
-        chunk = np.ascontiguousarray(table[start:start + step])
-        parts.append(_quantize_one(scheme, node, weight_name, lambda c=chunk: c, template, scratch, exclude, job_class)[:2])
-    first, report = parts[0]
-    if any([(n.op_type, list(n.attribute)) for n in p.graph.node] != [(n.op_type, list(n.attribute)) for n in first.graph.node]
-           for p, _ in parts):
-        raise CheckFailed(f"streaming: the scheme rewrote the chunks of {weight_name} differently")
-    stacked = []
-    for init in first.graph.initializer:
-        arrays = [numpy_helper.to_array(next(i for i in p.graph.initializer if i.name == init.name)) for p, _ in parts]
-        if arrays[0].ndim == 0 or arrays[0].shape[0] != min(step, rows):
-            stacked.append(init)  # not per row (a constant of the rewrite)
-            continue
-        stacked.append(numpy_helper.from_array(np.concatenate(arrays, axis=0), init.name))
-    del first.graph.initializer[:]
-    first.graph.initializer.extend(stacked)
-    merged = dict(report)
+    merged = None
+    for start, stop in bounds:
+        build = lambda a=start, b=stop: spec.build_part(read_rows, a, b)  # noqa: E731
+        parts.append(_quantize_one(scheme, node, weight_name, build, template, scratch, exclude, job_class)[:2])
+        release_freed_memory()
+        if len(parts) == 2 and merge_chunks(parts, bounds[:2]) is None:
+            break
+    else:
+        merged = merge_chunks(parts, bounds)
+    if merged is None:
+        log.info("streaming: %s is not quantized column-wise by %s; it goes through whole", weight_name, scheme.name)
+        del parts
+        result, report, nbytes = _quantize_one(scheme, node, weight_name, lambda: spec.build(read), template,
+                                               scratch, exclude, job_class)
+        return result, {**report, "chunks": 1}, nbytes
+    report = dict(parts[0][1])
     for key in ("quantized", "kept_float"):
-        rows_of = [r for _, rep in parts for r in rep.get(key, [])]
-        merged[key] = _merge_rows(rows_of, rows)
-    return first, merged, table.nbytes
+        report[key] = _merge_rows([r for _, rep in parts for r in rep.get(key, [])], spec.chunk_axis, shape[0])
+    report["chunks"] = len(parts)
+    return merged, report, 4 * int(np.prod(shape))
 
 
-def _merge_rows(rows_of: list[dict], table_rows: int) -> list[dict]:
-    """One report row per node from its chunks' rows: the whole table's shape, the largest error."""
+def merge_chunks(parts: list[tuple[onnx.ModelProto, dict[str, Any]]],
+                 bounds: list[tuple[int, int]]) -> onnx.ModelProto | None:
+    """One rewritten graph from the rewrites of row chunks (`bounds`), or None when they are not pieces of one:
+    the nodes must be the same but for an integer attribute equal to each chunk's width (MatMulNBits' N), and each
+    tensor either the same in every chunk or growing with the chunk width along exactly one axis (concatenated
+    there)."""
+    models = [model for model, _ in parts]
+    widths = [stop - start for start, stop in bounds]
+    total = sum(widths)
+    if len({len(m.graph.node) for m in models}) != 1 or len({len(m.graph.initializer) for m in models}) != 1:
+        return None
+    merged = onnx.ModelProto()
+    merged.CopyFrom(models[0])
+    for index, node in enumerate(merged.graph.node):
+        others = [m.graph.node[index] for m in models]
+        if any((o.op_type, o.domain, list(o.input), list(o.output), [a.name for a in o.attribute])
+               != (node.op_type, node.domain, list(node.input), list(node.output), [a.name for a in node.attribute])
+               for o in others):
+            return None
+        for position, attribute in enumerate(node.attribute):
+            values = [helper.get_attribute_value(o.attribute[position]) for o in others]
+            if all(v == values[0] for v in values):
+                continue
+            if attribute.type != onnx.AttributeProto.INT or values != widths:
+                return None
+            attribute.i = total
+    del merged.graph.initializer[:]
+    for init in models[0].graph.initializer:
+        found = [next((i for i in m.graph.initializer if i.name == init.name), None) for m in models]
+        if any(f is None for f in found):
+            return None
+        arrays = [numpy_helper.to_array(f) for f in found]
+        if len({a.shape for a in arrays}) == 1:
+            if any(not np.array_equal(a, arrays[0], equal_nan=a.dtype.kind == "f") for a in arrays[1:]):
+                return None
+            merged.graph.initializer.append(_standalone(init, onnx.TensorProto))
+            continue
+        axes = [axis for axis in range(arrays[0].ndim) if len({a.shape[axis] for a in arrays}) > 1]
+        if len({a.ndim for a in arrays}) != 1 or len(axes) != 1:
+            return None
+        axis = axes[0]
+        if any(a.shape[axis] * widths[0] != arrays[0].shape[axis] * w for a, w in zip(arrays, widths, strict=True)):
+            return None
+        merged.graph.initializer.append(numpy_helper.from_array(np.concatenate(arrays, axis=axis), init.name))
+    return merged
+
+
+def _merge_rows(rows_of: list[dict], axis: int, total: int) -> list[dict]:
+    """One report row per node from its chunks' rows: the whole weight's shape, the largest error."""
     merged: dict[str, dict] = {}
     for row in rows_of:
         kept = merged.setdefault(row.get("node", ""), dict(row))
         if "shape" in kept:
-            kept["shape"] = [table_rows, *kept["shape"][1:]]
+            kept["shape"] = [total if index == axis else size for index, size in enumerate(kept["shape"])]
         if "max_abs_error" in row:
             kept["max_abs_error"] = max(kept["max_abs_error"], row["max_abs_error"])
     return list(merged.values())
@@ -498,20 +574,28 @@ class StreamingRun:
         """Inputs checked (every variant streamable), disk room for the variants left to build, the skeleton."""
         from llmship.progress import Steps
 
-        inputs = _resolve_inputs(self.cfg)
+        inputs = {**_resolve_inputs(self.cfg), "source": self.source, "out": self.out}
         self.left = {name for name, stage in self.stages.items() if self.force or not stage.up_to_date(self.out)}
         schemes = [self.variants[name].scheme for name in self.left]
         disk = check_disk(self.out, inputs["checkpoint"].weight_bytes // 4, schemes)
         steps = Steps(self.progress, "streaming compile")
         steps("building the graph skeleton (one layer, exported and fused)")
-        scratch = Path(tempfile.mkdtemp(prefix=".skeleton-", dir=self.out))
-        try:
-            from llmship.export.skeleton import build_skeleton
+        from llmship.artifact import recover_interrupted
+        from llmship.export.skeleton import build_skeleton_isolated
 
-            skeleton = build_skeleton(inputs["config"], scratch, opset=self.cfg.export.opset,
-                                      attention=self.cfg.export.attention)
+        recover_interrupted(self.out)  # a killed compile's scratch (SKELETON_SCRATCH.tmp-<pid>) goes
+        scratch = self.out / f"{SKELETON_SCRATCH}.tmp-{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+        started = time.perf_counter()
+        try:
+            with PeakRss() as rss:
+                skeleton = build_skeleton_isolated(inputs["config"], scratch, opset=self.cfg.export.opset,
+                                                   attention=self.cfg.export.attention)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        inputs["skeleton_timings"] = {"skeleton_s": round(time.perf_counter() - started, 2),
+                                      "skeleton_peak_rss_mb": rss.peak_mb}
         return {"inputs": inputs, "disk": disk, "steps": steps, "skeleton": skeleton}
 
     def build(self, variant: Any, target: Path) -> None:
@@ -537,16 +621,21 @@ def build_variant(cfg: Any, resolved: Any, target: Path, skeleton: Any, inputs: 
     name = resolved.folder_name if scheme is None else resolved.name
     config = inputs["config"]
     started = time.perf_counter()
-    with PeakRss() as rss, atomic_folder(target) as folder:
-        tokenizer_files = write_side_files(folder, config, inputs["model_dir"], inputs["tok_dir"], inputs["tokenizer"])
-        _, report = write_variant(skeleton, inputs["checkpoint"], folder, scheme, list(variant.exclude), steps, name)
+    with atomic_folder(target) as folder:
+        with PeakRss() as rss:
+            tokenizer_files = write_side_files(folder, config, inputs["model_dir"], inputs["tok_dir"], inputs["tokenizer"])
+            _, report = write_variant(skeleton, inputs["checkpoint"], folder, scheme, list(variant.exclude), steps, name)
         build_s = time.perf_counter() - started
         tolerances = cfg.export.parity if scheme is None else resolved.parity
         figures: dict[str, Any] = {"skipped": True}
         failures: list[str] = []
+        parity_timings: dict[str, float] = {}
         if parity:
-            steps(f"{name}: checking parity against PyTorch")
-            figures = _parity(cfg, folder, inputs, tolerances)
+            parity_started = time.perf_counter()
+            with PeakRss() as parity_rss:
+                figures = _parity(cfg, folder, inputs, tolerances, steps, name)
+            parity_timings = {"parity_s": round(time.perf_counter() - parity_started, 2),
+                              "parity_peak_rss_mb": parity_rss.peak_mb}
             figures["candidate"]["path"] = str(target)
             from llmship.export.parity import parity_failures
 
@@ -557,7 +646,6 @@ def build_variant(cfg: Any, resolved: Any, target: Path, skeleton: Any, inputs: 
         from llmship.export.onnx_export import cache_shape
 
         kv_heads, head_dim = cache_shape(SimpleNamespace(**config))
-        rss.sample()
         manifest = new_manifest(
             "fp32" if scheme is None else "variant",
             scheme=variant.scheme, variant=name, method=scheme.method if scheme else None,
@@ -579,26 +667,47 @@ def build_variant(cfg: Any, resolved: Any, target: Path, skeleton: Any, inputs: 
             parity={"passed": parity and not failures, "failures": failures, "tolerances": tolerances.model_dump(), **figures},
             streaming={"disk": disk, "read_mb_s": report.get("read_mb_s")},
             timings={"build_s": round(build_s, 2), "total_s": round(time.perf_counter() - started, 2),
-                     "peak_rss_mb": rss.peak_mb},
+                     "peak_rss_mb": rss.peak_mb, **inputs.get("skeleton_timings", {}), **parity_timings},
         )
         write_manifest(folder, manifest)
-    log.info("streamed %s: %.0f s, peak RSS %.0f MB (process tree)", name, time.perf_counter() - started, rss.peak_mb)
+    log.info("streamed %s: %.0f s, peak RSS %.0f MB (process tree) while writing%s", name,
+             time.perf_counter() - started, rss.peak_mb,
+             f", {parity_timings['parity_peak_rss_mb']:.0f} MB in the parity check" if parity_timings else "")
     return target
 
 
-def _parity(cfg: Any, folder: Path, inputs: dict[str, Any], tolerances: Any) -> dict[str, Any]:
+def _parity(cfg: Any, folder: Path, inputs: dict[str, Any], tolerances: Any, steps: Any, name: str) -> dict[str, Any]:
+    """Parity of the written variant against the layer-at-a-time PyTorch reference. The reference's side is computed
+    once per checkpoint, prompts and parity settings (`batched_reference_trace`: one pass over the checkpoint per
+    forward), kept in output.dir's .llmship/parity and reused by every variant, in this process or a later one; the
+    reference model is freed before ONNX Runtime loads the variant, so the check holds one of the two at a time."""
+    import gc
+
+    from llmship.cache import stage_key
     from llmship.export.layerwise import layerwise_engine
-    from llmship.export.parity import check_parity, default_prompts
+    from llmship.export.parity import batched_reference_trace, check_parity, default_prompts, load_trace, save_trace
     from llmship.runtime.ort_engine import OrtEngine
 
-    # one reference per compile: the variants share its parity trace (computed once, cached on the engine)
-    if "reference" not in inputs:
-        inputs["reference"] = layerwise_engine(inputs["checkpoint"], inputs["config"], inputs["tokenizer"],
-                                               threads=cfg.runtime.threads, model_dir=inputs["model_dir"])
-    reference = inputs["reference"]
+    prompts = default_prompts(inputs["tokenizer"], int(inputs["config"].get("max_position_embeddings", 2048)))
+    key = stage_key(inputs["source"], prompts, tolerances.decode_steps, tolerances.greedy_tokens)
+    stored = inputs["out"] / ".llmship" / "parity" / f"reference-{key}.npz"
+    if stored.is_file():
+        trace = load_trace(stored)
+    else:
+        passes = 1 + max(tolerances.decode_steps, tolerances.greedy_tokens)
+        steps(f"{name}: PyTorch reference, one decoder layer at a time ({passes} passes over the checkpoint)")
+        reference = layerwise_engine(inputs["checkpoint"], inputs["config"], inputs["tokenizer"],
+                                     threads=cfg.runtime.threads, model_dir=inputs["model_dir"])
+        trace = batched_reference_trace(reference, tolerances, prompts)
+        reference.close()
+        del reference
+        gc.collect()
+        release_freed_memory()
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        save_trace(stored, trace)
+    steps(f"{name}: checking parity against PyTorch")
     candidate = OrtEngine(folder, provider=cfg.runtime.provider, threads=cfg.runtime.threads)
     try:
-        prompts = default_prompts(inputs["tokenizer"], reference.max_positions)
-        return check_parity(reference, candidate, tolerances, prompts)
+        return check_parity(None, candidate, tolerances, prompts, trace=trace)
     finally:
         candidate.close()

@@ -30,7 +30,10 @@ def quantize_blocks(table: np.ndarray, bits: int, block_size: int) -> tuple[np.n
     scale = (hi - lo) / qmax
     safe = np.where(scale == 0, 1.0, scale)
     zero = np.clip(np.round(-lo / safe), 0, qmax)
-    q = np.clip(np.round(view / safe[..., None] + zero[..., None]), 0, qmax)
+    q = np.divide(view, safe[..., None])  # one temporary, shifted, rounded and clipped in place
+    q += zero[..., None]
+    np.round(q, out=q)
+    np.clip(q, 0, qmax, out=q)
     return q.reshape(rows, -1)[:, :cols].astype(np.uint8), scale.astype(np.float32), zero.astype(np.uint8)
 
 

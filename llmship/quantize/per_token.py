@@ -41,8 +41,10 @@ def quantize_weight(weight: np.ndarray, per_channel: bool, reduce_range: bool) -
     top = REDUCED_INT8_MAX if reduce_range else INT8_MAX
     amax = np.abs(weight).max(axis=0) if per_channel else np.abs(weight).max(keepdims=True)
     scale = np.maximum(amax, MIN_PEAK).astype(np.float32) / top
-    q = np.clip(np.rint(weight / scale), -top, top).astype(np.int8)
-    return q, scale.astype(np.float32)
+    levels = np.divide(weight, scale)  # one temporary, rounded and clipped in place (a 7B MLP weight is 180 MB)
+    np.rint(levels, out=levels)
+    np.clip(levels, -top, top, out=levels)
+    return levels.astype(np.int8), scale.astype(np.float32)
 
 
 def rewrite_per_token(model: onnx.ModelProto, todo: list[onnx.NodeProto], per_channel: bool, reduce_range: bool,

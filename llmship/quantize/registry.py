@@ -93,6 +93,13 @@ class Scheme:
         static W8A8, fp16's overflow scan and `quantize.auto` all run the model)."""
         return self.stream_bytes_per_param is not None and not self.uses_calibration()
 
+    def columnwise(self) -> bool:
+        """Whether the rewrite of a weight's output columns (an embedding table's rows) taken apart, concatenated,
+        is the rewrite of the whole weight: the streaming compile then quantizes large weights in chunks. True for
+        blocks along K and one scale per output channel; a scale per tensor, or a search over the whole tensor, is not
+        (the streaming compile also checks what it can: chunks must agree on every tensor that does not grow with them)."""
+        return True
+
     def quantize(self, job: QuantizeJob) -> dict[str, Any]:
         """Write `job.target/model.onnx`; return the report (quantized nodes, kept nodes, counts)."""
         raise NotImplementedError

@@ -68,6 +68,10 @@ class W4A16(Scheme):
                 raise UserError(f"`{name}` is an option of method {owner}, not {self.method}; remove it or set "
                                 f"method: {owner}", where=f"{where}.options.{name}")
 
+    def columnwise(self) -> bool:
+        # HQQ's proximal search stops early on the error of the whole tensor: chunks of it stop elsewhere
+        return self.method != "hqq"
+
     def quantize(self, job: QuantizeJob) -> dict[str, Any]:
         opts: W4A16Options = self.options
         if self.method in self.needs_calibration and not job.samples:

@@ -73,6 +73,9 @@ class W8A8Dynamic(Scheme):
     parity = ParityConfig(max_logits_diff=6.0, min_top1_agreement=0.8, min_greedy_match=QUANTIZED_GREEDY_MATCH,
                           max_nll_increase=0.02)
 
+    def columnwise(self) -> bool:
+        return self.options.per_channel  # a per-tensor weight scale spans every column
+
     def quantize(self, job: QuantizeJob) -> dict[str, Any]:
         opts: W8A8DynamicOptions = self.options
         model = load_model(job.source)

@@ -28,8 +28,13 @@ VARIANTS = [
     {"scheme": "w8a8-dynamic", "name": "w8a8-per-tensor", "options": {"activations": "per_tensor"}},
     {"scheme": "w8a8-dynamic", "name": "w8a8-blocks", "options": {"fine_method": "blocks"}},
     {"scheme": "w8a16", "name": "w8a16-excl", "exclude": ["lm_head", "model.layers.0.*"]},
+    # one weight scale per tensor: not column-wise (the fixture makes the scheme claim it is, so that the streaming
+    # compile's own check finds the chunks do not merge and sends the weights through whole)
+    {"scheme": "w8a8-dynamic", "name": "w8a8-tensor-weights", "options": {"per_channel": False}},
 ]
-NAMES = ["fp32", "w8a16", "w4a16-rtn", "w4a16-hqq", "w8a8-dynamic", "w8a8-per-tensor", "w8a8-blocks", "w8a16-excl"]
+NAMES = ["fp32", "w8a16", "w4a16-rtn", "w4a16-hqq", "w8a8-dynamic", "w8a8-per-tensor", "w8a8-blocks", "w8a16-excl",
+         "w8a8-tensor-weights"]
+TABLE = "model.model.embed_tokens.weight"
 
 
 def _config(out: Path, streaming: bool) -> Config:
@@ -41,17 +46,25 @@ def _config(out: Path, streaming: bool) -> Config:
 def both(tmp_path_factory):
     import llmship.export.streaming as streaming_module
     from llmship.pipeline import run_stage
+    from llmship.quantize.w8a8_dynamic import W8A8Dynamic
 
     folders = {}
-    # row chunks of 200 embedding rows: the chunked table path runs here (a 7B table is chunked at 64 MB)
-    chunk, streaming_module.TABLE_CHUNK_BYTES = streaming_module.TABLE_CHUNK_BYTES, 200 * 128 * 4
+    # chunks of 200 checkpoint rows (embedding rows, MatMul output columns): the chunked path runs here on every
+    # weight of 100 KB and more (a 7B's on every weight of 64 MB and more)
+    chunk, streaming_module.CHUNK_BYTES = streaming_module.CHUNK_BYTES, 200 * 128 * 4
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    claim = W8A8Dynamic.columnwise
+    W8A8Dynamic.columnwise = lambda self: True
     try:
         for streaming in (False, True):
             out = tmp_path_factory.mktemp("stream" if streaming else "whole")
+            (out / f".skeleton.tmp-{dead.pid}").mkdir()  # what a killed streaming compile leaves
             run_stage("compile", _config(out, streaming), quiet=True)
             folders[streaming] = out
     finally:
-        streaming_module.TABLE_CHUNK_BYTES = chunk
+        streaming_module.CHUNK_BYTES = chunk
+        W8A8Dynamic.columnwise = claim
     return folders
 
 
@@ -87,6 +100,25 @@ def test_streamed_variant_equals_whole_model_variant(both, name):
         whole_rows = json.loads((both[False] / name / "manifest.json").read_text())["quantization"]
         assert len(manifest["quantization"]["quantized"]) == len(whole_rows["quantized"])
         assert len(manifest["quantization"]["kept_float"]) == len(whole_rows["kept_float"])
+        shapes = lambda rows: sorted((r.get("op", ""), r.get("shape") or []) for r in rows)  # noqa: E731
+        assert shapes(manifest["quantization"]["quantized"]) == shapes(whole_rows["quantized"])  # whole, not chunks
+        chunked = manifest["quantization"]["chunked"]
+        assert chunked[TABLE] == 16  # 3000 rows: 100, then 14 x 200, then 100
+        matmuls = [count for weight, count in chunked.items() if weight != TABLE]
+        if name == "w4a16-hqq":
+            assert not matmuls  # not column-wise (W4A16.columnwise): whole weights
+        else:  # every MatMul weight of 100 KB and more, in chunks, or (not column-wise) whole after two
+            assert len(matmuls) >= 12 and set(matmuls) == ({1} if name == "w8a8-tensor-weights" else {3, 16})
+
+
+@pytest.mark.slow
+def test_killed_runs_scratch_is_removed_and_the_reference_is_computed_once(both):
+    """A dead compile's skeleton scratch is cleaned up; the layer-at-a-time reference's side of the parity check is
+    computed once for the nine variants and stored for later runs."""
+    assert not list(both[True].glob(".skeleton*"))
+    assert len(list((both[True] / ".llmship" / "parity").glob("reference-*.npz"))) == 1
+    timings = json.loads((both[True] / "w8a16" / "manifest.json").read_text())["timings"]
+    assert timings["skeleton_peak_rss_mb"] > 100 and timings["parity_peak_rss_mb"] > 100 and timings["parity_s"] > 0
 
 
 @pytest.mark.slow
@@ -155,11 +187,15 @@ def test_skeleton_replicates_the_fused_layer():
     import collections
     import tempfile
 
-    from llmship.export.skeleton import build_skeleton
+    from llmship.export.skeleton import build_skeleton, build_skeleton_isolated
 
     config = json.loads((EMBEDDED_MODEL_DIR / "config.json").read_text())
     with tempfile.TemporaryDirectory() as scratch:
         skeleton = build_skeleton(config, Path(scratch), opset=18, attention="mha")
+    with tempfile.TemporaryDirectory() as scratch:  # what a 7B's takes: the same skeleton, built in a child process
+        isolated = build_skeleton_isolated(config, Path(scratch), opset=18, attention="mha", child=True)
+    assert isolated.model.SerializeToString() == skeleton.model.SerializeToString()
+    assert isolated.specs == skeleton.specs and isolated.fusion == skeleton.fusion
     ops = collections.Counter(n.op_type for n in skeleton.model.graph.node)
     layers = config["num_hidden_layers"]
     assert ops["MultiHeadAttention"] == layers and ops["RotaryEmbedding"] == 2 * layers
@@ -172,10 +208,10 @@ def test_skeleton_replicates_the_fused_layer():
 def test_layerwise_reference_agrees_with_the_whole_model():
     """The reference streamed variants are checked against (one decoder layer in memory at a time) computes what the
     whole PyTorch model computes: prefill, decode on its own cache, greedy tokens."""
-    from llmship.config import ModelConfig
+    from llmship.config import ModelConfig, ParityConfig
     from llmship.export.checkpoint import open_checkpoint
     from llmship.export.layerwise import layerwise_engine
-    from llmship.export.parity import default_prompts
+    from llmship.export.parity import batched_reference_trace, default_prompts, reference_trace
     from llmship.runtime import load_engine
     from llmship.runtime.base import left_pad
     from llmship.source import load_tokenizer
@@ -193,3 +229,14 @@ def test_layerwise_reference_agrees_with_the_whole_model():
     assert whole.generate(prompts, 8, ignore_eos=True) == layerwise.generate(prompts, 8, ignore_eos=True)
     assert (layerwise.pad_token_id, layerwise.eos_token_id) == (whole.pad_token_id, whole.eos_token_id)
     assert all(p.device.type == "meta" for p in layerwise.model.model.layers.parameters())  # nothing kept between runs
+
+    # The parity check's reference side from one padded batch (33 passes over the checkpoint) against each prompt run
+    # alone through the whole model: same greedy paths, logits within float rounding of padding, same NLL.
+    parity = ParityConfig()
+    alone, batched = reference_trace(whole, parity, prompts), batched_reference_trace(layerwise, parity, prompts)
+    for field in ("prefill", "decode_logits", "path_logits"):
+        for a, b in zip(getattr(alone, field), getattr(batched, field), strict=True):
+            assert a.shape == b.shape and np.abs(a - b).max() <= 1e-4, field
+    for field in ("decode_tokens", "path_tokens"):
+        assert all(np.array_equal(a, b) for a, b in zip(getattr(alone, field), getattr(batched, field), strict=True))
+    assert alone.greedy == batched.greedy and abs(alone.nll - batched.nll) <= 1e-6

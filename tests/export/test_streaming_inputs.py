@@ -61,6 +61,7 @@ def test_sharded_safetensors_read_one_tensor_at_a_time(sharded):
         value = checkpoint.tensor(name)
         assert value.dtype == torch.float32
         assert torch.equal(value, state[name].float())
+    _check_partial_reads(checkpoint, state)
     assert checkpoint.weight_bytes == 4 * sum(v.numel() for v in state.values())
 
 
@@ -83,6 +84,17 @@ def test_single_safetensors_and_bin_shards(tmp_path, dtype):
         checkpoint = open_checkpoint(folder, CONFIG)
         name = "model.layers.0.self_attn.k_proj.weight"
         assert torch.equal(checkpoint.tensor(name), state[name].float())
+        _check_partial_reads(checkpoint, state)
+
+
+def _check_partial_reads(checkpoint, state) -> None:
+    """Row chunks (what the chunked quantization reads) and in-place reads into reused buffers (the layer-at-a-time
+    reference) give exactly the whole tensor's values."""
+    for name in ("lm_head.weight", "model.layers.1.mlp.up_proj.weight"):
+        whole = state[name].float()
+        assert torch.equal(checkpoint.tensor(name, slice(7, 300)), whole[7:300])
+        buffer = torch.full(whole.shape, float("nan"))
+        assert checkpoint.read_into(name, buffer) is buffer and torch.equal(buffer, whole)
 
 
 def test_tied_embeddings_read_the_input_table(tmp_path):
@@ -181,5 +193,8 @@ def test_lora_merged_while_streaming_equals_the_peft_merge(tmp_path):
     assert streamed.config["vocab_size"] == 1001 and streamed.shape("lm_head.weight") == (1001, config["hidden_size"])
     for name in expected_shapes(streamed.config):
         assert (streamed.tensor(name) - merged[name]).abs().max() <= 1e-6, name
+        rows = slice(3, 40)
+        assert (streamed.tensor(name, rows) - merged[name][rows]).abs().max() <= 1e-6, name
+        assert torch.equal(streamed.read_into(name, torch.empty(streamed.shape(name))), streamed.tensor(name)), name
     q = "model.layers.0.self_attn.q_proj.weight"
     assert (streamed.tensor(q) - base.tensor(q)).abs().max() > 1e-3  # the LoRA delta is really there
