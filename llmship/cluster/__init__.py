@@ -32,12 +32,30 @@ EXTRA = "llmship[ray]"
 PROBE_FILE = Path(".llmship") / "cluster-probe"  # under output.dir: the token each node must read back
 
 
+MISSING = f"Ray is not installed: pip install '{EXTRA}' (or set cluster.backend: local)"
+
+
+def ray_version() -> str | None:
+    """The installed Ray's version, None when it is absent (nothing imported: the preflight asks this)."""
+    from importlib.metadata import PackageNotFoundError, version
+    from importlib.util import find_spec
+
+    try:
+        if find_spec("ray") is None:
+            return None
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules (blocked)
+        return None
+    try:
+        return version("ray")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise UserError(f"Ray is not installed: pip install '{EXTRA}' (or set cluster.backend: local)",
-                        where="cluster.backend") from None
+        raise UserError(MISSING, where="cluster.backend") from None
     return ray
 
 
