@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -274,7 +275,9 @@ def test_two_node_processes_on_loopback_share_the_units(local_run, embedded_fp32
     joins them by address, the probe runs on both, both score units, and the answers are the local run's."""
     port = free_port()
     temp = Path("/tmp") / f"ray-t{os.getpid()}-{port}"  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    # Ray 2.60 `ray start` turns token authentication on: every process of this cluster gets the same fresh token.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     nodes = [start_node(["--head", "--port", str(port), "--resources", '{"head-node": 1}', "--include-dashboard",
                          "false"], temp, env)]
     try:
