@@ -276,7 +276,7 @@ class GateConfig(Section):
 
 # --------------------------------------------------------------------------- cluster
 class ClusterConfig(Section):
-    """`cluster:`: where compile, eval and bench units run (llmship.cluster); local changes nothing."""
+    """`cluster:`: where units of work run (llmship.cluster): here, or as Ray tasks; local changes nothing."""
 
     backend: Literal["local", "ray"] = Field("local", description="local: this process, as without a cluster (Ray is "
                                              "not imported); ray: units of work fanned out as Ray tasks (llmship[ray]).")
@@ -287,8 +287,6 @@ class ClusterConfig(Section):
     num_gpus: float = Field(0, ge=0, description="GPUs each task reserves (runtime.provider: cuda on GPU nodes).")
     max_retries: int = Field(2, ge=0, description="Retries of a unit whose worker process died (killed, out of memory, "
                              "node lost) before the run stops naming the unit.")
-    bench_resource: str | None = Field(None, description="Custom resource the bench nodes carry (e.g. 'bench-node', from "
-                                       "`ray start --resources`): one engine at a time per node, only on such nodes.")
 
 
 # --------------------------------------------------------------------------- output
