@@ -309,3 +309,36 @@ def test_two_node_processes_on_loopback_share_the_units(local_run, embedded_fp32
     finally:
         stop_nodes(nodes)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def model_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".onnx", ".data")}
+
+
+@pytest.mark.slow
+def test_compile_builds_the_variants_as_ray_tasks_after_the_export(local_cluster, tmp_path):
+    """The fp32 export is built here; the two variants built from it as Ray tasks are the local build's files byte
+    for byte, recorded as stages (a second compile builds nothing)."""
+    from llmship.pipeline import compile_variants
+    from llmship.quantize import resolve_variants
+
+    def compile_in(out: Path, backend: str) -> dict:
+        cfg = Config.model_validate({
+            "export": {"optimize": False, "parity": {"greedy_tokens": 4, "decode_steps": 2}}, **SAME_THREADS,
+            "quantize": {"scheme": "none", "variants": [
+                {"scheme": "w8a8-dynamic"}, {"scheme": "w4a16", "method": "rtn", "options": {"block_size": 32}}]},
+            "output": {"dir": str(out)}, "cluster": {"backend": backend}})
+        return compile_variants(cfg, out, resolve_variants(cfg.quantize))
+
+    local = compile_in(tmp_path / "local", "local")
+    shutil.copytree(tmp_path / "local", tmp_path / "ray")  # the export is reused (records are relative to output.dir)
+    for name in ("w8a8-dynamic", "w4a16-rtn"):
+        shutil.rmtree(tmp_path / "ray" / name)
+        (tmp_path / "ray" / ".llmship" / "stages" / f"variant-{name}.json").unlink()
+    compiled = compile_in(tmp_path / "ray", "ray")
+    for name, stage in compiled.items():
+        assert model_files(stage.artifact) == model_files(local[name].artifact), name
+    records = sorted((tmp_path / "ray" / ".llmship" / "stages").glob("*.json"))
+    written = [record.stat().st_mtime_ns for record in records]
+    compile_in(tmp_path / "ray", "ray")
+    assert [record.stat().st_mtime_ns for record in records] == written  # nothing built or recorded again
