@@ -287,6 +287,9 @@ class ClusterConfig(Section):
     num_gpus: float = Field(0, ge=0, description="GPUs each task reserves (runtime.provider: cuda on GPU nodes).")
     max_retries: int = Field(2, ge=0, description="Retries of a unit whose worker process died (killed, out of memory, "
                              "node lost) before the run stops naming the unit.")
+    bench_resource: str | None = Field(None, description="Custom resource of the bench nodes (`ray start --resources "
+                                       "'{\"bench-node\": 1}'`): each engine is benchmarked on one of them, one engine "
+                                       "per node at a time; unset: the bench runs here.")
 
 
 # --------------------------------------------------------------------------- output

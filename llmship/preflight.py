@@ -80,8 +80,7 @@ def check(cfg: Config, verb: str, variants: list[Variant]) -> Plan:
     reads_eval = verb in ("eval", "run")
     reads_bench = verb in ("bench", "run")
     _check_provider(cfg, plan)
-    if reads_eval:
-        _check_cluster(cfg, plan)
+    _check_cluster(cfg, plan)
     if reads_compile or reads_eval or (reads_bench and cfg.bench.baseline):
         _guard(plan, _check_model, cfg, plan)
     if verb in ("eval", "bench"):
@@ -132,7 +131,7 @@ def _check_cluster(cfg: Config, plan: Plan) -> None:
         plan.problems.append(f"cluster.backend: {MISSING}")
     else:
         plan.add("cluster.backend", "Ray cluster", cfg.cluster.address or "started on this machine", f"ray {version}",
-                 "eval units")
+                 "compile variants, eval units" + (", bench runs" if cfg.cluster.bench_resource else ""))
 
 
 def _check_provider(cfg: Config, plan: Plan) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from llmship.cache import folder_fingerprint
 from llmship.config import ClusterConfig
-from llmship.errors import UserError
+from llmship.errors import CheckFailed, UserError
 from llmship.files import write_atomic
 
 log = logging.getLogger("llmship")
@@ -81,6 +81,21 @@ def connected(cluster: ClusterConfig) -> Iterator[Any]:
 
 def alive_nodes(ray: Any) -> list[dict[str, Any]]:
     return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def this_node() -> str:
+    """Inside a Ray task: the name `node_name` gives the node it runs on."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    return next((node_name(node) for node in alive_nodes(ray) if node["NodeID"] == node_id), node_id[:8])
+
+
+def require_resource(ray: Any, resource: str, field_name: str) -> None:
+    """UserError unless some alive node carries the custom resource (a task asking for it would wait forever)."""
+    if not any(node.get("Resources", {}).get(resource) for node in alive_nodes(ray)):
+        raise UserError(f"no node of the Ray cluster carries the resource {resource!r} (start the bench nodes with "
+                        f"`ray start --resources '{{\"{resource}\": 1}}'`)", where=field_name)
 
 
 def node_name(node: Mapping[str, Any]) -> str:
@@ -162,6 +177,8 @@ def run_units(ray: Any, cluster: ClusterConfig, function: Callable[..., Any], un
                 cause = exc.cause
                 if isinstance(cause, UserError):
                     raise UserError(str(cause), where=unit.label) from None
+                if isinstance(cause, CheckFailed):
+                    raise CheckFailed(f"{unit.label}: {cause}") from None
                 raise RuntimeError(f"{unit.label} failed: {type(cause).__name__}: {cause}") from cause
             except RayError as exc:
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

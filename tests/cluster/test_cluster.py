@@ -43,11 +43,12 @@ def config(out: Path, backend: str = "local", **cluster) -> Config:
 
 @pytest.fixture(scope="module")
 def local_cluster():
-    """One in-process Ray of 2 CPUs for the module (starting one costs seconds); this module's classes travel by
+    """One in-process Ray of 2 CPUs and one bench-node label for the module (starting one costs seconds); this module's classes travel by
     value, so the tasks' test subclasses run on the workers."""
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=2, resources={"bench-node": 1}, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield ray
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
@@ -342,3 +343,27 @@ def test_compile_builds_the_variants_as_ray_tasks_after_the_export(local_cluster
     written = [record.stat().st_mtime_ns for record in records]
     compile_in(tmp_path / "ray", "ray")
     assert [record.stat().st_mtime_ns for record in records] == written  # nothing built or recorded again
+
+
+@pytest.mark.slow
+def test_bench_runs_each_engine_on_a_labelled_node_and_names_it(local_cluster, embedded_fp32, tmp_path):
+    from llmship.bench import run_bench
+
+    settings = {**SAME_THREADS, "bench": {"num_prompts": 2, "output_len": 4, "warmup": 0},
+                "cluster": {"backend": "ray", "bench_resource": "bench-node"}, "output": {"dir": str(tmp_path)}}
+    summary = run_bench(Config.model_validate(settings), {"fp32": embedded_fp32.path}, tmp_path / "bench")
+    node = probe_nodes_names(local_cluster, tmp_path)
+    assert {row["name"]: row["nodes"] for row in summary["engines"]} == {"pytorch": [node], "fp32": [node]}
+    assert all(row["metrics"]["completed"] == 2 for row in summary["engines"])
+    assert f"Nodes (Ray, one engine per bench node at a time): pytorch on {node}; fp32 on {node}." in \
+        (tmp_path / "bench" / "bench.md").read_text()
+    settings["cluster"]["bench_resource"] = "a100-node"
+    with pytest.raises(UserError, match=r"^cluster.bench_resource: no node of the Ray cluster carries .*'a100-node'"):
+        run_bench(Config.model_validate(settings), {"fp32": embedded_fp32.path}, tmp_path / "bench2")
+
+
+def probe_nodes_names(ray_module, out: Path) -> str:
+    from llmship.cluster import probe_nodes
+
+    (name,) = probe_nodes(ray_module, out, {})
+    return name
