@@ -13,6 +13,7 @@ Ray does the scheduling, the retries and the object transport; this module only
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from collections.abc import Callable, Iterator, Mapping
@@ -83,6 +84,7 @@ def alive_nodes(ray: Any) -> list[dict[str, Any]]:
     return [node for node in ray.nodes() if node.get("Alive")]
 
 
+@functools.cache  # a worker process stays on its node
 def this_node() -> str:
     """Inside a Ray task: the name `node_name` gives the node it runs on."""
     import ray

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llmship.cache import folder_fingerprint, stage_key
-from llmship.cluster import Unit, connected, probe_nodes, run_units
+from llmship.cluster import Unit, connected, probe_nodes, run_units, this_node
 from llmship.config import Config, ModelConfig, RuntimeConfig
 from llmship.data.sources import resolve
 from llmship.eval.tasks import EvalTask
@@ -56,17 +56,15 @@ def _engine(source: EngineSource, runtime: RuntimeConfig) -> Any:
 def score_unit(source: EngineSource, runtime: RuntimeConfig, task: EvalTask, prepared: Any, unit: str,
                tokenizer: Any) -> dict[str, Any]:
     """One unit on the worker this Ray task landed on: the task's (fields, metrics, reference) and the engine's info."""
-    import ray
-
     engine = _engine(source, runtime)
     start = time.perf_counter()
     part = task.score_unit(engine, prepared, unit, tokenizer)
     return {"part": part, "info": engine.info(), "vocab_size": int(engine.vocab_size),
-            "wall_s": time.perf_counter() - start, "node": ray.get_runtime_context().get_node_id()}
+            "wall_s": time.perf_counter() - start, "node": this_node()}
 
 
 # --------------------------------------------------------------------------- on the driver
-def engine_identity(cfg: Config, source: EngineSource) -> Any:
+def engine_identity(source: EngineSource) -> Any:
     """What an engine's scores are a function of besides the task: its files (and the model config)."""
     if isinstance(source, Path):
         return folder_fingerprint(source)
@@ -132,7 +130,7 @@ def score_engines(cfg: Config, tasks: list[EvalTask], prepared: dict[str, Any], 
     results: dict[tuple[str, str, str], dict[str, Any]] = {}
     todo: list[tuple[str, EngineSource, EvalTask, str, str]] = []
     for name, source in sources.items():
-        identity = engine_identity(cfg, source)
+        identity = engine_identity(source)
         for task in tasks:
             for unit in task.units(prepared[task.name]):
                 key = cache.key(identity, task, unit)
@@ -167,21 +165,18 @@ def score_engines(cfg: Config, tasks: list[EvalTask], prepared: dict[str, Any], 
 
 def merged_record(tasks: list[EvalTask], prepared: dict[str, Any], results: dict[tuple[str, str, str], dict[str, Any]],
                   name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One engine's record and references from its units, in the layout of llmship.eval.tasks.score_engine; wall_s
-    is the sum of its units' scoring times (the time one worker would have spent)."""
-    rec: dict[str, Any] = {"metrics": {}}
+    """One engine's record and references from its units, in the layout of llmship.eval.tasks.score_engine, plus the
+    nodes its units ran on; wall_s is the sum of its units' scoring times (what one worker would have spent)."""
+    mine = [result for (engine, _, _), result in results.items() if engine == name]
+    rec: dict[str, Any] = {"info": mine[0]["info"], "vocab_size": mine[0]["vocab_size"], "metrics": {}}
     refs: dict[str, Any] = {}
-    wall = 0.0
     for task in tasks:
-        units = [results[(name, task.name, unit)] for unit in task.units(prepared[task.name])]
-        if not rec.get("info") and units:
-            rec = {"info": units[0]["info"], "vocab_size": units[0]["vocab_size"], "metrics": rec["metrics"]}
-        fields, metrics, ref = task.merge_units(prepared[task.name], [u["part"] for u in units])
+        parts = [results[(name, task.name, unit)]["part"] for unit in task.units(prepared[task.name])]
+        fields, metrics, ref = task.merge_units(prepared[task.name], parts)
         rec.update(fields)
         rec["metrics"].update(metrics)
         if ref is not None:
             refs[task.name] = ref
-        wall += sum(u["wall_s"] for u in units)
-    rec["nodes"] = sorted({u["node"] for (engine, _, _), u in results.items() if engine == name})
-    rec["wall_s"] = round(wall, 3)
+    rec["nodes"] = sorted({result["node"] for result in mine})
+    rec["wall_s"] = round(sum(result["wall_s"] for result in mine), 3)
     return rec, refs
