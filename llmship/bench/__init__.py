@@ -149,13 +149,18 @@ def measure_on_cluster(cfg: Config, jobs: list[tuple[str, dict[str, Any]]], bar:
     """Every timed run as a Ray task holding one unit of `cluster.bench_resource` (bench nodes carry one: one engine
     per node at a time, and only on nodes of that label, so the ratios compare runs on like hardware) and
     `cluster.num_cpus` (set it, and runtime.threads, to the bench nodes' cores); in the order of `jobs`."""
-    from llmship.cluster import Unit, connected, require_resource, run_units
+    from llmship.cluster import Unit, connected, probe_nodes, require_resource, run_units
 
     resource = cfg.cluster.bench_resource or ""
     cluster = cfg.cluster
     found: dict[str, dict[str, Any]] = {}
+    read = {f"variant {job['spec']['folder']}": Path(job["spec"]["folder"]) for _, job in jobs if "folder" in job["spec"]}
+    source = _source_folder(cfg)
+    if source is not None and any(job["spec"]["kind"] == "torch" for _, job in jobs):
+        read["model.path"] = source
     with connected(cluster) as ray:
         require_resource(ray, resource, "cluster.bench_resource")
+        probe_nodes(ray, Path(cfg.output.dir).expanduser(), read)
 
         def finished(unit: Unit, result: dict[str, Any]) -> None:
             found[unit.label] = result
