@@ -6,9 +6,9 @@ Ray does the scheduling, the retries and the object transport; this module only
 - checks the shared filesystem (`probe_nodes`): one task pinned to each alive node reads a token the driver wrote
   under output.dir and fingerprints every input path, so a node that does not see the same files stops the run
   before any unit is scheduled (exit 2 naming the node and the path);
-- runs units (`run_units`): one Ray task per unit, each retried `max_retries` times when its worker process dies,
-  results handed back as they finish (one aggregated progress bar on the driver); a unit that still fails stops
-  the run with one line naming it.
+- runs units (`run_units`): one Ray task per unit, each retried `max_retries` times when its worker process dies
+  or it raises, results handed back as they finish (one aggregated progress bar on the driver); a unit that still
+  fails stops the run with one line naming it (exit 2; a failed parity check or gate stays exit 1).
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def connected(cluster: ClusterConfig) -> Iterator[Any]:
     try:
         ray.init(address=cluster.address or None, log_to_driver=False, configure_logging=False, **options)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot reach the Ray cluster: {first}", where=f"cluster.address ({cluster.address!r})") from None
+        raise UserError(f"cannot reach the Ray cluster: {first_line(exc)}",
+                        where=f"cluster.address ({cluster.address!r})") from None
     try:
         yield ray
     finally:
@@ -145,6 +145,15 @@ def probe_nodes(ray: Any, out: Path, paths: Mapping[str, str | Path]) -> list[st
     return [node_name(node) for node in nodes]
 
 
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def attempts(cluster: ClusterConfig, reason: str) -> str:
+    return f"failed on all {cluster.max_retries + 1} attempt(s) (cluster.max_retries {cluster.max_retries}): {reason}"
+
+
 @dataclass(frozen=True)
 class Unit:
     """One Ray task: `label` names it in messages, `args` go to the remote function."""
@@ -155,10 +164,10 @@ class Unit:
 
 
 def task_options(cluster: ClusterConfig) -> dict[str, Any]:
-    # retry_exceptions stays off: an exception raised by the unit's code is deterministic and would fail again;
-    # only a worker process that died (killed, out of memory, node lost) is retried.
+    # Exceptions are retried as well as dead workers: on a cluster most are transient (a GPU out of memory, a
+    # filesystem hiccup); bad inputs were refused by the preflight before any unit ran.
     return {"num_cpus": cluster.num_cpus, "num_gpus": cluster.num_gpus, "max_retries": cluster.max_retries,
-            "retry_exceptions": False}
+            "retry_exceptions": True}
 
 
 def run_units(ray: Any, cluster: ClusterConfig, function: Callable[..., Any], units: list[Unit],
@@ -181,11 +190,10 @@ def run_units(ray: Any, cluster: ClusterConfig, function: Callable[..., Any], un
                     raise UserError(str(cause), where=unit.label) from None
                 if isinstance(cause, CheckFailed):
                     raise CheckFailed(f"{unit.label}: {cause}") from None
-                raise RuntimeError(f"{unit.label} failed: {type(cause).__name__}: {cause}") from cause
+                raise UserError(attempts(cluster, f"{type(cause).__name__}: {first_line(cause)}"),
+                                where=unit.label) from cause  # the cause: its traceback with --debug
             except RayError as exc:
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise UserError(f"failed on all {cluster.max_retries + 1} attempt(s) (cluster.max_retries "
-                                f"{cluster.max_retries}): {type(exc).__name__}: {reason}", where=unit.label) from None
+                raise UserError(attempts(cluster, f"{type(exc).__name__}: {first_line(exc)}"), where=unit.label) from None
             on_result(unit, result)
     finally:
         for ref in pending:

@@ -181,6 +181,33 @@ def test_a_unit_failing_every_attempt_stops_the_run_and_a_rerun_redoes_only_it(l
     assert got["fp32"]["predictions"] == local_run["engines"]["fp32"]["predictions"]
 
 
+class RaisesAlways(Ceval):
+    """C-Eval whose unit `ppl/civil_servant` raises on every attempt (each appends a line to `log`)."""
+
+    log: Path
+
+    def score_unit(self, engine, prepared, unit, tokenizer, progress=None):
+        if unit == "ppl/civil_servant":
+            with self.log.open("a") as fh:
+                fh.write("attempt\n")
+            raise ValueError("scores went NaN")
+        return super().score_unit(engine, prepared, unit, tokenizer, progress)
+
+
+def test_a_unit_raising_every_attempt_is_retried_then_named(local_cluster, tmp_path, monkeypatch):
+    import llmship.eval
+    from llmship.eval import run_eval
+
+    cfg = config(tmp_path, "ray", max_retries=1)
+    task = RaisesAlways(cfg)
+    task.log = tmp_path / "attempts.log"
+    monkeypatch.setattr(llmship.eval, "enabled_tasks", only(task))
+    with pytest.raises(UserError, match=r"^eval unit ceval ppl/civil_servant of pytorch: failed on all 2 attempt\(s\) "
+                                        r"\(cluster.max_retries 1\): ValueError: scores went NaN$"):
+        run_eval(cfg, {}, tmp_path / "eval")
+    assert task.log.read_text() == "attempt\nattempt\n"
+
+
 def test_probe_names_the_node_and_the_path_it_does_not_see(local_cluster, tmp_path):
     from llmship.cluster import probe_nodes
 
