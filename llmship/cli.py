@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from llmship.errors import CheckFailed, UserError
 from llmship.progress import stderr
@@ -75,12 +76,12 @@ def _guarded(work: Callable[[], None], debug: bool) -> None:
     except UserError as exc:
         if debug:
             traceback.print_exc()
-        stderr.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except CheckFailed as exc:
         if debug:
             traceback.print_exc()
-        stderr.print(f"[bold red]check failed:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]check failed:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except OSError as exc:
         if exc.errno not in _WRITE_ERRNOS:
@@ -88,7 +89,7 @@ def _guarded(work: Callable[[], None], debug: bool) -> None:
         if debug:
             traceback.print_exc()
         where = f" ({exc.filename})" if exc.filename else ""
-        stderr.print(f"[bold red]error:[/] cannot write output{where}: {exc.strerror}; earlier outputs are unchanged",
+        stderr.print(f"[bold red]error:[/] cannot write output{escape(where)}: {exc.strerror}; earlier outputs are unchanged",
                      markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -106,7 +107,7 @@ def _internal_error(exc: BaseException, debug: bool) -> None:
     if debug:
         traceback.print_exception(exc)
     else:
-        stderr.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+        stderr.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (rerun with --debug for the traceback)",
                      markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(3) from None
 

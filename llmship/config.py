@@ -274,6 +274,24 @@ class GateConfig(Section):
     baseline_json: str | None = Field(None, description="Stored baseline results to compare against instead of re-scoring.")
 
 
+# --------------------------------------------------------------------------- cluster
+class ClusterConfig(Section):
+    """`cluster:`: where units of work run (llmship.cluster): here, or as Ray tasks; local changes nothing."""
+
+    backend: Literal["local", "ray"] = Field("local", description="local: this process, as without a cluster (Ray is "
+                                             "not imported); ray: units of work fanned out as Ray tasks (llmship[ray]).")
+    address: str = Field("", description="Ray cluster: '' starts a Ray on this machine, 'auto' joins the one `ray start` "
+                         "runs here, 'ray://host:10001' a remote one through Ray Client.")
+    num_cpus: float = Field(1, ge=0, description="CPUs each task reserves (set runtime.threads to match: the same threads "
+                            "give the same answers as a local run).")
+    num_gpus: float = Field(0, ge=0, description="GPUs each task reserves (runtime.provider: cuda on GPU nodes).")
+    max_retries: int = Field(2, ge=0, description="Retries of a unit whose worker process died (killed, out of memory, "
+                             "node lost) before the run stops naming the unit.")
+    bench_resource: str | None = Field(None, description="Custom resource of the bench nodes (`ray start --resources "
+                                       "'{\"bench-node\": 1}'`): each engine is benchmarked on one of them, one engine "
+                                       "per node at a time; unset: the bench runs here.")
+
+
 # --------------------------------------------------------------------------- output
 class OutputConfig(Section):
     dir: str = Field("llmship-out", description="Folder that receives variants, eval, bench and the report.")
@@ -289,6 +307,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Accuracy evaluation.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Regression gate.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Where units of work run: here, or on a Ray cluster.")
     _source: str = PrivateAttr("<defaults>")
 
     @model_validator(mode="after")

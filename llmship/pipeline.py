@@ -91,14 +91,52 @@ def _gate(eval_result: dict, out: Path) -> None:
 def compile_variants(cfg: Config, out: Path, variants: list[Variant], progress: Any = None,
                      force: bool = False) -> dict[str, Stage]:
     """The export and every variant built, or reused when up to date; variant name -> its stage."""
+    if cfg.cluster.backend == "ray" and not cfg.export.streaming:
+        return compile_on_cluster(cfg, out, variants, force)
     compiled = compile_stages(cfg, out, variants, progress, force)
     for stage in in_build_order(compiled.values()):
         build(stage, out, force)
     return compiled
 
 
+def compile_on_cluster(cfg: Config, out: Path, variants: list[Variant], force: bool = False) -> dict[str, Stage]:
+    """`compile_variants` with the variants as Ray tasks, once the fp32 export (built here) exists: they are
+    independent. The calibration set is tokenized here once and travels with the stages; each task builds and records
+    its stage in output.dir, which every node shares (the probe checks it and the export)."""
+    from llmship.cluster import Unit, connected, probe_nodes, run_units
+
+    calibration = Calibration(cfg, out / EXPORT_FOLDER)
+    compiled = compile_stages(cfg, out, variants, None, force, calibration)  # no progress bar: it cannot travel
+    stages = in_build_order(compiled.values())
+    for stage in stages:
+        if not stage.consumes:
+            build(stage, out, force)
+    todo = [stage for stage in stages if stage.consumes and (force or not stage.up_to_date(out))]
+    for stage in stages:
+        if stage.consumes and stage not in todo:
+            log.info("%s: %s", stage.fresh_log, stage.artifact)
+    if not todo:
+        return compiled
+    if any(v.reads_calibration for v in variants):
+        calibration.samples  # noqa: B018 - tokenized here, once, not on every node
+    with connected(cfg.cluster) as ray:
+        probe_nodes(ray, out, {"fp32 export": out / EXPORT_FOLDER})
+        units = [Unit(f"compile {stage.name}", (stage, out, force)) for stage in todo]
+        run_units(ray, cfg.cluster, build_stage, units,
+                  lambda unit, node: log.info("%s built on node %s", unit.label.removeprefix("compile "), node))
+    return compiled
+
+
+def build_stage(stage: Stage, out: Path, force: bool) -> str:
+    """On a Ray worker: build one stage (recorded in output.dir as a local build is); the node's id."""
+    import ray
+
+    build(stage, out, force)
+    return ray.get_runtime_context().get_node_id()
+
+
 def compile_stages(cfg: Config, out: Path, variants: list[Variant], progress: Any = None,
-                   force: bool = False) -> dict[str, Stage]:
+                   force: bool = False, calibration: Calibration | None = None) -> dict[str, Stage]:
     """Variant name -> the stage that builds its folder: the fp32 export for the fp32 variant, else the variant's own
     stage, which consumes the export (with `export.streaming`, reads the checkpoint instead)."""
     if cfg.export.streaming:
@@ -106,7 +144,7 @@ def compile_stages(cfg: Config, out: Path, variants: list[Variant], progress: An
     fp32_dir = out / EXPORT_FOLDER
     export = Stage("export", fp32_dir, reads=lambda: export_reads(cfg), run=lambda: _export(cfg, fp32_dir, progress),
                    fresh_log="fp32 export is up to date")
-    calibration = Calibration(cfg, fp32_dir)
+    calibration = calibration or Calibration(cfg, fp32_dir)
     return {v.name: export if v.scheme.builds_export else variant_stage(cfg, out, v, export, calibration, progress)
             for v in variants}
 

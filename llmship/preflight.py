@@ -80,6 +80,7 @@ def check(cfg: Config, verb: str, variants: list[Variant]) -> Plan:
     reads_eval = verb in ("eval", "run")
     reads_bench = verb in ("bench", "run")
     _check_provider(cfg, plan)
+    _check_cluster(cfg, plan)
     if reads_compile or reads_eval or (reads_bench and cfg.bench.baseline):
         _guard(plan, _check_model, cfg, plan)
     if verb in ("eval", "bench"):
@@ -118,6 +119,21 @@ def _local(value: str) -> Path | None:
 
 
 # --------------------------------------------------------------------------- runtime
+def _check_cluster(cfg: Config, plan: Plan) -> None:
+    """cluster.backend: ray needs Ray installed (checked without importing it); the nodes are probed at the start of
+    the fan-out (llmship.cluster.probe_nodes), when the cluster is reached."""
+    from llmship.cluster import MISSING, ray_version
+
+    if cfg.cluster.backend != "ray":
+        return
+    version = ray_version()
+    if version is None:
+        plan.problems.append(f"cluster.backend: {MISSING}")
+    else:
+        plan.add("cluster.backend", "Ray cluster", cfg.cluster.address or "started on this machine", f"ray {version}",
+                 "compile variants, eval units" + (", bench runs" if cfg.cluster.bench_resource else ""))
+
+
 def _check_provider(cfg: Config, plan: Plan) -> None:
     import onnxruntime as ort
 

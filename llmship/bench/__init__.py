@@ -128,6 +128,50 @@ def measure_engine(job: dict[str, Any], isolate: bool, bar: Counter, label: str)
     return runner.measure(job, lambda done, total: bar(label, done, total), isolated=False)
 
 
+def measure_here(job: dict[str, Any], isolate: bool, bar: Counter, label: str, bandwidth: dict[str, Any],
+                 ) -> dict[str, Any]:
+    """One timed run on this machine: the machine's load just before it, the worker's raw figures."""
+    load = sample_load()
+    log.info("%s: %s", label, describe(load))
+    return {"raw": measure_engine(job, isolate, bar, label), "load": load, "bandwidth": bandwidth}
+
+
+def measure_on_node(job: dict[str, Any], label: str) -> dict[str, Any]:
+    """In a Ray task on a bench node: `measure_here` in a fresh process (as `bench.isolate`), with that node's read
+    bandwidth (the roofline's limit) and its name."""
+    from llmship.cluster import this_node
+
+    bandwidth = roofline.measure_read_bandwidth(job["runtime"]["threads"])
+    return {**measure_here(job, True, Counter(None), label, bandwidth), "node": this_node()}
+
+
+def measure_on_cluster(cfg: Config, jobs: list[tuple[str, dict[str, Any]]], bar: Counter) -> list[dict[str, Any]]:
+    """Every timed run as a Ray task holding one unit of `cluster.bench_resource` (bench nodes carry one: one engine
+    per node at a time, and only on nodes of that label, so the ratios compare runs on like hardware) and
+    `cluster.num_cpus` (set it, and runtime.threads, to the bench nodes' cores); in the order of `jobs`."""
+    from llmship.cluster import Unit, connected, probe_nodes, require_resource, run_units
+
+    resource = cfg.cluster.bench_resource or ""
+    cluster = cfg.cluster
+    found: dict[str, dict[str, Any]] = {}
+    read = {f"variant {job['spec']['folder']}": Path(job["spec"]["folder"]) for _, job in jobs if "folder" in job["spec"]}
+    source = _source_folder(cfg)
+    if source is not None and any(job["spec"]["kind"] == "torch" for _, job in jobs):
+        read["model.path"] = source
+    with connected(cluster) as ray:
+        require_resource(ray, resource, "cluster.bench_resource")
+        probe_nodes(ray, Path(cfg.output.dir).expanduser(), read)
+
+        def finished(unit: Unit, result: dict[str, Any]) -> None:
+            found[unit.label] = result
+            log.info("%s: ran on node %s; %s", unit.label, result["node"], describe(result["load"]))
+            bar("bench (cluster)", len(found), len(jobs))
+
+        run_units(ray, cluster, measure_on_node, [Unit(label, (job, label), {resource: 1}) for label, job in jobs],
+                  finished)
+    return [found[label] for label, _ in jobs]
+
+
 # --------------------------------------------------------------------------- figures
 def _headline(engine: dict[str, Any]) -> dict[str, float]:
     m = engine["metrics"]
@@ -181,6 +225,8 @@ def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     each tagged with its repeat; the load sample of each run."""
     first = runs[0]
     engine = {key: first[key] for key in ("spec", "info", "size_bytes", "weights")}
+    if "node" in first:  # a cluster run: the node of each run (bench nodes carry the same hardware label)
+        engine["nodes"] = [r["node"] for r in runs]
     for key in ("load_s", "memory", "metrics", "roofline", "decode", "prefill"):
         engine[key] = median_tree([r[key] for r in runs])
     engine["repeats"] = len(runs)
@@ -256,23 +302,29 @@ def run_bench(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: A
         "runtime": {**cfg.runtime.model_dump(), "threads": threads["intra_op"]},
     }
     bar = Counter(progress)
-    bandwidth = roofline.measure_read_bandwidth(threads["intra_op"])
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in specs}
     samples: list[tuple[str, dict[str, Any]]] = []
+    jobs = [(f"bench {name}" + (f" (run {repeat + 1}/{bc.repeats})" if bc.repeats > 1 else ""), name, spec)
+            for repeat in range(bc.repeats) for name, spec in specs.items()]
     try:
-        for repeat in range(bc.repeats):
-            for name, spec in specs.items():
-                label = f"bench {name}" + (f" (run {repeat + 1}/{bc.repeats})" if bc.repeats > 1 else "")
-                load = sample_load()
-                log.info("%s: %s", label, describe(load))
-                samples.append((label.removeprefix("bench "), load))
-                raw = measure_engine({**job_base, "spec": spec}, bc.isolate, bar, label)
-                produced = [r["produced_len"] for r in raw["records"]]
-                if produced != [r.output_len for r in requests]:
-                    raise CheckFailed(f"{name}: produced output lengths differ from the requested ones")
-                runs[name].append(engine_run(spec, raw, lengths, batches, bandwidth, load))
+        if cfg.cluster.backend == "ray" and cfg.cluster.bench_resource:
+            measured = measure_on_cluster(cfg, [(label, {**job_base, "spec": spec}) for label, _, spec in jobs], bar)
+        else:
+            bandwidth = roofline.measure_read_bandwidth(threads["intra_op"])
+            measured = [measure_here({**job_base, "spec": spec}, bc.isolate, bar, label, bandwidth)
+                        for label, _, spec in jobs]
     finally:
         bar.finish()
+    for (label, name, spec), found in zip(jobs, measured, strict=True):
+        raw, load = found["raw"], found["load"]
+        samples.append((label.removeprefix("bench "), load))
+        produced = [r["produced_len"] for r in raw["records"]]
+        if produced != [r.output_len for r in requests]:
+            raise CheckFailed(f"{name}: produced output lengths differ from the requested ones")
+        runs[name].append(engine_run(spec, raw, lengths, batches, found["bandwidth"], load))
+        if "node" in found:
+            runs[name][-1]["node"] = found["node"]
+    bandwidth = measured[0]["bandwidth"]
     engines = {name: combine_runs(engine_runs) for name, engine_runs in runs.items()}
     warnings = [w for w in (busy_warning(samples), *thread_mismatches(engines, threads["intra_op"])) if w]
     for warning in warnings:
@@ -331,6 +383,7 @@ def engine_row(name: str, engine: dict[str, Any]) -> dict[str, Any]:
         "prefill_tokens_per_s": engine["prefill"]["tokens_per_s"], "decode_tokens_per_s": engine["decode"]["tokens_per_s"],
         "roofline": engine["roofline"], "memory": engine["memory"], "weights": engine["weights"],
         "threads": engine["info"].get("threads"), "spread": engine["spread"], "load": engine["load"],
+        **({"nodes": engine["nodes"]} if "nodes" in engine else {}),
     }
 
 

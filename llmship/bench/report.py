@@ -41,6 +41,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Dropped: " + (", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s["dropped"].items() if v) or "none") + ".",
         f"Padding overhead: prompt {result['padding']['prompt_padding']:.1%}, decode slots {result['padding']['decode_padding']:.1%}.",
+        *(["Nodes (Ray, one engine per bench node at a time): "
+           + "; ".join(f"{name} on {', '.join(dict.fromkeys(e['nodes']))}" for name, e in engines.items()) + "."]
+          if all("nodes" in e for e in engines.values()) else []),
         "",
         "## Throughput and latency (median, ms)",
         "",

@@ -41,7 +41,7 @@ from llmship.artifact import atomic_folder
 from llmship.artifact import max_positions as smallest_positions
 from llmship.config import Config
 from llmship.errors import UserError
-from llmship.eval.baseline import baseline_record
+from llmship.eval.baseline import baseline_record, keep_baseline, reused_baseline
 from llmship.eval.gate import check_metrics_known, evaluate_goals, log_failures, write_junit
 from llmship.eval.intervals import METHOD as INTERVAL_METHOD
 from llmship.eval.intervals import engine_intervals
@@ -103,8 +103,6 @@ def summary_rows(tasks: list[EvalTask], prepared: dict[str, Any]) -> list[dict[s
 # --------------------------------------------------------------------------- entry point
 def run_eval(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: Any = None) -> dict[str, Any]:
     """Score the PyTorch baseline and every variant folder, write the summaries, apply the gate."""
-    from llmship.runtime import load_engine
-
     start = time.perf_counter()
     out_dir = Path(out_dir)
     if BASELINE_NAME in variants:
@@ -116,19 +114,11 @@ def run_eval(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: An
     check_goals(cfg, {name for task in tasks for name in task.metric_names(prepared[task.name])})
     check_position_limits(tasks, prepared, variants)
 
-    base, base_refs, from_cache = baseline_record(cfg, tasks, prepared, tokenizer, bar.scoped(f"eval {BASELINE_NAME}"))
-    engines: dict[str, dict[str, Any]] = {BASELINE_NAME: base}
-    refs: dict[str, dict[str, Any]] = {BASELINE_NAME: base_refs}
-    for name, folder in variants.items():
-        engine = load_engine(Path(folder), cfg.runtime)
-        try:
-            if "vocab_size" in base and int(engine.vocab_size) != int(base["vocab_size"]):
-                raise UserError(f"vocabulary of {engine.vocab_size} tokens, the baseline has {base['vocab_size']}",
-                                where=str(folder))
-            engines[name], refs[name] = score_engine(engine, tasks, prepared, tokenizer, bar.scoped(f"eval {name}"))
-        finally:
-            engine.close()
-        engines[name]["path"] = str(folder)
+    if cfg.cluster.backend == "ray":
+        engines, refs, from_cache = score_on_cluster(cfg, tasks, prepared, tokenizer, variants, bar)
+    else:
+        engines, refs, from_cache = score_here(cfg, tasks, prepared, tokenizer, variants, bar)
+    base, base_refs = engines[BASELINE_NAME], refs[BASELINE_NAME]
     for task in tasks:  # the paired metrics (agreements, consistency), the baseline's own included
         for name, rec in engines.items():
             task.compare(prepared[task.name], base, base_refs.get(task.name), rec, refs[name].get(task.name))
@@ -167,6 +157,52 @@ def run_eval(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: An
             "notes": notes, "wall_s": wall,
             "engines": {n: {"path": str(r.get("path")), "info": r.get("info"), "wall_s": r.get("wall_s")}
                         for n, r in engines.items()}}
+
+
+def score_here(cfg: Config, tasks: list[EvalTask], prepared: dict[str, Any], tokenizer: Any, variants: dict[str, Path],
+               bar: Counter) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], bool]:
+    """(engine name -> record, engine name -> references, baseline from cache): one engine after another here."""
+    from llmship.runtime import load_engine
+
+    base, base_refs, from_cache = baseline_record(cfg, tasks, prepared, tokenizer, bar.scoped(f"eval {BASELINE_NAME}"))
+    engines: dict[str, dict[str, Any]] = {BASELINE_NAME: base}
+    refs: dict[str, dict[str, Any]] = {BASELINE_NAME: base_refs}
+    for name, folder in variants.items():
+        engine = load_engine(Path(folder), cfg.runtime)
+        try:
+            check_vocabulary(int(engine.vocab_size), base, folder)
+            engines[name], refs[name] = score_engine(engine, tasks, prepared, tokenizer, bar.scoped(f"eval {name}"))
+        finally:
+            engine.close()
+        engines[name]["path"] = str(folder)
+    return engines, refs, from_cache
+
+
+def score_on_cluster(cfg: Config, tasks: list[EvalTask], prepared: dict[str, Any], tokenizer: Any,
+                     variants: dict[str, Path], bar: Counter,
+                     ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], bool]:
+    """`score_here`'s result with every (engine, task unit) a Ray task (llmship.eval.fanout); the baseline too, unless
+    it is stored or cached."""
+    from llmship.eval.fanout import score_engines
+
+    reused = reused_baseline(cfg, tasks)
+    sources: dict[str, Any] = {} if reused is not None else {BASELINE_NAME: cfg.model}
+    sources.update({name: Path(folder) for name, folder in variants.items()})
+    scored = score_engines(cfg, tasks, prepared, tokenizer, sources, bar)
+    if reused is None:
+        keep_baseline(cfg, tasks, *scored[BASELINE_NAME])
+    base, base_refs = reused if reused is not None else scored[BASELINE_NAME]
+    engines, refs = {BASELINE_NAME: base}, {BASELINE_NAME: base_refs}
+    for name, folder in variants.items():
+        engines[name], refs[name] = scored[name]
+        check_vocabulary(int(engines[name]["vocab_size"]), base, folder)
+        engines[name]["path"] = str(folder)
+    return engines, refs, reused is not None
+
+
+def check_vocabulary(vocab_size: int, base: dict[str, Any], folder: Path) -> None:
+    if "vocab_size" in base and vocab_size != int(base["vocab_size"]):
+        raise UserError(f"vocabulary of {vocab_size} tokens, the baseline has {base['vocab_size']}", where=str(folder))
 
 
 def check_goals(cfg: Config, known: set[str]) -> None:

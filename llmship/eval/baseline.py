@@ -77,19 +77,32 @@ def save_cached(cfg: Config, tasks: list[EvalTask], key: str, rec: dict[str, Any
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def baseline_record(cfg: Config, tasks: list[EvalTask], prepared: dict[str, Any], tokenizer: Any, progress: Progress,
-                    ) -> tuple[dict[str, Any], dict[str, Any], bool]:
-    """(record, task name -> reference, from_cache): stored JSON, cache hit, or a fresh PyTorch run."""
+def reused_baseline(cfg: Config, tasks: list[EvalTask]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(record, task name -> reference) from `gate.baseline_json` or the cache; None when the baseline must be scored."""
     if cfg.gate.baseline_json:
-        return stored_baseline(cfg.gate.baseline_json), {}, True
-    out = Path(cfg.output.dir).expanduser()
-    key = baseline_key(cfg, tasks)
-    folder = cache_root(cfg) / key
-    if cfg.eval.baseline_cache and cached(out, STAGE, key, folder):
+        return stored_baseline(cfg.gate.baseline_json), {}
+    folder = cache_root(cfg) / baseline_key(cfg, tasks)
+    if cfg.eval.baseline_cache and cached(Path(cfg.output.dir).expanduser(), STAGE, folder.name, folder):
         hit = load_cached(folder, tasks)
         if hit is not None:
             log.info("eval: baseline scores reused from %s", folder)
-            return hit[0], hit[1], True
+            return hit
+    return None
+
+
+def keep_baseline(cfg: Config, tasks: list[EvalTask], rec: dict[str, Any], refs: dict[str, Any]) -> None:
+    """A freshly scored baseline: its path recorded, and cached unless `eval.baseline_cache: false`."""
+    rec["path"] = cfg.model.path
+    if cfg.eval.baseline_cache:
+        save_cached(cfg, tasks, baseline_key(cfg, tasks), rec, refs)
+
+
+def baseline_record(cfg: Config, tasks: list[EvalTask], prepared: dict[str, Any], tokenizer: Any, progress: Progress,
+                    ) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """(record, task name -> reference, from_cache): stored JSON, cache hit, or a fresh PyTorch run."""
+    hit = reused_baseline(cfg, tasks)
+    if hit is not None:
+        return hit[0], hit[1], True
     from llmship.runtime import load_engine
 
     engine = load_engine(cfg.model, cfg.runtime)
@@ -97,7 +110,5 @@ def baseline_record(cfg: Config, tasks: list[EvalTask], prepared: dict[str, Any]
         rec, refs = score_engine(engine, tasks, prepared, tokenizer, progress)
     finally:
         engine.close()
-    rec["path"] = cfg.model.path
-    if cfg.eval.baseline_cache:
-        save_cached(cfg, tasks, key, rec, refs)
+    keep_baseline(cfg, tasks, rec, refs)
     return rec, refs, False

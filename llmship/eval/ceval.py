@@ -49,7 +49,7 @@ from llmship.data.sources import read_ceval
 from llmship.errors import UserError
 from llmship.eval.intervals import ceval_intervals
 from llmship.eval.lm import sequence_logprobs
-from llmship.eval.tasks import DataInput, EvalTask, Progress, counter
+from llmship.eval.tasks import DataInput, EvalTask, Progress, counter, cumulative
 from llmship.runtime.base import Engine
 
 LABELS = templates.CEVAL_LABELS
@@ -412,6 +412,34 @@ class MultipleChoiceTask(EvalTask):
         """One per mode and subject: '<mode>/<subject>'."""
         return [f"{mode}/{name}" for mode in prepared.modes for name in prepared.subject_names]
 
+    predictions_field: ClassVar[str] = "predictions"  # the engine record's field: {mode: per-question records}
+
+    def score(self, engine: Engine, prepared: CevalSet, tokenizer: Any, progress: Progress | None,
+              ) -> tuple[dict[str, Any], dict[str, float], Any]:
+        """Unit by unit, then merged: batches never span two subjects, so a cluster run, which scores the units
+        apart, forms the same batches and gets the same answers bit for bit."""
+        step = cumulative(progress)
+        parts = [self.score_unit(engine, prepared, unit, tokenizer, step) for unit in self.units(prepared)]
+        return self.merge_units(prepared, parts)
+
+    def merge_units(self, prepared: CevalSet, parts: list[tuple[dict[str, Any], dict[str, float], Any]],
+                    ) -> tuple[dict[str, Any], dict[str, float], Any]:
+        """Each mode's records in question order and its accuracies (subjects, groups) recomputed from them."""
+        order = {(q.subject, q.idx): i for i, q in enumerate(prepared.questions)}
+        by_mode: dict[str, list[dict[str, Any]]] = {mode: [] for mode in prepared.modes}
+        for fields, _, _ in parts:
+            for mode, records in fields[self.predictions_field].items():
+                by_mode[mode].extend(records)
+        predictions, metrics = {}, {}
+        for mode, records in by_mode.items():
+            predictions[mode] = sorted(records, key=lambda r: order[(r["subject"], r["idx"])])
+            metrics.update(self.accuracies(prepared, mode, predictions[mode]))
+        return {self.predictions_field: predictions}, metrics, None
+
+    def accuracies(self, prepared: CevalSet, mode: str, records: list[dict[str, Any]]) -> dict[str, float]:
+        """One mode's subject and group accuracies, as `score` computes them."""
+        return accuracy_metrics(mode, prepared.subjects, records)
+
 
 class Ceval(MultipleChoiceTask):
     """C-Eval val questions in OpenCompass's PPL and GEN modes (eval.ceval)."""
@@ -428,11 +456,6 @@ class Ceval(MultipleChoiceTask):
 
     def metric_names(self, prepared: CevalSet) -> set[str]:
         return set(metric_names(prepared))
-
-    def score(self, engine: Engine, prepared: CevalSet, tokenizer: Any, progress: Progress | None,
-              ) -> tuple[dict[str, Any], dict[str, float], Any]:
-        scored = score_engine(engine, prepared, tokenizer, self.cfg.eval.batch_size, progress)
-        return {"predictions": scored["predictions"]}, scored["metrics"], None
 
     def score_unit(self, engine: Engine, prepared: CevalSet, unit: str, tokenizer: Any,
                    progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, float], Any]:

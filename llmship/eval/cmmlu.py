@@ -106,6 +106,7 @@ class Cmmlu(MultipleChoiceTask):
     section = "eval.cmmlu"
     scored_split = "test"
     metric_prefixes = ("cmmlu/",)
+    predictions_field = PREDICTIONS
     length_hint = "eval.cmmlu.max_out_len / max_seq_len"
 
     def prepare(self, tokenizer: Any, positions: int) -> CevalSet:
@@ -116,10 +117,6 @@ class Cmmlu(MultipleChoiceTask):
         return {f"{PREFIX}/{mode}/{name}" for mode in prepared.modes
                 for name in (*prepared.subject_names, *groups, "agreement")}
 
-    def score(self, engine: Engine, prepared: CevalSet, tokenizer: Any, progress: Progress | None,
-              ) -> tuple[dict[str, Any], dict[str, float], Any]:
-        return self._score(engine, prepared, prepared.questions, prepared.modes, tokenizer, progress)
-
     def score_unit(self, engine: Engine, prepared: CevalSet, unit: str, tokenizer: Any,
                    progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, float], Any]:
         mode, _, subject = unit.partition("/")
@@ -129,14 +126,16 @@ class Cmmlu(MultipleChoiceTask):
         fields, metrics, _ = self._score(engine, prepared, questions, [mode], tokenizer, progress)
         return fields, {f"{PREFIX}/{mode}/{subject}": metrics[f"{PREFIX}/{mode}/{subject}"]}, None
 
+    def accuracies(self, prepared: CevalSet, mode: str, records: list[dict[str, Any]]) -> dict[str, float]:
+        return accuracy_metrics(mode, prepared.subjects, records, PREFIX, group_members(prepared.subjects))
+
     def _score(self, engine: Engine, prepared: CevalSet, questions: list[Question], modes: list[str], tokenizer: Any,
                progress: Progress | None) -> tuple[dict[str, Any], dict[str, float], Any]:
         predictions, metrics = {}, {}
-        groups = group_members(prepared.subjects)
         for mode in modes:
             records = score_mode(engine, prepared, questions, mode, tokenizer, self.cfg.eval.batch_size, progress)
             predictions[mode] = records
-            metrics.update(accuracy_metrics(mode, prepared.subjects, records, PREFIX, groups))
+            metrics.update(self.accuracies(prepared, mode, records))
         return {PREDICTIONS: predictions}, metrics, None
 
     def compare(self, prepared: CevalSet, base: dict[str, Any], base_ref: Any, rec: dict[str, Any], ref: Any) -> None:

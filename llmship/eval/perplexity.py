@@ -26,12 +26,15 @@ from llmship.data import templates
 from llmship.data.sources import alpaca_part, read_alpaca, read_c4
 from llmship.data.templates import alpaca_prompt
 from llmship.errors import UserError
-from llmship.eval.lm import sequence_logprobs
+from llmship.eval.lm import batches, sequence_logprobs
 from llmship.eval.tasks import DataInput, EvalTask, Progress, counter, short_hash
 from llmship.runtime.base import Engine
 
 C4_EVAL_SEED = 0  # GPTQ datautils.get_c4: the validation windows always use random.seed(0)
 MAX_DRAWS_PER_WINDOW = 10_000  # a document pool with no long-enough text would otherwise loop forever
+# A cluster unit of C4 perplexity: this many of the eval's batches (at batch 8 and 2,048 tokens, 4 batches are 64k
+# tokens: seconds on a GPU, the same order as a C-Eval subject).
+C4_BATCHES_PER_UNIT = 4
 
 
 def c4_windows(texts: Sequence[str], tokenizer: Any, seq_len: int, windows: int, seed: int = C4_EVAL_SEED,
@@ -61,7 +64,12 @@ def c4_perplexity(engine: Engine, windows: Sequence[Sequence[int]], batch_size: 
                   on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     own, _ = sequence_logprobs(engine, windows, batch_size, on_batch=on_batch)
     window_nll = [float(-lp.mean()) for lp in own]
-    return {"ppl": math.exp(float(np.mean(window_nll))), "window_nll": window_nll}
+    return {"ppl": perplexity_of(window_nll), "window_nll": window_nll}
+
+
+def perplexity_of(window_nll: Sequence[float]) -> float:
+    """GPTQ's llama_eval: exp of the mean over windows of each window's mean NLL."""
+    return math.exp(float(np.mean(window_nll)))
 
 
 def alpaca_examples(records: Sequence[dict[str, Any]], tokenizer: Any, count: int, max_positions: int) -> list[dict[str, Any]]:
@@ -142,6 +150,28 @@ class C4Perplexity(EvalTask):
     def score(self, engine: Engine, prepared: list[list[int]], tokenizer: Any, progress: Progress | None,
               ) -> tuple[dict[str, Any], dict[str, float], Any]:
         c4 = c4_perplexity(engine, prepared, self.cfg.eval.batch_size, counter(progress, "ppl c4", len(prepared)))
+        return {"c4": c4}, {"ppl/c4": c4["ppl"]}, None
+
+    def units(self, prepared: list[list[int]]) -> list[str]:
+        """Blocks of windows, 'windows <first>-<last>', each a whole number of the batches `score` runs (the windows
+        have one length, so the batches are consecutive runs of windows): a block's window NLLs are the whole run's."""
+        per_batch = len(batches([len(w) for w in prepared], self.cfg.eval.batch_size)[0]) if prepared else 1
+        size = per_batch * C4_BATCHES_PER_UNIT
+        return [f"windows {first}-{min(first + size, len(prepared)) - 1}" for first in range(0, len(prepared), size)]
+
+    def score_unit(self, engine: Engine, prepared: list[list[int]], unit: str, tokenizer: Any,
+                   progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, float], Any]:
+        if unit not in self.units(prepared):
+            raise KeyError(unit)
+        first, last = (int(n) for n in unit.removeprefix("windows ").split("-"))
+        block = prepared[first:last + 1]
+        c4 = c4_perplexity(engine, block, self.cfg.eval.batch_size, counter(progress, "ppl c4", len(block)))
+        return {"c4": {"window_nll": c4["window_nll"]}}, {}, None
+
+    def merge_units(self, prepared: list[list[int]], parts: list[tuple[dict[str, Any], dict[str, float], Any]],
+                    ) -> tuple[dict[str, Any], dict[str, float], Any]:
+        window_nll = [nll for fields, _, _ in parts for nll in fields["c4"]["window_nll"]]
+        c4 = {"ppl": perplexity_of(window_nll), "window_nll": window_nll}
         return {"c4": c4}, {"ppl/c4": c4["ppl"]}, None
 
     def summary_rows(self, prepared: list[list[int]]) -> list[dict[str, Any]]:

@@ -11,8 +11,8 @@ A task declares:
   (`compare`) with the baseline; `save_reference` / `load_reference` keep that reference in the baseline cache;
 - `summary_rows`: its rows of the OpenCompass summary table, each with `n` (items behind the metric);
 - `intervals`: the 95% paired intervals of its metrics (llmship.eval.intervals);
-- `units` / `score_unit`: the pieces its scoring can be split into (one per C-Eval subject and mode), so a later
-  cluster run can fan them out and merge the records.
+- `units` / `score_unit` / `merge_units`: the pieces its scoring can be split into (one per C-Eval subject and
+  mode), so a cluster run (llmship.eval.fanout) can fan them out and merge them into what `score` returns.
 """
 
 from __future__ import annotations
@@ -128,6 +128,14 @@ class EvalTask(ABC):
             raise KeyError(unit)
         return self.score(engine, prepared, tokenizer, progress)
 
+    def merge_units(self, prepared: Any, parts: list[tuple[dict[str, Any], dict[str, float], Any]],
+                    ) -> tuple[dict[str, Any], dict[str, float], Any]:
+        """What `score` returns, from the `score_unit` results of every unit of `units`, in that order (a cluster
+        run scores them apart). A task of one unit: that unit's result."""
+        if len(parts) != 1:
+            raise ValueError(f"{self.name}: {len(parts)} unit results for a task of one unit")
+        return parts[0]
+
     # ------------------------------------------------------------------ reporting
     @abstractmethod
     def summary_rows(self, prepared: Any) -> list[dict[str, Any]]:
@@ -169,6 +177,25 @@ def counter(progress: Progress | None, description: str, total: int) -> Callable
             progress(description, done[0], total)
 
     return step
+
+
+def cumulative(progress: Progress | None) -> Progress | None:
+    """`progress` for a run of units: each description's count goes on from where the previous unit's ended (a unit
+    counts its own `done of total` from zero)."""
+    if progress is None:
+        return None
+    ended: dict[str, int] = {}  # description -> work of the units that finished
+    last: dict[str, tuple[int, int]] = {}
+
+    def report(description: str, done: int, total: int) -> None:
+        prev_done, prev_total = last.get(description, (0, -1))
+        if prev_done == prev_total:  # the previous unit under this description is complete: a new one starts
+            ended[description] = ended.get(description, 0) + max(prev_total, 0)
+        last[description] = (done, total)
+        base = ended.get(description, 0)
+        progress(description, base + done, base + total)
+
+    return report
 
 
 def score_engine(engine: Engine, tasks: list[EvalTask], prepared: Mapping[str, Any], tokenizer: Any,

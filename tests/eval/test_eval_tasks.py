@@ -110,3 +110,22 @@ def test_cmmlu_goals_are_validated_like_ceval_goals():
             Config.model_validate({"eval": eval_section, "gate": {"goals": [goal]}})
     with pytest.raises((UserError, ValueError), match="a percentage"):
         Config.model_validate({"gate": {"goals": [{**goal, "value": 120}]}})
+
+
+def test_c4_blocks_of_windows_scored_one_by_one_merge_into_the_whole():
+    from llmship.eval import eval_tokenizer
+    from llmship.eval.perplexity import C4Perplexity
+    from llmship.runtime import load_engine
+
+    cfg = Config.model_validate({"eval": {"batch_size": 2, "perplexity": {"windows": 11, "seq_len": 64}}})
+    task, tokenizer = C4Perplexity(cfg), eval_tokenizer(cfg)
+    windows = task.prepare(tokenizer, 1024)
+    assert task.units(windows) == ["windows 0-7", "windows 8-10"]  # 4 batches of 2 per unit
+    engine = load_engine(cfg.model, cfg.runtime)
+    try:
+        whole = task.score(engine, windows, tokenizer, None)
+        parts = [task.score_unit(engine, windows, unit, tokenizer) for unit in task.units(windows)]
+    finally:
+        engine.close()
+    assert [len(fields["c4"]["window_nll"]) for fields, _, _ in parts] == [8, 3]
+    assert task.merge_units(windows, parts) == whole
