@@ -19,7 +19,7 @@ import numpy as np
 
 from llmship.config import Config
 from llmship.eval.intervals import top1_interval
-from llmship.eval.lm import for_each_logits, log_softmax64
+from llmship.eval.lm import batch_blocks, for_each_logits, log_softmax64
 from llmship.eval.perplexity import alpaca_examples, eval_records
 from llmship.eval.tasks import DataInput, EvalTask, Progress, counter, short_hash
 from llmship.runtime.base import Engine
@@ -27,11 +27,22 @@ from llmship.runtime.base import Engine
 GREEDY_TOKENS = 32  # new tokens of the greedy-prefix comparison
 # Response positions compared per prompt: bounds the cached baseline distributions (positions x vocab floats).
 MAX_POSITIONS = 128
+# A cluster unit of consistency: one batch, teacher-forced or greedy. A greedy batch is GREEDY_TOKENS sequential
+# decode steps, and a teacher-forced batch returns batch x MAX_POSITIONS x vocab float32 log-probs (128 MB at batch
+# 8 and a 32k vocabulary), so one batch is already a unit the size of a C-Eval subject.
+CONSISTENCY_BATCHES_PER_UNIT = 1
 
 
 def reference(engine: Engine, examples: Sequence[dict[str, Any]], batch_size: int,
               on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Log-probs (float32, response positions) and greedy continuations of one engine."""
+    return {"logprobs": response_logprobs(engine, examples, batch_size, on_batch),
+            "greedy": greedy_continuations(engine, examples, batch_size)}
+
+
+def response_logprobs(engine: Engine, examples: Sequence[dict[str, Any]], batch_size: int,
+                      on_batch: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Teacher-forced log-probs over the vocabulary at each response position, batched by length (llmship.eval.lm)."""
     logprobs: list[np.ndarray] = [np.empty(0)] * len(examples)
 
     def visit(i: int, logits: np.ndarray) -> None:
@@ -39,11 +50,16 @@ def reference(engine: Engine, examples: Sequence[dict[str, Any]], batch_size: in
         logprobs[i] = log_softmax64(logits[start - 1:-1][:MAX_POSITIONS]).astype(np.float32)
 
     for_each_logits(engine, [e["ids"] for e in examples], batch_size, visit, on_batch)
+    return logprobs
+
+
+def greedy_continuations(engine: Engine, examples: Sequence[dict[str, Any]], batch_size: int) -> list[list[int]]:
+    """GREEDY_TOKENS greedy tokens after each prompt, batched in prompt order."""
     greedy: list[list[int]] = []
     for first in range(0, len(examples), batch_size):
         chunk = [e["prompt_ids"] for e in examples[first:first + batch_size]]
         greedy += engine.generate(chunk, GREEDY_TOKENS)
-    return {"logprobs": logprobs, "greedy": greedy}
+    return greedy
 
 
 def prefix_match(a: Sequence[int], b: Sequence[int]) -> int:
@@ -116,6 +132,43 @@ class Consistency(EvalTask):
         if not prepared:
             return {}, {}, None
         ref = reference(engine, prepared, self.cfg.eval.batch_size, counter(progress, "consistency", len(prepared)))
+        return {}, {}, ref
+
+    def blocks(self, prepared: list[dict[str, Any]]) -> dict[str, list[int]]:
+        """Unit name -> its prompts (indices, in batch order). `score` batches the prompts twice: teacher-forced by
+        length (llmship.eval.lm.batches), greedy in prompt order; a unit is a run of whole batches of one of the two,
+        'teacher-forced batches <first>-<last>' or 'greedy batches <first>-<last>', so every batch is the whole run's."""
+        size = self.cfg.eval.batch_size
+        forced = batch_blocks([len(e["ids"]) for e in prepared], size, CONSISTENCY_BATCHES_PER_UNIT)
+        per_unit = size * CONSISTENCY_BATCHES_PER_UNIT
+        greedy = {f"batches {first // size}-{(min(first + per_unit, len(prepared)) - 1) // size}":
+                  list(range(first, min(first + per_unit, len(prepared))))
+                  for first in range(0, len(prepared), per_unit)}
+        return {**{f"teacher-forced {name}": indices for name, indices in forced.items()},
+                **{f"greedy {name}": indices for name, indices in greedy.items()}}
+
+    def units(self, prepared: list[dict[str, Any]]) -> list[str]:
+        return list(self.blocks(prepared)) if prepared else [self.name]
+
+    def score_unit(self, engine: Engine, prepared: list[dict[str, Any]], unit: str, tokenizer: Any,
+                   progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, float], Any]:
+        if not prepared:
+            return super().score_unit(engine, prepared, unit, tokenizer, progress)
+        block = [prepared[i] for i in self.blocks(prepared)[unit]]
+        size = self.cfg.eval.batch_size
+        if unit.startswith("greedy "):
+            return {}, {}, {"greedy": greedy_continuations(engine, block, size)}
+        return {}, {}, {"logprobs": response_logprobs(engine, block, size, counter(progress, "consistency", len(block)))}
+
+    def merge_units(self, prepared: list[dict[str, Any]], parts: list[tuple[dict[str, Any], dict[str, float], Any]],
+                    ) -> tuple[dict[str, Any], dict[str, float], Any]:
+        if not prepared:
+            return super().merge_units(prepared, parts)
+        ref: dict[str, list[Any]] = {"logprobs": [None] * len(prepared), "greedy": [None] * len(prepared)}
+        for indices, (_, _, part) in zip(self.blocks(prepared).values(), parts, strict=True):
+            (kind, values), = part.items()
+            for i, value in zip(indices, values, strict=True):
+                ref[kind][i] = value
         return {}, {}, ref
 
     def compare(self, prepared: Any, base: dict[str, Any], base_ref: Any, rec: dict[str, Any], ref: Any) -> None:

@@ -5,7 +5,8 @@ summaries, JUnit and the gate follow unchanged.
 - The driver reads and tokenizes the data once (as a local run does) and ships the prepared data and the tokenizer
   through Ray's object store; engines are loaded on the workers from output.dir and the model path, which every node
   must see (llmship.cluster.probe_nodes checks it first).
-- A unit is `EvalTask.score_unit` (C-Eval and CMMLU: one subject in one mode; the other tasks: the whole task);
+- A unit is `EvalTask.score_unit` (C-Eval and CMMLU: one subject in one mode; perplexity and consistency: a block
+  of whole batches of the local run);
   `EvalTask.merge_units` puts an engine's units back together in question order.
 - Each finished unit is stored under `<output.dir>/.llmship/eval-units/<key>.pkl`, its key derived from the engine's
   files, the task's config and data, the batch size, the runtime settings and the library versions (as every stage

@@ -44,6 +44,16 @@ def batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return out
 
 
+def batch_blocks(lengths: Sequence[int], batch_size: int, per_block: int) -> dict[str, list[int]]:
+    """Runs of `per_block` consecutive batches of `batches` (cluster units), 'batches <first>-<last>' -> their
+    indices in batch order. Batching a block's sequences again, in that order, forms the same batches: the block is
+    a run of the length order (a stable sort keeps it), and the grouping starts afresh at a batch boundary."""
+    groups = batches(lengths, batch_size)
+    return {f"batches {first}-{min(first + per_block, len(groups)) - 1}":
+            [i for group in groups[first:first + per_block] for i in group]
+            for first in range(0, len(groups), per_block)}
+
+
 def for_each_logits(engine: Engine, sequences: Sequence[Sequence[int]], batch_size: int,
                     visit: Callable[[int, np.ndarray], None], on_batch: Callable[[int], None] | None = None) -> None:
     """Call visit(index, logits (len, V) float32) for every sequence, one batched prefill at a time."""

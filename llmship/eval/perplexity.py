@@ -26,7 +26,7 @@ from llmship.data import templates
 from llmship.data.sources import alpaca_part, read_alpaca, read_c4
 from llmship.data.templates import alpaca_prompt
 from llmship.errors import UserError
-from llmship.eval.lm import batches, sequence_logprobs
+from llmship.eval.lm import batch_blocks, batches, sequence_logprobs
 from llmship.eval.tasks import DataInput, EvalTask, Progress, counter, short_hash
 from llmship.runtime.base import Engine
 
@@ -35,6 +35,9 @@ MAX_DRAWS_PER_WINDOW = 10_000  # a document pool with no long-enough text would 
 # A cluster unit of C4 perplexity: this many of the eval's batches (at batch 8 and 2,048 tokens, 4 batches are 64k
 # tokens: seconds on a GPU, the same order as a C-Eval subject).
 C4_BATCHES_PER_UNIT = 4
+# A cluster unit of alpaca perplexity: this many of the eval's length-sorted batches (as C4's units; the responses
+# are far shorter than C4's windows, so the default 32 records at batch 8 stay one unit).
+ALPACA_BATCHES_PER_UNIT = 4
 
 
 def c4_windows(texts: Sequence[str], tokenizer: Any, seq_len: int, windows: int, seed: int = C4_EVAL_SEED,
@@ -94,9 +97,19 @@ def alpaca_examples(records: Sequence[dict[str, Any]], tokenizer: Any, count: in
 
 def alpaca_perplexity(engine: Engine, examples: Sequence[dict[str, Any]], batch_size: int,
                       on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+    return alpaca_result(examples, response_nll(engine, examples, batch_size, on_batch))
+
+
+def response_nll(engine: Engine, examples: Sequence[dict[str, Any]], batch_size: int,
+                 on_batch: Callable[[int], None] | None = None) -> list[float]:
+    """Each example's response NLL (nats, summed over its response tokens)."""
     own, _ = sequence_logprobs(engine, [e["ids"] for e in examples], batch_size, on_batch=on_batch)
     # own[k][t - 1] is log p(ids[t] | ids[:t]); response tokens are t >= start.
-    nll = [float(-lp[e["start"] - 1:].sum()) for e, lp in zip(examples, own, strict=True)]
+    return [float(-lp[e["start"] - 1:].sum()) for e, lp in zip(examples, own, strict=True)]
+
+
+def alpaca_result(examples: Sequence[dict[str, Any]], nll: Sequence[float]) -> dict[str, Any]:
+    """Response perplexity from each example's NLL (summed in example order, whatever order they were scored in)."""
     tokens = sum(len(e["ids"]) - e["start"] for e in examples)
     return {"ppl": math.exp(sum(nll) / tokens), "tokens": tokens, "records": len(examples)}
 
@@ -214,6 +227,29 @@ class AlpacaPerplexity(EvalTask):
               ) -> tuple[dict[str, Any], dict[str, float], Any]:
         alpaca = alpaca_perplexity(engine, prepared, self.cfg.eval.batch_size,
                                    counter(progress, "ppl alpaca", len(prepared)))
+        return {"alpaca": alpaca}, {"ppl/alpaca": alpaca["ppl"]}, None
+
+    def blocks(self, prepared: list[dict[str, Any]]) -> dict[str, list[int]]:
+        """Unit name -> its examples (indices, in batch order): runs of whole batches of the length-sorted batching
+        `score` runs, so every batch, and with it every example's NLL, is the whole run's."""
+        return batch_blocks([len(e["ids"]) for e in prepared], self.cfg.eval.batch_size, ALPACA_BATCHES_PER_UNIT)
+
+    def units(self, prepared: list[dict[str, Any]]) -> list[str]:
+        return list(self.blocks(prepared))
+
+    def score_unit(self, engine: Engine, prepared: list[dict[str, Any]], unit: str, tokenizer: Any,
+                   progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, float], Any]:
+        block = [prepared[i] for i in self.blocks(prepared)[unit]]
+        nll = response_nll(engine, block, self.cfg.eval.batch_size, counter(progress, "ppl alpaca", len(block)))
+        return {"alpaca": {"nll": nll}}, {}, None
+
+    def merge_units(self, prepared: list[dict[str, Any]], parts: list[tuple[dict[str, Any], dict[str, float], Any]],
+                    ) -> tuple[dict[str, Any], dict[str, float], Any]:
+        nll = [0.0] * len(prepared)
+        for indices, (fields, _, _) in zip(self.blocks(prepared).values(), parts, strict=True):
+            for i, value in zip(indices, fields["alpaca"]["nll"], strict=True):
+                nll[i] = value
+        alpaca = alpaca_result(prepared, nll)
         return {"alpaca": alpaca}, {"ppl/alpaca": alpaca["ppl"]}, None
 
     def summary_rows(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:

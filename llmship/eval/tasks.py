@@ -12,7 +12,7 @@ A task declares:
 - `summary_rows`: its rows of the OpenCompass summary table, each with `n` (items behind the metric);
 - `intervals`: the 95% paired intervals of its metrics (llmship.eval.intervals);
 - `units` / `score_unit` / `merge_units`: the pieces its scoring can be split into (one per C-Eval subject and
-  mode), so a cluster run (llmship.eval.fanout) can fan them out and merge them into what `score` returns.
+  mode, one per block of whole batches of the others), so a cluster run (llmship.eval.fanout) can fan them out and merge them into what `score` returns.
 """
 
 from __future__ import annotations

@@ -84,8 +84,9 @@ def test_eval_through_ray_equals_the_local_run(local_cluster, local_run, embedde
     assert got["engines"]["pytorch"]["cmmlu_predictions"] == local_run["engines"]["pytorch"]["cmmlu_predictions"]
     assert got == local_run
     assert set(result["metrics"]["fp32"]) >= {"ceval/gen/average", "cmmlu/ppl/average", "ppl/c4", "consistency/kl"}
-    # 2 engines x (C-Eval 4 + CMMLU 4 + c4 + alpaca + consistency) units, each cached under the output dir
-    assert len(list((tmp_path / ".llmship" / "eval-units").glob("*.pkl"))) == 2 * 11
+    # 2 engines x (C-Eval 4 + CMMLU 4 + c4 + alpaca + consistency teacher-forced and greedy) units, each cached
+    # under the output dir
+    assert len(list((tmp_path / ".llmship" / "eval-units").glob("*.pkl"))) == 2 * 12
     records = json.loads((tmp_path / "eval" / "results.json").read_text())["engines"]
     assert len(records["fp32"]["nodes"]) == 1  # the one in-process node
 

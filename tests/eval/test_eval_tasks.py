@@ -129,3 +129,58 @@ def test_c4_blocks_of_windows_scored_one_by_one_merge_into_the_whole():
         engine.close()
     assert [len(fields["c4"]["window_nll"]) for fields, _, _ in parts] == [8, 3]
     assert task.merge_units(windows, parts) == whole
+
+
+def test_alpaca_blocks_of_batches_scored_one_by_one_merge_into_the_whole():
+    from llmship.eval import eval_tokenizer
+    from llmship.eval.lm import batches
+    from llmship.eval.perplexity import AlpacaPerplexity, response_nll
+    from llmship.runtime import load_engine
+
+    cfg = Config.model_validate({"eval": {"batch_size": 2, "perplexity": {"alpaca_samples": 10}}})
+    task, tokenizer = AlpacaPerplexity(cfg), eval_tokenizer(cfg)
+    examples = task.prepare(tokenizer, 1024)
+    assert len(examples) == 10 and task.units(examples) == ["batches 0-3", "batches 4-4"]  # 4 batches of 2 per unit
+    order = [i for group in batches([len(e["ids"]) for e in examples], 2) for i in group]
+    assert order != sorted(order)  # the batches are formed by length, not in record order
+    engine = load_engine(cfg.model, cfg.runtime)
+    try:
+        whole = task.score(engine, examples, tokenizer, None)
+        nll = response_nll(engine, examples, 2)
+        parts = [task.score_unit(engine, examples, unit, tokenizer) for unit in task.units(examples)]
+    finally:
+        engine.close()
+    assert [fields["alpaca"]["nll"] for fields, _, _ in parts] == [[nll[i] for i in order[:8]],
+                                                                    [nll[i] for i in order[8:]]]
+    assert task.merge_units(examples, parts) == whole
+    assert whole[0]["alpaca"]["records"] == 10 and whole[1]["ppl/alpaca"] > 1
+
+
+def test_consistency_blocks_of_batches_scored_one_by_one_merge_into_the_whole():
+    import numpy as np
+
+    from llmship.eval import eval_tokenizer
+    from llmship.eval.consistency import Consistency
+    from llmship.runtime import load_engine
+
+    cfg = Config.model_validate({"eval": {"batch_size": 2, "consistency_prompts": 3}})
+    task, tokenizer = Consistency(cfg), eval_tokenizer(cfg)
+    prompts = task.prepare(tokenizer, 1024)
+    assert len(prompts) == 3
+    assert task.units(prompts) == ["teacher-forced batches 0-0", "teacher-forced batches 1-1", "greedy batches 0-0",
+                                   "greedy batches 1-1"]  # one batch of 2 per unit
+    # teacher-forced batches go by length, greedy ones by prompt order: the units follow each
+    assert list(task.blocks(prompts).values()) == [[0, 2], [1], [0, 1], [2]]
+    engine = load_engine(cfg.model, cfg.runtime)
+    try:
+        _, _, whole = task.score(engine, prompts, tokenizer, None)
+        parts = [task.score_unit(engine, prompts, unit, tokenizer) for unit in task.units(prompts)]
+    finally:
+        engine.close()
+    assert [len(next(iter(ref.values()))) for _, _, ref in parts] == [2, 1, 2, 1]
+    fields, metrics, merged = task.merge_units(prompts, parts)
+    assert fields == {} and metrics == {}
+    assert merged["greedy"] == whole["greedy"] and all(len(g) > 0 for g in merged["greedy"])
+    assert len(merged["logprobs"]) == len(whole["logprobs"]) == 3
+    for got, want in zip(merged["logprobs"], whole["logprobs"], strict=True):
+        assert got.dtype == want.dtype and np.array_equal(got, want) and got.shape[0] > 0
