@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL_DIR / "config.json").is_file
 
 # Smaller than the demo so the suite stays quick; the demo itself runs the full YAML.
 QUICK = ["bench.num_prompts=4", "eval.ceval.max_questions=24", "eval.perplexity.windows=8",
-         "eval.consistency_prompts=8"]
+         "eval.consistency_prompts=8", "eval.cmmlu.enabled=false"]  # CMMLU: tests/eval/test_cmmlu.py
 
 
 @pytest.fixture(scope="module")
