@@ -341,14 +341,43 @@ def attention_bytes(config: dict[str, Any]) -> int:
 
 def build_skeleton_isolated(config: dict[str, Any], scratch: Path, *, opset: int, attention: str,
                             child: bool | None = None) -> Skeleton:
-    """`build_skeleton`, in a child process (spawned: this one may hold torch's thread pools) when the attention
-    weights reach CHILD_PROCESS_BYTES or `child` says so; its errors are raised here."""
+    """`build_skeleton`, in a child process when the attention weights reach CHILD_PROCESS_BYTES or `child` says so;
+    its errors are raised here. A fresh interpreter (not multiprocessing): it never re-imports the caller's script,
+    which a user's unguarded script would not survive, and never inherits torch's thread pools."""
     if child is None:
         child = attention_bytes(config) >= CHILD_PROCESS_BYTES
     if not child:
         return build_skeleton(config, scratch, opset=opset, attention=attention)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    import os
+    import pickle
+    import subprocess
+    import sys
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(build_skeleton, config, scratch, opset=opset, attention=attention).result()
+    import llmship
+
+    request, result = scratch / "skeleton-request.pkl", scratch / "skeleton-result.pkl"
+    request.write_bytes(pickle.dumps((config, str(scratch), opset, attention)))
+    package_root = str(Path(llmship.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    code = "import sys; from llmship.export.skeleton import build_in_child; build_in_child(sys.argv[1])"
+    run = subprocess.run([sys.executable, "-c", code, str(scratch)], capture_output=True, text=True, env=env)
+    if not result.is_file():
+        last = (run.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        raise CheckFailed(f"streaming skeleton: the child process building it exited {run.returncode}: {last}")
+    outcome = pickle.loads(result.read_bytes())
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def build_in_child(scratch: str) -> None:
+    """The child's side of `build_skeleton_isolated`: the skeleton, or the user-facing error, pickled to a file."""
+    import pickle
+
+    folder = Path(scratch)
+    config, work, opset, attention = pickle.loads((folder / "skeleton-request.pkl").read_bytes())
+    try:
+        outcome: Any = build_skeleton(config, Path(work), opset=opset, attention=attention)
+    except (UserError, CheckFailed) as exc:
+        outcome = exc
+    (folder / "skeleton-result.pkl").write_bytes(pickle.dumps(outcome))
