@@ -38,6 +38,10 @@ class ParityConfig(Section):
     max_nll_increase: float = Field(
         0.05, ge=0, description="Largest allowed relative increase of the variant's NLL on the parity prompts (catches collapse)."
     )
+    layer_at_a_time: Literal["auto", "always", "never"] = Field(
+        "auto", description="Run the ONNX side one decoder layer at a time, on the reference's tokens (memory: one layer, "
+        "not the model); 'auto': for a model over 1 GiB (a variant's auto: the export's setting)."
+    )
 
 
 class AutoConfig(Section):

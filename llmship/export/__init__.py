@@ -99,11 +99,11 @@ def _external_data_policy(folder: Path, mode: str) -> None:
 def _keep_if_parity(folder: Path, work: Path, reference: Any, prompts: list[list[int]], cfg: Config) -> tuple[dict, list[str]]:
     """Parity of the rewritten graph in `work` (beside `folder`'s side files); on success it replaces folder's graph."""
     from llmship.export.parity import check_parity, parity_failures
-    from llmship.runtime.ort_engine import OrtEngine
+    from llmship.runtime.segmented import parity_engine
 
     for name in ("config.json", "generation_config.json"):
         shutil.copy2(folder / name, work / name)
-    candidate = OrtEngine(work, provider=cfg.runtime.provider, threads=cfg.runtime.threads)
+    candidate = parity_engine(work, cfg.export.parity.layer_at_a_time, cfg.runtime.provider, cfg.runtime.threads)
     figures = check_parity(reference, candidate, cfg.export.parity, prompts)
     candidate.close()
     failures = parity_failures(figures, cfg.export.parity)
@@ -178,7 +178,7 @@ def export_fp32(cfg: Config, target: Path, progress: Any = None) -> Artifact:
     from llmship.export.genai_config import write_folder_genai_config
     from llmship.export.onnx_export import export_decoder, parameter_bytes
     from llmship.export.parity import check_parity, parity_failures, parity_prompts
-    from llmship.runtime.ort_engine import OrtEngine
+    from llmship.runtime.segmented import parity_engine
     from llmship.runtime.torch_engine import TorchEngine
     from llmship.source import load_source
 
@@ -208,7 +208,8 @@ def export_fp32(cfg: Config, target: Path, progress: Any = None) -> Artifact:
         steps.advance()
 
         steps("checking parity against PyTorch")
-        candidate = OrtEngine(folder, provider=cfg.runtime.provider, threads=cfg.runtime.threads, onnx_file=onnx_info["file"])
+        candidate = parity_engine(folder, cfg.export.parity.layer_at_a_time, cfg.runtime.provider, cfg.runtime.threads,
+                                  onnx_file=onnx_info["file"])
         prompts, prompt_source = parity_prompts(reference, source.tokenizer, cfg.export.parity)
         figures = check_parity(reference, candidate, cfg.export.parity, prompts)
         candidate.close()

@@ -208,33 +208,34 @@ def tie_tolerance(parity: ParityConfig, tallies: Sequence[_Tally]) -> tuple[floa
     return float(min(max(parity.tie_gap_floor, measured), parity.max_logits_diff)), sigma
 
 
-def tie_aware_greedy(candidate: Engine, prompt: Sequence[int], ref_tokens: np.ndarray, ref_logits: np.ndarray,
+def tie_aware_greedy(step_logits: Sequence[np.ndarray], ref_tokens: np.ndarray, ref_logits: np.ndarray,
                      tolerance: float) -> dict[str, Any]:
-    """Feed the reference's greedy tokens to the candidate one by one (its own cache) and compare its argmax with the
-    reference's at each step: {matched, ties, verdict}. `matched` counts the steps before the first divergence that
-    is not a tie (all of them when there is none)."""
-    logits, cache = candidate.prefill(*left_pad([list(prompt)], candidate.pad_token_id))
-    step_logits = logits[0, -1]
+    """Compare the candidate's argmax with the reference's greedy token at each step: {matched, ties, verdict}.
+    `step_logits[p]`: the candidate's logits at step p, fed the reference's tokens before it (its own cache).
+    `matched` counts the steps before the first divergence that is not a tie (all of them when there is none)."""
     ties: list[dict[str, Any]] = []
-    for position, ref_token in enumerate(int(t) for t in ref_tokens):
-        cand_token = int(step_logits.argmax())
+    for position, (ref_token, logits) in enumerate(zip((int(t) for t in ref_tokens), step_logits, strict=False)):
+        cand_token = int(logits.argmax())
         if cand_token != ref_token:
             ref_gap = float(ref_logits[position][ref_token] - ref_logits[position][cand_token])
-            cand_gap = float(step_logits[cand_token] - step_logits[ref_token])
+            cand_gap = float(logits[cand_token] - logits[ref_token])
             record = {"position": position, "reference_token": ref_token, "candidate_token": cand_token,
                       "reference_gap": ref_gap, "candidate_gap": cand_gap}
             if not (ref_gap <= tolerance and cand_gap <= tolerance):
                 return {"matched": position, "ties": ties, "verdict": "diverged", "divergence": record}
             ties.append(record)
-        if position + 1 < len(ref_tokens):
-            out, cache = candidate.decode(np.array([ref_token], dtype=np.int64), cache)
-            step_logits = out[0]
     return {"matched": len(ref_tokens), "ties": ties, "verdict": "match with ties" if ties else "match"}
 
 
-def _mean_nll(engine: Engine, prompts: Sequence[Sequence[int]]) -> float:
-    scores = engine.score(prompts, batch_size=len(prompts))
-    return float(-np.concatenate(scores).mean())
+def fed_tokens(ref: ReferenceTrace, row: int) -> np.ndarray:
+    """The reference's tokens fed to the candidate after prompt `row`, one run serving both checks: the decode check
+    reads the logits after its first decode_steps, the greedy check those after all but the last greedy token. Both
+    are prefixes of the reference's one greedy path."""
+    decode, path = np.asarray(ref.decode_tokens[row]), np.asarray(ref.path_tokens[row])
+    longer, shorter = (decode, path) if len(decode) >= len(path) else (path, decode)
+    if not np.array_equal(longer[: len(shorter)], shorter):
+        raise ValueError("the reference trace's decode and greedy tokens are not one path")
+    return longer[: max(len(decode), len(path) - 1, 0)]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -244,6 +245,13 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+def _batch_nll(logits: Sequence[np.ndarray], prompts: Sequence[Sequence[int]]) -> float:
+    """Mean NLL of the prompts' tokens from their (len, V) logits (the `score` of an engine)."""
+    scores = [log_softmax(rows[:-1].astype(np.float64))[np.arange(len(p) - 1), np.asarray(p[1:], dtype=np.int64)]
+              for rows, p in zip(logits, prompts, strict=True)]
+    return float(-np.concatenate(scores).mean())
 
 
 @dataclass
@@ -284,7 +292,8 @@ def reference_trace(reference: Engine, parity: ParityConfig, prompts: list[list[
         path_tokens.append(np.array(fed[: parity.greedy_tokens], dtype=np.int64))
         path_logits.append(np.stack(chosen_from[: parity.greedy_tokens]) if parity.greedy_tokens else empty)
     greedy = reference.generate(prompts, parity.greedy_tokens, ignore_eos=True) if parity.greedy_tokens > 0 else []
-    trace = ReferenceTrace(prefill, tokens, steps, greedy, _mean_nll(reference, prompts), path_tokens, path_logits,
+    trace = ReferenceTrace(prefill, tokens, steps, greedy, _batch_nll(reference.logits(prompts, batch_size=len(prompts)),
+                                                                       prompts), path_tokens, path_logits,
                            reference.info())
     reference._parity_trace = (key, trace)  # one trace per engine: the variants of a run share their prompts
     return trace
@@ -321,10 +330,8 @@ def batched_reference_trace(reference: Engine, parity: ParityConfig, prompts: li
     rows = range(len(prompts))
     tokens = [np.array([int(t[row]) for t in fed[: parity.decode_steps]], dtype=np.int64) for row in rows]
     path = [np.array([int(t[row]) for t in fed[: parity.greedy_tokens]], dtype=np.int64) for row in rows]
-    scores = [log_softmax(rows_[:-1].astype(np.float64))[np.arange(len(p) - 1), np.asarray(p[1:], dtype=np.int64)]
-              for rows_, p in zip(prefill, prompts, strict=True)]
     return ReferenceTrace(prefill, tokens, [per_row(seen, row, parity.decode_steps) for row in rows],
-                          [list(map(int, t)) for t in path], float(-np.concatenate(scores).mean()), path,
+                          [list(map(int, t)) for t in path], _batch_nll(prefill, prompts), path,
                           [per_row(chosen_from, row, parity.greedy_tokens) for row in rows], reference.info())
 
 
@@ -365,20 +372,15 @@ def check_parity(reference: Engine | None, candidate: Engine, parity: ParityConf
     if not prompts:
         raise ValueError("parity needs at least one prompt of two or more tokens")
     ref = trace if trace is not None else reference_trace(reference, parity, prompts)
+    fed = [fed_tokens(ref, row) for row in range(len(prompts))]
+    solo, batched = candidate.forced_runs(prompts, fed)
     prefill, decode, batch = _Tally(), _Tally(), _Tally()
-    for row, prompt in enumerate(prompts):
-        cand_logits, cand_cache = candidate.prefill(*left_pad([prompt], candidate.pad_token_id))
-        prefill.add(ref.prefill[row], cand_logits[0])
-        for step, token in enumerate(ref.decode_tokens[row]):
-            # Same token as the reference got, fed into the candidate's own cache.
-            cand_step, cand_cache = candidate.decode(np.array([token], dtype=np.int64), cand_cache)
-            decode.add(ref.decode_logits[row][step], cand_step[0])
-
-    ids, mask = left_pad(prompts, candidate.pad_token_id)
-    cand_batch, _ = candidate.prefill(ids, mask)
-    width = ids.shape[1]
-    for row, prompt in enumerate(prompts):
-        batch.add(ref.prefill[row], cand_batch[row, width - len(prompt):])
+    for row, (cand_prefill, cand_steps) in enumerate(solo):
+        prefill.add(ref.prefill[row], cand_prefill)
+        # the same tokens as the reference got, fed into the candidate's own cache
+        for step in range(len(ref.decode_tokens[row])):
+            decode.add(ref.decode_logits[row][step], cand_steps[step])
+        batch.add(ref.prefill[row], batched[row])
 
     tolerance, noise = tie_tolerance(parity, [prefill, decode, batch])
     # Teacher-forced top-1 forgives only ties within the fixed floor (exact or near-exact ties): a tolerance scaled by
@@ -386,10 +388,15 @@ def check_parity(reference: Engine | None, candidate: Engine, parity: ParityConf
     top1_tolerance = parity.tie_gap if parity.tie_gap is not None else parity.tie_gap_floor
     greedy: dict[str, Any] = {"greedy_tokens": parity.greedy_tokens, "greedy_match": 1.0, "greedy_raw_match": 1.0}
     if parity.greedy_tokens > 0:
-        per_prompt = [tie_aware_greedy(candidate, prompt, ref.path_tokens[row], ref.path_logits[row], tolerance)
-                      for row, prompt in enumerate(prompts)]
-        cand_out = candidate.generate(prompts, parity.greedy_tokens, ignore_eos=True)
-        raw = [_common_prefix(r, c) for r, c in zip(ref.greedy, cand_out, strict=True)]
+        paths = [[cand_prefill[-1], *cand_steps] for cand_prefill, cand_steps in solo]
+        per_prompt = [tie_aware_greedy(path, ref.path_tokens[row], ref.path_logits[row], tolerance)
+                      for row, path in enumerate(paths)]
+        if candidate.steps_freely:
+            cand_out = candidate.generate(prompts, parity.greedy_tokens, ignore_eos=True)
+            raw = [_common_prefix(r, c) for r, c in zip(ref.greedy, cand_out, strict=True)]
+        else:  # its free run follows the fed path up to the first token it chooses differently
+            raw = [_common_prefix(r, [int(step.argmax()) for step in path[: parity.greedy_tokens]])
+                   for r, path in zip(ref.greedy, paths, strict=True)]
         for record, raw_matched in zip(per_prompt, raw, strict=True):
             record["raw_common_prefix"] = raw_matched
         greedy = {"greedy_tokens": parity.greedy_tokens,
@@ -397,10 +404,12 @@ def check_parity(reference: Engine | None, candidate: Engine, parity: ParityConf
                   "greedy_ties": sum(len(r["ties"]) for r in per_prompt),
                   "greedy_prompts": per_prompt,
                   "greedy_raw_match": min(m / max(len(r), 1) for m, r in zip(raw, ref.greedy, strict=True)),
-                  "greedy_matched_tokens": raw}
+                  "greedy_matched_tokens": raw,
+                  "greedy_raw_run": "free-running batch" if candidate.steps_freely
+                  else "teacher-forced, each prompt alone"}
 
     nll_ref = ref.nll
-    nll_cand = _mean_nll(candidate, prompts)
+    nll_cand = _batch_nll(batched, prompts)
     figures: dict[str, Any] = {
         "prompts": len(prompts),
         "prompt_tokens": [len(p) for p in prompts],

@@ -686,7 +686,7 @@ def _parity(cfg: Any, folder: Path, inputs: dict[str, Any], tolerances: Any, ste
     from llmship.cache import stage_key
     from llmship.export.layerwise import layerwise_engine
     from llmship.export.parity import batched_reference_trace, check_parity, default_prompts, load_trace, save_trace
-    from llmship.runtime.ort_engine import OrtEngine
+    from llmship.runtime.segmented import parity_engine
 
     prompts = default_prompts(inputs["tokenizer"], int(inputs["config"].get("max_position_embeddings", 2048)))
     key = stage_key(inputs["source"], prompts, tolerances.decode_steps, tolerances.greedy_tokens)
@@ -706,7 +706,8 @@ def _parity(cfg: Any, folder: Path, inputs: dict[str, Any], tolerances: Any, ste
         stored.parent.mkdir(parents=True, exist_ok=True)
         save_trace(stored, trace)
     steps(f"{name}: checking parity against PyTorch")
-    candidate = OrtEngine(folder, provider=cfg.runtime.provider, threads=cfg.runtime.threads)
+    candidate = parity_engine(folder, tolerances.layer_at_a_time, cfg.runtime.provider, cfg.runtime.threads,
+                              export_mode=cfg.export.parity.layer_at_a_time)
     try:
         return check_parity(None, candidate, tolerances, prompts, trace=trace)
     finally:

@@ -95,11 +95,12 @@ def quantize_variant(fp32: Artifact, variant: Variant | VariantConfig, calib: An
 
 def check_against_reference(cfg: Config, fp32: Artifact, folder: Path, parity: ParityConfig) -> dict[str, Any]:
     from llmship.export.parity import check_parity, parity_prompts
-    from llmship.runtime.ort_engine import OrtEngine
+    from llmship.runtime.segmented import parity_engine
     from llmship.source import load_tokenizer
 
     reference = reference_engine(cfg)
-    candidate = OrtEngine(folder, provider=cfg.runtime.provider, threads=cfg.runtime.threads)
+    candidate = parity_engine(folder, parity.layer_at_a_time, cfg.runtime.provider, cfg.runtime.threads,
+                              export_mode=cfg.export.parity.layer_at_a_time)
     try:
         prompts, prompt_source = parity_prompts(reference, load_tokenizer(fp32.path), parity)
         return {**check_parity(reference, candidate, parity, prompts), "prompt_source": prompt_source}

@@ -50,6 +50,7 @@ class Engine(ABC):
     # Positions the engine can run, past max_positions too (None: no limit). LLaMA's rotary embedding is a function
     # of the position, so PyTorch has none; a fused ONNX graph is bounded by its cos/sin table.
     position_limit: int | None = None
+    steps_freely = True  # False: serves teacher-forced runs only (a layer-at-a-time engine), no free generation
 
     @abstractmethod
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, Cache]:
@@ -121,6 +122,22 @@ class Engine(ABC):
             logp = log_softmax(logit[:-1].astype(np.float64))
             scores.append(logp[np.arange(len(seq) - 1), np.asarray(seq[1:], dtype=np.int64)])
         return scores
+
+    def forced_runs(self, prompts: Sequence[Sequence[int]], fed: Sequence[Sequence[int]]
+                    ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]]:
+        """Teacher-forced runs (a parity check's): each prompt alone, prefilled and then fed the tokens of `fed` one
+        at a time through its own cache, as (prefill logits (len, V), logits after each fed token (n, V)); and the
+        prompts' logits in one left-padded batch, as `logits` gives them."""
+        solo = []
+        for prompt, tokens in zip(prompts, fed, strict=True):
+            logits, cache = self.prefill(*left_pad([list(prompt)], self.pad_token_id))
+            steps = []
+            for token in tokens:
+                step, cache = self.decode(np.array([token], dtype=np.int64), cache)
+                steps.append(step[0])
+            vocab = logits.shape[-1]
+            solo.append((logits[0], np.stack(steps) if steps else np.zeros((0, vocab), np.float32)))
+        return solo, self.logits(prompts, batch_size=max(len(prompts), 1))
 
     def info(self) -> dict[str, Any]:
         """Engine name, provider, threads, dtype, path: recorded in reports."""

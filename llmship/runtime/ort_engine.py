@@ -30,23 +30,12 @@ class OrtEngine(Engine):
     name = "ort"
 
     def __init__(self, folder: str | Path, provider: str = "cpu", threads: int = 0, onnx_file: str | None = None):
-        import onnxruntime as ort
-
         self.path = Path(folder)
         manifest = read_json_object(self.path / MANIFEST_FILE)
         onnx_path = self.path / (onnx_file or manifest.get("onnx", {}).get("file", MODEL_FILE))
         if not onnx_path.is_file():
             raise UserError("no model.onnx in the folder (not a compiled llmship variant?)", where=str(self.path))
-        providers = ort_providers(provider)
-        opts = ort.SessionOptions()
-        if threads > 0:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - invalid graph, missing .data, unsupported op
-            raise UserError(f"ONNX Runtime cannot load the graph: {str(exc).splitlines()[0][:300]}", where=str(onnx_path)) from None
+        self.session = self._open(onnx_path, session_options(threads), ort_providers(provider))
         # A GroupQueryAttention graph reads row lengths from position_ids and needs right-padded prompts
         # (llmship.export.fusion.GQA_CONTRACT); the Engine interface stays left-padded for callers. A fused graph
         # runs as many positions as its rotary cos/sin table has rows (past max_position_embeddings).
@@ -88,13 +77,21 @@ class OrtEngine(Engine):
         self.dtype = {np.float32: "float32", np.float16: "float16"}.get(self.input_types.get(self.past_names[0]) if self.past_names
                                                                         else np.float32, "float32")
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
+    def _open(self, onnx_path: Path, options: Any, providers: list[Any]) -> Any:
+        return open_session(onnx_path, options, providers)
+
+    def _feeds(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's token inputs (not the past), in the types it declares."""
         feeds: dict[str, np.ndarray] = {
             "input_ids": np.ascontiguousarray(ids, dtype=self.input_types["input_ids"]),
             "attention_mask": np.ascontiguousarray(mask, dtype=self.input_types["attention_mask"]),
         }
         if self.has_positions:
             feeds["position_ids"] = np.ascontiguousarray(positions, dtype=self.input_types["position_ids"])
+        return feeds
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
+        feeds = self._feeds(ids, mask, positions)
         for name, value in zip(self.past_names, past, strict=True):
             feeds[name] = value
         logits, *present = self.session.run(self.output_names, feeds)
@@ -103,20 +100,31 @@ class OrtEngine(Engine):
     def _empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, heads, 0, size), dtype=self.input_types[n]) for n, (heads, size) in self.past_shapes.items()]
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, Cache]:
-        mask = np.asarray(attention_mask, dtype=np.int64)
-        empty = self._empty_past(len(input_ids))
+    def _prefill_inputs(self, input_ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, positions) of a left-padded prompt batch as the graph takes them (right-padded for GQA)."""
         if self.padding == "right":
             ids, positions, _ = left_padded_to_right(np.asarray(input_ids, dtype=np.int64), mask)
-            logits, present = self._run(ids, mask, positions, empty)
-            return right_padded_to_left(logits, mask), Cache(past=present, attention_mask=mask)
-        logits, present = self._run(input_ids, mask, positions_from_mask(mask), empty)
-        return logits, Cache(past=present, attention_mask=mask)
+            return ids, positions
+        return np.asarray(input_ids), positions_from_mask(mask)
+
+    def _to_left(self, logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return right_padded_to_left(logits, mask) if self.padding == "right" else logits
+
+    @staticmethod
+    def _decode_inputs(tokens: np.ndarray, seen_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, grown mask, positions) of one decode step after the positions of `seen_mask`."""
+        mask = np.concatenate([seen_mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
+        positions = (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64)
+        return np.asarray(tokens, dtype=np.int64).reshape(-1, 1), mask, positions
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, Cache]:
+        mask = np.asarray(attention_mask, dtype=np.int64)
+        ids, positions = self._prefill_inputs(input_ids, mask)
+        logits, present = self._run(ids, mask, positions, self._empty_past(len(input_ids)))
+        return self._to_left(logits, mask), Cache(past=present, attention_mask=mask)
 
     def decode(self, tokens: np.ndarray, cache: Cache) -> tuple[np.ndarray, Cache]:
-        mask = np.concatenate([cache.attention_mask, np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
-        positions = (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64)
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        ids, mask, positions = self._decode_inputs(tokens, cache.attention_mask)
         if cache.extra.get("inplace"):
             return self._decode_inplace(tokens, positions, cache.extra), Cache(past=cache.past, attention_mask=mask,
                                                                               extra=cache.extra)
@@ -207,6 +215,29 @@ class OrtEngine(Engine):
 
     def close(self) -> None:
         self.session = None
+
+
+def session_options(threads: int) -> Any:
+    """The session options every llmship ORT session uses: `threads` intra-op (0: ONNX Runtime's default), one
+    inter-op, every graph optimization."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
+
+
+def open_session(onnx_path: Path, options: Any, providers: list[Any]) -> Any:
+    """An InferenceSession, or one line naming the graph that ONNX Runtime cannot load."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - invalid graph, missing .data, unsupported op
+        raise UserError(f"ONNX Runtime cannot load the graph: {str(exc).splitlines()[0][:300]}", where=str(onnx_path)) from None
 
 
 def _layer_order(name: str) -> tuple[int, int]:

@@ -38,7 +38,9 @@ TABLE = "model.model.embed_tokens.weight"
 
 
 def _config(out: Path, streaming: bool) -> Config:
-    return Config.model_validate({"output": {"dir": str(out)}, "export": {"streaming": streaming},
+    # the streamed variants' parity runs ONNX a layer at a time (a 7B's default), the whole-model path's whole
+    parity = {"layer_at_a_time": "always"} if streaming else {}
+    return Config.model_validate({"output": {"dir": str(out)}, "export": {"streaming": streaming, "parity": parity},
                                   "quantize": {"scheme": "none", "variants": VARIANTS}})
 
 
@@ -119,6 +121,90 @@ def test_killed_runs_scratch_is_removed_and_the_reference_is_computed_once(both)
     assert len(list((both[True] / ".llmship" / "parity").glob("reference-*.npz"))) == 1
     timings = json.loads((both[True] / "w8a16" / "manifest.json").read_text())["timings"]
     assert timings["skeleton_peak_rss_mb"] > 100 and timings["parity_peak_rss_mb"] > 100 and timings["parity_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fp32", "w8a8-dynamic", "w4a16-rtn", "w8a16-excl"])
+def test_layer_at_a_time_parity_equals_the_whole_graph_run(both, name):
+    """The streamed variants' parity ran ONNX a layer at a time (teacher-forced on the reference's tokens); the same
+    check with the whole graph in one session, against the same stored reference, gives the same figures."""
+    from llmship.export.parity import check_parity, default_prompts, load_trace
+    from llmship.runtime.ort_engine import OrtEngine
+    from llmship.source import load_tokenizer
+
+    folder = both[True] / name
+    recorded = json.loads((folder / "manifest.json").read_text())["parity"]
+    assert recorded["candidate"]["layer_at_a_time"] == 4  # one segment per decoder layer of the embedded model
+    assert recorded["greedy_raw_run"] == "teacher-forced, each prompt alone"
+    trace = load_trace(next((both[True] / ".llmship" / "parity").glob("reference-*.npz")))
+    prompts = default_prompts(load_tokenizer(folder), 2048)
+    whole = OrtEngine(folder)
+    try:
+        figures = check_parity(None, whole, _tolerances(recorded), prompts, trace=trace)
+    finally:
+        whole.close()
+    assert figures["greedy_raw_run"] == "free-running batch" and "layer_at_a_time" not in figures["candidate"]
+    for key in ("max_logits_diff", "prefill_max_diff", "decode_max_diff", "batch_max_diff", "nll_candidate",
+                "logit_noise"):
+        assert figures[key] == pytest.approx(recorded[key], rel=1e-5, abs=1e-7), key
+    for key in ("top1_agreement", "greedy_match", "greedy_raw_match", "greedy_matched_tokens"):
+        assert figures[key] == recorded[key], key
+    assert recorded["max_logits_diff"] > 0  # a real comparison: the ONNX side differs from PyTorch by rounding
+
+
+def _tolerances(recorded: dict):
+    from llmship.sections import ParityConfig
+
+    return ParityConfig.model_validate(recorded["tolerances"])
+
+
+def test_a_variant_is_cut_into_one_segment_per_layer(tmp_path):
+    """Each segment of a streamed graph holds one decoder layer's weights (the first also the embedding, the last
+    also the final norm and lm_head), reads only what earlier segments made, and makes its layer's KV cache."""
+    import onnx
+
+    from llmship.pipeline import run_stage
+    from llmship.runtime.segmented import cut_graph, layer_mark
+
+    cfg = Config.model_validate({"output": {"dir": str(tmp_path)}, "export": {"streaming": True},
+                                 "quantize": {"scheme": "none", "variants": [{"scheme": "w8a8-dynamic"}]}})
+    run_stage("compile", cfg, quiet=True)
+    graph = onnx.load(str(tmp_path / "w8a8-dynamic" / "model.onnx"), load_external_data=False).graph
+    segments = cut_graph(graph)
+    assert len(segments) == 4
+    for layer, segment in enumerate(segments):
+        marked = {layer_mark(name) for name in segment.initializers} - {-1}
+        assert marked <= {layer}, (layer, marked)
+        assert f"present.{layer}.key" in segment.outputs and f"past_key_values.{layer}.value" in segment.inputs
+    assert "model.model.embed_tokens.weight_Q8B128" in segments[0].initializers
+    assert "logits" in segments[-1].outputs and "model.model.norm.weight" in segments[-1].initializers
+    assert sum(len(s.nodes) for s in segments) == len(graph.node)
+
+
+def test_layer_at_a_time_runs_a_right_padded_gqa_graph(tmp_path):
+    """A GroupQueryAttention graph takes right-padded prompts: the layer-at-a-time runs pad as the engine does, and
+    give the whole graph's logits for prompts of different lengths, alone, fed tokens, and batched."""
+    from llmship.pipeline import run_stage
+    from llmship.runtime.ort_engine import OrtEngine
+    from llmship.runtime.segmented import SegmentedOrtEngine
+
+    cfg = Config.model_validate({"output": {"dir": str(tmp_path)},
+                                 "export": {"streaming": True, "attention": "gqa", "parity": {"layer_at_a_time": "always"}},
+                                 "quantize": {"scheme": "none", "variants": [{"scheme": "w4a16", "method": "rtn"}]}})
+    run_stage("compile", cfg, quiet=True)
+    folder = tmp_path / "w4a16-rtn"
+    assert json.loads((folder / "manifest.json").read_text())["parity"]["passed"]
+    prompts, fed = [[1, 5, 9, 33, 200, 17, 8], [1, 44, 90], [1, 7, 120, 300, 11]], [[10, 11, 12], [5, 6, 7], [3, 4, 2]]
+    whole, layered = OrtEngine(folder, threads=1), SegmentedOrtEngine(folder, threads=1)
+    assert whole.padding == layered.padding == "right"
+    (solo_a, batch_a), (solo_b, batch_b) = whole.forced_runs(prompts, fed), layered.forced_runs(prompts, fed)
+    for (prefill_a, steps_a), (prefill_b, steps_b) in zip(solo_a, solo_b, strict=True):
+        assert prefill_a.shape == prefill_b.shape and steps_a.shape == steps_b.shape == (3, prefill_a.shape[-1])
+        assert np.abs(prefill_a - prefill_b).max() <= 1e-5 and np.abs(steps_a - steps_b).max() <= 1e-5
+    for a, b in zip(batch_a, batch_b, strict=True):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5
+    with pytest.raises(NotImplementedError):
+        layered.generate(prompts, 2)
 
 
 @pytest.mark.slow
