@@ -156,7 +156,8 @@ def run_child(arguments: list[str]) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| checkpoint | variant | peak RSS: compile child (skeleton / writing / parity) | build | parity | wall | "
+    lines = ["| checkpoint | variant | peak RSS: compile child (skeleton / writing / parity) | build | parity (PyTorch "
+             "side, when computed) | wall | "
              "output | parity figures | 8 tokens from ORT (its peak RSS) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
@@ -165,6 +166,7 @@ def markdown(report: dict) -> str:
         size = f"{row['model_bytes'] / 1e9:.2f} GB" if row.get("model_bytes") else "-"
         t = row.get("timings", {})
         par = row.get("parity", {})
+        reference = f" (reference {t['parity_reference_s'] / 60:.1f})" if t.get("parity_reference_s") else ""
         if par.get("skipped") or not par:
             parity_cells, figures = "-", "off"
         else:
@@ -174,7 +176,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {row['checkpoint']} | {row['variant']} | {row.get('peak_rss_mb', 0) / 1024:.2f} GiB "
             f"({t.get('skeleton_peak_rss_mb', 0) / 1024:.2f} / {t.get('peak_rss_mb', 0) / 1024:.2f} / {parity_cells}) | "
-            f"{t.get('build_s', 0) / 60:.1f} min | {t.get('parity_s', 0) / 60:.1f} min | {row.get('wall_s', 0) / 60:.1f} min | "
+            f"{t.get('build_s', 0) / 60:.1f} min | {t.get('parity_s', 0) / 60:.1f} min{reference} | {row.get('wall_s', 0) / 60:.1f} min | "
             f"{size} | {figures} | {ok} |")
     return "\n".join(lines) + "\n"
 

@@ -137,6 +137,21 @@ class Checkpoint:
             value = value if rows is None else value[rows]
         return value.to(torch.float32, copy=True)
 
+    def rows(self, name: str, indices: list[int]) -> torch.Tensor:
+        """fp32 copies of some rows of one tensor (an embedding lookup), read in one opening of its shard."""
+        name = self._alias(name)
+        entry = self.entries[name]
+        if entry.file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(entry.file), framework="pt") as handle:
+                table = handle.get_slice(name)
+                picked = [table[index:index + 1] for index in indices]
+        else:
+            state = _bin_state(entry.file)[name]
+            picked = [state[index:index + 1] for index in indices]
+        return torch.cat(picked).to(torch.float32) if picked else torch.zeros((0, *entry.shape[1:]))
+
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Copy one tensor into `out`, converted to its dtype in the copy (no fp32 temporary)."""
         name = self._alias(name)
@@ -308,6 +323,15 @@ class LoraMerged:
             delta = (pair["lora_B"][rows or every].to(torch.float32) @ pair["lora_A"].to(torch.float32)) * self.scaling
             weight += delta
         return weight
+
+    def rows(self, name: str, indices: list[int]) -> torch.Tensor:
+        if name in self.full:
+            return self.full[name][indices].to(torch.float32, copy=True)
+        picked = self.base.rows(name, indices)
+        pair = self.lora.get(name)
+        if pair is not None:
+            picked += (pair["lora_B"][indices].to(torch.float32) @ pair["lora_A"].to(torch.float32)) * self.scaling
+        return picked
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         if name in self.full:

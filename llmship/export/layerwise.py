@@ -1,10 +1,11 @@
 """A PyTorch reference that holds one decoder layer at a time, for parity checks of streamed variants.
 
-The Hugging Face LlamaForCausalLM is built on the meta device; the embedding, final norm and lm_head are loaded
-from the checkpoint, and each decoder layer loads its weights from the checkpoint (through the same reader, LoRA
-merge included) just before it runs, into buffers that every layer reuses, and drops them right after. The model computes exactly what the whole model
-computes (same modules, same fp32 weights), with the memory of one layer plus the two vocabulary tables; every
-forward reads the checkpoint's layers again, which is what it costs.
+The Hugging Face LlamaForCausalLM is built on the meta device; the final norm is loaded from the checkpoint, and
+each decoder layer loads its weights from the checkpoint (through the same reader, LoRA merge included) just before
+it runs, into buffers that every layer reuses, and drops them right after. The vocabulary tables are not held either
+(1.6 GB in fp32 at Chinese-LLaMA's 49953 x 4096): the embedding reads the rows of each forward's ids, lm_head its rows
+in chunks of 64 MB. The model computes what the whole model computes (same modules, same fp32 weights) with the
+memory of one layer; every forward reads the checkpoint again, which is what it costs.
 """
 
 from __future__ import annotations
@@ -38,6 +39,41 @@ class LayerBuffers:
         module.load_state_dict(state, assign=True, strict=True)
 
 
+# lm_head is read and applied in chunks of this many fp32 bytes of its rows (the streaming writer's chunk size).
+HEAD_CHUNK_BYTES = 64 << 20
+
+
+class CheckpointEmbedding(torch.nn.Module):
+    """The input table, read from the checkpoint row by row for the ids of each forward."""
+
+    def __init__(self, checkpoint: Any, name: str):
+        super().__init__()
+        self.checkpoint, self.name = checkpoint, name
+        self.weight = torch.empty(checkpoint.shape(name), device="meta")  # the shape, for callers that read it
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        return self.checkpoint.rows(self.name, unique.tolist())[inverse]
+
+
+class CheckpointHead(torch.nn.Module):
+    """lm_head, read from the checkpoint and applied in chunks of rows (output columns) on each forward."""
+
+    def __init__(self, checkpoint: Any, name: str):
+        super().__init__()
+        self.checkpoint, self.name = checkpoint, name
+        self.weight = torch.empty(checkpoint.shape(name), device="meta")
+        self.chunk_rows = max(1, HEAD_CHUNK_BYTES // (4 * self.weight.shape[1]))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        vocab = self.weight.shape[0]
+        out = hidden.new_empty((*hidden.shape[:-1], vocab))
+        for start in range(0, vocab, self.chunk_rows):
+            rows = slice(start, min(start + self.chunk_rows, vocab))
+            out[..., rows] = torch.nn.functional.linear(hidden, self.checkpoint.tensor(self.name, rows))
+        return out
+
+
 def layerwise_model(checkpoint: Any, config: dict[str, Any], model_dir: Path | None = None) -> torch.nn.Module:
     """LlamaForCausalLM whose decoder layers are loaded from `checkpoint` one at a time (see the module doc)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -48,9 +84,9 @@ def layerwise_model(checkpoint: Any, config: dict[str, Any], model_dir: Path | N
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config)
     model.model.rotary_emb = LlamaRotaryEmbedding(llama_config)  # buffers computed, not loaded
-    _load(model.model.embed_tokens, "model.embed_tokens.", checkpoint)
+    model.model.embed_tokens = CheckpointEmbedding(checkpoint, "model.embed_tokens.weight")
     _load(model.model.norm, "model.norm.", checkpoint)
-    model.lm_head.load_state_dict({"weight": checkpoint.tensor("lm_head.weight")}, assign=True)
+    model.lm_head = CheckpointHead(checkpoint, "lm_head.weight")
     buffers = LayerBuffers(checkpoint)
     for index, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{index}."

@@ -633,9 +633,10 @@ def build_variant(cfg: Any, resolved: Any, target: Path, skeleton: Any, inputs: 
         if parity:
             parity_started = time.perf_counter()
             with PeakRss() as parity_rss:
-                figures = _parity(cfg, folder, inputs, tolerances, steps, name)
+                figures, reference_s = _parity(cfg, folder, inputs, tolerances, steps, name)
+            # parity_reference_s: the PyTorch side's share, when this variant computed it (0: read back)
             parity_timings = {"parity_s": round(time.perf_counter() - parity_started, 2),
-                              "parity_peak_rss_mb": parity_rss.peak_mb}
+                              "parity_reference_s": round(reference_s, 2), "parity_peak_rss_mb": parity_rss.peak_mb}
             figures["candidate"]["path"] = str(target)
             from llmship.export.parity import parity_failures
 
@@ -676,11 +677,13 @@ def build_variant(cfg: Any, resolved: Any, target: Path, skeleton: Any, inputs: 
     return target
 
 
-def _parity(cfg: Any, folder: Path, inputs: dict[str, Any], tolerances: Any, steps: Any, name: str) -> dict[str, Any]:
+def _parity(cfg: Any, folder: Path, inputs: dict[str, Any], tolerances: Any, steps: Any, name: str
+            ) -> tuple[dict[str, Any], float]:
     """Parity of the written variant against the layer-at-a-time PyTorch reference. The reference's side is computed
     once per checkpoint, prompts and parity settings (`batched_reference_trace`: one pass over the checkpoint per
     forward), kept in output.dir's .llmship/parity and reused by every variant, in this process or a later one; the
-    reference model is freed before ONNX Runtime loads the variant, so the check holds one of the two at a time."""
+    reference model is freed before ONNX Runtime loads the variant, so the check holds one of the two at a time.
+    Returns the figures and the seconds spent computing the reference's side (0 when read back)."""
     import gc
 
     from llmship.cache import stage_key
@@ -691,9 +694,11 @@ def _parity(cfg: Any, folder: Path, inputs: dict[str, Any], tolerances: Any, ste
     prompts = default_prompts(inputs["tokenizer"], int(inputs["config"].get("max_position_embeddings", 2048)))
     key = stage_key(inputs["source"], prompts, tolerances.decode_steps, tolerances.greedy_tokens)
     stored = inputs["out"] / ".llmship" / "parity" / f"reference-{key}.npz"
+    reference_s = 0.0
     if stored.is_file():
         trace = load_trace(stored)
     else:
+        started = time.perf_counter()
         passes = 1 + max(tolerances.decode_steps, tolerances.greedy_tokens)
         steps(f"{name}: PyTorch reference, one decoder layer at a time ({passes} passes over the checkpoint)")
         reference = layerwise_engine(inputs["checkpoint"], inputs["config"], inputs["tokenizer"],
@@ -705,10 +710,11 @@ def _parity(cfg: Any, folder: Path, inputs: dict[str, Any], tolerances: Any, ste
         release_freed_memory()
         stored.parent.mkdir(parents=True, exist_ok=True)
         save_trace(stored, trace)
+        reference_s = time.perf_counter() - started
     steps(f"{name}: checking parity against PyTorch")
     candidate = parity_engine(folder, tolerances.layer_at_a_time, cfg.runtime.provider, cfg.runtime.threads,
                               export_mode=cfg.export.parity.layer_at_a_time)
     try:
-        return check_parity(None, candidate, tolerances, prompts, trace=trace)
+        return check_parity(None, candidate, tolerances, prompts, trace=trace), reference_s
     finally:
         candidate.close()
