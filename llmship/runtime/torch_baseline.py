@@ -133,8 +133,9 @@ def local_model_dir(model_cfg: ModelConfig) -> Path | None:
     return Path(path).expanduser() if _looks_local(path) else None
 
 
-def plan_baseline(model_cfg: ModelConfig) -> BaselinePlan:
-    """The baseline `model.baseline` asks for, decided from the memory estimate (see the module doc)."""
+def plan_baseline(model_cfg: ModelConfig, for_bench: bool = False) -> BaselinePlan:
+    """The baseline `model.baseline` asks for, decided from the memory estimate (see the module doc); UserError when
+    it would run a layer at a time and even that does not fit (not `for_bench`: bench never runs that one)."""
     requested, dtype = model_cfg.baseline, model_cfg.dtype
     available = available_memory()
     model_dir = local_model_dir(model_cfg)
@@ -147,7 +148,7 @@ def plan_baseline(model_cfg: ModelConfig) -> BaselinePlan:
     mode = requested if requested != "auto" else ("whole" if whole <= available else "layerwise")
     plan = BaselinePlan(requested, dtype, mode, dtype if mode == "whole" else LAYERWISE_DTYPE, parameters, whole,
                         layerwise, available)
-    if mode == "layerwise" and layerwise > available:
+    if mode == "layerwise" and layerwise > available and not for_bench:
         raise UserError(f"the PyTorch baseline does not fit in memory even one decoder layer at a time: "
                         f"{gib(layerwise)} needed (fp32 embeddings, head and one layer), {gib(available)} available "
                         f"(the whole model in {dtype}: {gib(whole)}); free memory or set gate.baseline_json to a "
@@ -168,7 +169,7 @@ def log_plan(plan: BaselinePlan) -> None:
 
 def bench_problem(model_cfg: ModelConfig) -> str | None:
     """Why bench cannot run the PyTorch baseline (None when it can): bench times the whole model in memory only."""
-    plan = plan_baseline(model_cfg)
+    plan = plan_baseline(model_cfg, for_bench=True)
     if plan.mode == "whole":
         return None
     assert plan.whole_bytes is not None
