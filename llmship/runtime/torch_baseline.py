@@ -173,13 +173,14 @@ def bench_problem(model_cfg: ModelConfig) -> str | None:
     if plan.mode == "whole":
         return None
     assert plan.whole_bytes is not None
-    why = ("model.baseline is layerwise" if plan.requested == "layerwise"
-           else f"the whole model in {plan.model_dtype} needs about {gib(plan.whole_bytes)} and "
-                f"{gib(plan.available_bytes)} is available")
-    halve = " or model.dtype=bfloat16 to halve it," if plan.model_dtype == "float32" else ""
-    return (f"the PyTorch bench baseline needs the whole model in memory ({why}); one streamed a layer at a time "
-            f"would time the disk, not the model: set bench.baseline=false to bench the variants only,{halve} "
-            "or run the bench on a machine with more RAM")
+    streamed = "one streamed a layer at a time would time the disk, not the model"
+    if plan.requested == "layerwise":
+        return (f"the PyTorch bench baseline needs the whole model in memory and model.baseline is layerwise ({streamed}): "
+                "set model.baseline to auto or whole, or bench.baseline=false to bench the variants only")
+    smaller = " or model.dtype=bfloat16 (about half the memory)," if plan.model_dtype == "float32" else ""
+    return (f"the PyTorch bench baseline needs the whole model in memory: about {gib(plan.whole_bytes)} in "
+            f"{plan.model_dtype}, {gib(plan.available_bytes)} available ({streamed}); set bench.baseline=false to bench "
+            f"the variants only,{smaller} or run the bench on a machine with more RAM")
 
 
 def build_baseline(model_cfg: ModelConfig, runtime_cfg: RuntimeConfig) -> Any:
