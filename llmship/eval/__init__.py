@@ -41,7 +41,7 @@ from llmship.artifact import atomic_folder
 from llmship.artifact import max_positions as smallest_positions
 from llmship.config import Config
 from llmship.errors import UserError
-from llmship.eval.baseline import baseline_record, baseline_run, keep_baseline, reused_baseline
+from llmship.eval.baseline import baseline_record, baseline_run, computed_in, keep_baseline, reused_baseline
 from llmship.eval.gate import check_metrics_known, evaluate_goals, log_failures, write_junit
 from llmship.eval.intervals import METHOD as INTERVAL_METHOD
 from llmship.eval.intervals import engine_intervals
@@ -287,4 +287,5 @@ def stage_inputs(cfg: Config) -> dict[str, Any]:
         "tasks": {task.name: task.declaration() for task in enabled_tasks(cfg)},
         "runtime": cfg.runtime.model_dump(),
         "baseline_json": gate.baseline_json and [gate.baseline_json, folder_fingerprint(gate.baseline_json)],
+        **({} if gate.baseline_json or not (dtype := computed_in(cfg)) else {"baseline_computed_in": dtype}),
     }

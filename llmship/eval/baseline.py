@@ -31,15 +31,21 @@ RECORD_FILE = "baseline.json"
 def baseline_key(cfg: Config, tasks: list[EvalTask]) -> str:
     """The cache key: model files and config, batch size, the tasks' declarations, and the dtype the baseline computes
     in when that is not model.dtype (a layer-at-a-time fallback runs fp32: its scores are not the bf16 model's)."""
-    from llmship.runtime.torch_baseline import plan_baseline
     from llmship.source import resolve_model_path
 
     adapter = cfg.model.adapter
-    computed_in = plan_baseline(cfg.model).dtype
     return stage_key(STAGE, folder_fingerprint(Path(resolve_model_path(cfg.model.path)).expanduser()),
                      adapter and folder_fingerprint(Path(adapter).expanduser()), cfg.model.model_dump(),
-                     cfg.eval.batch_size, {task.name: task.declaration() for task in tasks},
-                     *([f"computed in {computed_in}"] if computed_in != cfg.model.dtype else []))
+                     cfg.eval.batch_size, {task.name: task.declaration() for task in tasks}, *computed_in(cfg))
+
+
+def computed_in(cfg: Config) -> list[str]:
+    """[] when the baseline computes in model.dtype (every key as it was before the memory plan), else the dtype it
+    computes in: part of the baseline's and the eval stage's keys."""
+    from llmship.runtime.torch_baseline import plan_baseline
+
+    dtype = plan_baseline(cfg.model).dtype
+    return [] if dtype == cfg.model.dtype else [f"computed in {dtype}"]
 
 
 def cache_root(cfg: Config) -> Path:

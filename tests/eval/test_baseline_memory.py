@@ -163,3 +163,18 @@ def test_cli_check_bench_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "needs the whole model in memory" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_the_baseline_keys_change_only_when_the_baseline_computes_in_another_dtype(tmp_path):
+    from llmship.eval import stage_inputs
+    from llmship.eval.baseline import baseline_key
+    from llmship.eval.registry import enabled_tasks
+
+    def keys(**model: str) -> tuple[str, dict]:
+        cfg = Config.model_validate({"model": model, "output": {"dir": str(tmp_path)}})
+        return baseline_key(cfg, enabled_tasks(cfg)), stage_inputs(cfg)
+
+    assert keys() == keys(baseline="layerwise")  # fp32 both ways: the same scores
+    bf16, bf16_streamed = keys(dtype="bfloat16"), keys(dtype="bfloat16", baseline="layerwise")
+    assert bf16[0] != bf16_streamed[0] and bf16[0] != keys()[0]
+    assert "baseline_computed_in" not in bf16[1] and bf16_streamed[1]["baseline_computed_in"] == ["computed in float32"]
