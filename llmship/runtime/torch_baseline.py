@@ -60,7 +60,9 @@ class BaselinePlan:
     def sentence(self) -> str:
         """One line for the reports: engine, dtype, whole or layer at a time, and the memory figures behind it."""
         text = f"PyTorch baseline: {self.label}, {self.dtype}"
-        if self.whole_bytes is not None:
+        if self.whole_bytes is None:
+            text += f" (memory not estimated: a hub id; model.baseline {self.requested})"
+        else:
             text += (f" (whole model estimated at {gib(self.whole_bytes)} in {self.model_dtype}, "
                      f"{gib(self.available_bytes)} available; model.baseline {self.requested})")
         if self.mode == "layerwise":
@@ -218,5 +220,8 @@ def layerwise_baseline(model_cfg: ModelConfig, runtime_cfg: RuntimeConfig) -> An
     tok_dir = _tokenizer_source(model_dir, adapter_dir)
     if tok_dir is None:
         raise UserError("no tokenizer files (tokenizer.model or tokenizer.json) in the model folder", where=str(model_dir))
-    return layerwise_engine(checkpoint, config, load_tokenizer(tok_dir), threads=runtime_cfg.threads,
-                            model_dir=model_dir)
+    tokenizer = load_tokenizer(tok_dir)
+    if len(tokenizer) > config["vocab_size"]:  # fewer tokens than rows is harmless: the extra rows are never read
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is {config['vocab_size']}",
+                        where=str(tok_dir))
+    return layerwise_engine(checkpoint, config, tokenizer, threads=runtime_cfg.threads, model_dir=model_dir)
