@@ -53,18 +53,29 @@ class BaselinePlan:
     def label(self) -> str:
         return "whole model" if self.mode == "whole" else "one decoder layer at a time"
 
+    @property
+    def fell_back(self) -> bool:
+        """auto chose the layer-at-a-time baseline because the whole model did not fit."""
+        return self.requested == "auto" and self.mode == "layerwise"
+
     def describe(self) -> dict[str, Any]:
-        """Machine-readable: what the report's JSON carries."""
-        return {"engine": "torch", **asdict(self), "label": self.label, "summary": self.sentence()}
+        """Machine-readable: what the report's JSON carries. The available RAM only when it decided the fallback: a
+        record of a whole-model run is the same from run to run (a Ray run's equals the local one's)."""
+        fields = asdict(self)
+        if not self.fell_back:
+            del fields["available_bytes"]
+        return {"engine": "torch", **fields, "label": self.label, "summary": self.sentence()}
 
     def sentence(self) -> str:
-        """One line for the reports: engine, dtype, whole or layer at a time, and the memory figures behind it."""
+        """One line for the reports: engine, dtype, whole or layer at a time, and why."""
         text = f"PyTorch baseline: {self.label}, {self.dtype}"
         if self.whole_bytes is None:
             text += f" (memory not estimated: a hub id; model.baseline {self.requested})"
+        elif self.fell_back:
+            text += (f" (model.baseline auto: the whole model, estimated at {gib(self.whole_bytes)} in "
+                     f"{self.model_dtype}, did not fit in the {gib(self.available_bytes)} available)")
         else:
-            text += (f" (whole model estimated at {gib(self.whole_bytes)} in {self.model_dtype}, "
-                     f"{gib(self.available_bytes)} available; model.baseline {self.requested})")
+            text += f" (whole model estimated at {gib(self.whole_bytes)} in {self.model_dtype}; model.baseline {self.requested})"
         if self.mode == "layerwise":
             text += f"; {SLOW_NOTE}"
         return text
