@@ -214,10 +214,10 @@ def config_show(config: ConfigArg, overrides: OverridesArg = None, debug: DebugO
     def work() -> None:
         import yaml
 
-        from llmship.config import load_config
+        from llmship.config import load_config, resolved_tree
 
         cfg = load_config(config, overrides or [])
-        typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+        typer.echo(yaml.safe_dump(resolved_tree(cfg, mode="json"), sort_keys=False, allow_unicode=True))
 
     _guarded(work, debug)
 

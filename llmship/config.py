@@ -32,6 +32,12 @@ class ModelConfig(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Dtype the PyTorch baseline runs in and the export starts from."
     )
+    # How the baseline runs, not what the model is: left out of model_dump (exclude), so the model's part of every
+    # stage key (compiled variants, eval, bench) is what it was before this field existed.
+    baseline: Literal["auto", "whole", "layerwise"] = Field(
+        "auto", exclude=True, description="PyTorch baseline: 'whole' model in `dtype`, 'layerwise' (one decoder layer "
+        "at a time, fp32, eval only, slow), or 'auto' (whole when its memory estimate fits in available RAM)."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when `path` is a hub id.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model folder (off: only built-in LLaMA).")
     resize_embeddings: bool = Field(
@@ -499,7 +505,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if overrides:
         # Overrides apply to the resolved tree (defaults included), so list items that only exist as defaults
         # (calibration.sources.0.samples) can be overridden too.
-        tree = cfg.model_dump(exclude_unset=False)
+        tree = resolved_tree(cfg)
         for key, value in parse_overrides(overrides):
             _set_dotted(tree, key, value, source=f"override {key}")
         try:
@@ -508,6 +514,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise UserError(_describe(exc.errors()[0], "command-line override", {})) from None
     cfg._source = source
     return cfg
+
+
+def resolved_tree(cfg: Config, mode: Literal["python", "json"] = "python") -> dict[str, Any]:
+    """Every field of the config, defaults included: model_dump plus the fields it leaves out of stage keys
+    (`model.baseline`), so that rebuilding a Config from the tree (overrides, `config show`) keeps them."""
+    tree = cfg.model_dump(mode=mode, exclude_unset=False)
+    tree["model"]["baseline"] = cfg.model.baseline
+    return tree
 
 
 def resolve_path(value: str, base: Path | None = None) -> Path | str:

@@ -91,6 +91,9 @@ def check(cfg: Config, verb: str, variants: list[Variant]) -> Plan:
         _guard(plan, _check_eval, cfg, plan)
     if reads_bench:
         _guard(plan, _check_bench, cfg, plan)
+    eval_baseline, bench_baseline = reads_eval and not cfg.gate.baseline_json, reads_bench and cfg.bench.baseline
+    if eval_baseline or bench_baseline:
+        _guard(plan, _check_baseline, cfg, plan, eval_baseline, bench_baseline)
     _check_hub(plan)
     if plan.problems:
         problems = list(dict.fromkeys(plan.problems))
@@ -270,6 +273,29 @@ def _check_eval(cfg: Config, plan: Plan) -> None:
 
 def _check_bench(cfg: Config, plan: Plan) -> None:
     _guard(plan, _check_data, plan, "bench.dataset", "sharegpt", cfg.bench.dataset, "bench", None)
+
+
+def _check_baseline(cfg: Config, plan: Plan, eval_baseline: bool, bench_baseline: bool) -> None:
+    """The PyTorch baseline's memory plan, before any model is loaded: a layer-at-a-time baseline that would not fit
+    either, a layerwise one for a hub id, and a bench whose baseline would not fit whole fail here."""
+    from llmship.runtime.torch_baseline import bench_problem, plan_baseline
+
+    if not any(s.kind == "model" for s in plan.sources) and not any(h.field == "model.path" for h in plan.hub):
+        return  # the model folder itself is missing or broken: that is the problem reported
+    if bench_baseline and (problem := bench_problem(cfg.model)):
+        raise UserError(problem, where="bench.baseline")
+    baseline = plan_baseline(cfg.model, for_bench=not eval_baseline)
+    readers = [stage for stage, reads in (("eval", eval_baseline), ("bench", bench_baseline)) if reads]
+    plan.add("model.baseline", "PyTorch baseline", baseline.label, f"{baseline.dtype}; {_memory_checked(baseline)}",
+             ", ".join(readers))
+
+
+def _memory_checked(baseline: Any) -> str:
+    from llmship.runtime.torch_baseline import gib
+
+    if baseline.whole_bytes is None:
+        return "memory not estimated (hub id)"
+    return f"whole model ~{gib(baseline.whole_bytes)} in {baseline.model_dtype}, {gib(baseline.available_bytes)} available"
 
 
 def _check_json_file(file: Path, field_name: str) -> None:

@@ -114,7 +114,8 @@ def test_check_lists_what_each_verb_reads():
         assert field in out, field
     assert "8 val + 8 dev CSV headers" in out  # the bundled C-Eval sample: 8 subjects
     assert "calibration: not read (no variant reads it: fp32, w8a8-dynamic, w4a16-rtn)" in out
-    assert "ok: 8 input(s) checked for `llmship run`" in out
+    assert "ok: 9 input(s) checked for `llmship run`" in out  # the 9th: model.baseline, its memory plan
+    assert "model.baseline" in out and "whole model" in out
 
     compile_only = invoke("check", CONFIGS / "demo.yaml", "quantize.variants.1.method=gptq", "--verb", "compile")
     assert compile_only.exit_code == 0, compile_only.stderr[-2000:]
@@ -134,7 +135,7 @@ def test_every_eval_task_declares_its_data_to_the_preflight(tmp_path):
     ok = invoke("check", CONFIGS / "demo.yaml")
     assert "eval.cmmlu.path" in ok.stdout and "eval: CMMLU" in ok.stdout
     off = invoke("check", CONFIGS / "demo.yaml", "eval.cmmlu.enabled=false")
-    assert "eval.cmmlu: not read (CMMLU is off)" in off.stdout and "ok: 7 input(s)" in off.stdout
+    assert "eval.cmmlu: not read (CMMLU is off)" in off.stdout and "ok: 8 input(s)" in off.stdout
 
 
 def test_missing_data_file_of_a_task_that_runs_is_named_in_one_line(tmp_path):
@@ -294,4 +295,4 @@ def test_real_data_files_pass_the_header_checks(shared_data):
                     f"calibration.sources.0.path={c4}", "quantize.variants.1.method=gptq")
     assert result.exit_code == 0, result.stderr[-2000:]
     assert "26 val + 52 dev CSV headers" in result.stdout
-    assert "ok: 11 input(s) checked" in result.stdout  # CMMLU: the bundled sample
+    assert "ok: 12 input(s) checked" in result.stdout  # CMMLU: the bundled sample; model.baseline: its memory plan

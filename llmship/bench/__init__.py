@@ -70,10 +70,18 @@ def max_positions(cfg: Config, variants: dict[str, Path]) -> int:
 
 
 # --------------------------------------------------------------------------- engines
+def check_baseline_fits(cfg: Config) -> None:
+    """Before any work: the PyTorch baseline is benchmarked as a whole model in memory, or not at all."""
+    from llmship.runtime.torch_baseline import bench_problem
+
+    if cfg.bench.baseline and (problem := bench_problem(cfg.model)):
+        raise UserError(problem, where="bench.baseline")
+
+
 def engine_specs(cfg: Config, variants: dict[str, Path]) -> dict[str, dict[str, Any]]:
     specs: dict[str, dict[str, Any]] = {}
-    if cfg.bench.baseline:
-        specs[BASELINE_NAME] = {"kind": "torch", "model": cfg.model.model_dump()}
+    if cfg.bench.baseline:  # model_dump leaves model.baseline out (it is no part of the stage keys): the worker needs it
+        specs[BASELINE_NAME] = {"kind": "torch", "model": {**cfg.model.model_dump(), "baseline": cfg.model.baseline}}
     for name, folder in variants.items():
         if name in specs:
             raise UserError(f"variant name '{name}' is reserved for the PyTorch baseline", where="quantize")
@@ -286,6 +294,7 @@ def run_bench(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: A
     bc = cfg.bench
     variants = {name: Path(folder) for name, folder in variants.items()}
     specs = engine_specs(cfg, variants)
+    check_baseline_fits(cfg)
     tokenizer = bench_tokenizer(cfg, variants)
     positions = max_positions(cfg, variants)
     threads = thread_setting(cfg)
@@ -334,7 +343,8 @@ def run_bench(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: A
         engine["ratios"] = ratios(engine, engines[baseline]) if baseline else {}
         engine["spread"] = spread(runs[name], runs[baseline] if baseline else None)
     result = {
-        "config": {"bench": bc.model_dump(), "runtime": cfg.runtime.model_dump(), "model": cfg.model.model_dump()},
+        "config": {"bench": bc.model_dump(), "runtime": cfg.runtime.model_dump(),
+                   "model": {**cfg.model.model_dump(), "baseline": cfg.model.baseline}},
         "environment": environment(cfg),
         "sampling": sampling.as_dict(),
         "max_positions": positions,
@@ -347,6 +357,7 @@ def run_bench(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: A
         "repeats": bc.repeats,
         "warnings": warnings,
         "baseline": baseline,
+        "baseline_run": engines[baseline]["info"].get("baseline") if baseline else None,
         "engines": engines,
     }
     from llmship.bench import report

@@ -20,6 +20,13 @@ def _ratio(value: Any) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def baseline_line(info: dict[str, Any]) -> str:
+    """Which PyTorch baseline was timed: engine, dtype, whole model (the only one bench runs)."""
+    plan = info.get("baseline")
+    text = plan["summary"] if isinstance(plan, dict) else f"PyTorch baseline: whole model, {info.get('dtype')}"
+    return f"Baseline (engine {info.get('engine')}, {info.get('dtype')}): {text}."
+
+
 def markdown(result: dict[str, Any]) -> str:
     engines = result["engines"]
     baseline = result.get("baseline")
@@ -41,6 +48,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Dropped: " + (", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s["dropped"].items() if v) or "none") + ".",
         f"Padding overhead: prompt {result['padding']['prompt_padding']:.1%}, decode slots {result['padding']['decode_padding']:.1%}.",
+        *([baseline_line(engines[baseline]["info"])] if baseline else []),
         *(["Nodes (Ray, one engine per bench node at a time): "
            + "; ".join(f"{name} on {', '.join(dict.fromkeys(e['nodes']))}" for name, e in engines.items()) + "."]
           if all("nodes" in e for e in engines.values()) else []),

@@ -108,6 +108,19 @@ def load(spec: dict[str, Any], runtime: dict[str, Any]) -> Any:
     return build_engine(spec["kind"], target, RuntimeConfig(**runtime))
 
 
+def check_baseline(spec: dict[str, Any]) -> None:
+    """The PyTorch baseline is timed as a whole model in this process's memory, never a layer at a time (that would
+    time the disk): checked here too, where the bench runs (a Ray bench node has its own RAM)."""
+    if spec["kind"] != "torch":
+        return
+    from llmship.config import ModelConfig
+    from llmship.errors import UserError
+    from llmship.runtime.torch_baseline import bench_problem
+
+    if problem := bench_problem(ModelConfig(**spec["model"])):
+        raise UserError(problem, where="bench.baseline")
+
+
 def preload_libraries(spec: dict[str, Any]) -> None:
     """Import the engine's libraries before the load timer starts: load time is the model's, not Python's imports."""
     import llmship.runtime  # noqa: F401 - onnxruntime (torch only for the PyTorch engine, so RSS is the engine's own)
@@ -169,6 +182,7 @@ def measure(job: dict[str, Any], progress: Callable[[int, int], None] | None = N
     requests: list[dict[str, Any]] = job["requests"]
     batches: list[list[int]] = job["batches"]
     preload_libraries(job["spec"])
+    check_baseline(job["spec"])
     memory = PeakRss(isolated)
     t0 = time.perf_counter()
     engine = load(job["spec"], job["runtime"])

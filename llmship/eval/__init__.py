@@ -41,7 +41,7 @@ from llmship.artifact import atomic_folder
 from llmship.artifact import max_positions as smallest_positions
 from llmship.config import Config
 from llmship.errors import UserError
-from llmship.eval.baseline import baseline_record, keep_baseline, reused_baseline
+from llmship.eval.baseline import baseline_record, baseline_run, computed_in, keep_baseline, reused_baseline
 from llmship.eval.gate import check_metrics_known, evaluate_goals, log_failures, write_junit
 from llmship.eval.intervals import METHOD as INTERVAL_METHOD
 from llmship.eval.intervals import engine_intervals
@@ -137,22 +137,24 @@ def run_eval(cfg: Config, variants: dict[str, Path], out_dir: Path, progress: An
 
     names = list(engines)
     wall = round(time.perf_counter() - start, 3)
-    notes = [note for task in tasks for note in task.notes(prepared[task.name])] + _baseline_notes(from_cache, cfg)
+    ran = baseline_run(base)
+    notes = ([note for task in tasks for note in task.notes(prepared[task.name])] + _baseline_notes(from_cache, cfg)
+             + [ran["summary"]])
     described: dict[str, Any] = {"subjects": [], "groups": {}, "versions": {}}
     for task in tasks:
         described.update(task.results_fields(prepared[task.name]))
-    results = {"baseline": BASELINE_NAME, "baseline_cached": from_cache, "engines": engines, "summary": rows,
+    results = {"baseline": BASELINE_NAME, "baseline_cached": from_cache, "baseline_run": ran, "engines": engines, "summary": rows,
                "intervals": intervals, "interval_method": INTERVAL_METHOD, "gate": gate_rows, **described,
                "config": cfg.eval.model_dump(mode="json"), "notes": notes, "wall_s": wall}
     # Built in a temp sibling and swapped in whole: a killed or failed eval leaves the earlier results as they were.
     with atomic_folder(out_dir) as tmp:
-        built = write_tables(tmp, rows, names, BASELINE_NAME)
+        built = write_tables(tmp, rows, names, BASELINE_NAME, footer=[f"{BASELINE_NAME}: {ran['summary']}."])
         built["junit"] = str(write_junit(gate_rows, tmp / "junit.xml"))
         built["results"] = str(write_json(tmp / "results.json", results))
     paths = {key: str(out_dir / Path(value).relative_to(tmp)) for key, value in built.items()}
     log.info("eval: %d engine(s) scored in %.1f s (baseline %s); summary %s", len(engines), wall,
              "cached" if from_cache else "scored", paths["summary_txt"])
-    return {"summary": rows, "gate": gate_rows, "baseline": BASELINE_NAME, "baseline_cached": from_cache,
+    return {"summary": rows, "gate": gate_rows, "baseline": BASELINE_NAME, "baseline_cached": from_cache, "baseline_run": ran,
             "metrics": metrics, "intervals": intervals, "interval_method": INTERVAL_METHOD, "paths": paths,
             "notes": notes, "wall_s": wall,
             "engines": {n: {"path": str(r.get("path")), "info": r.get("info"), "wall_s": r.get("wall_s")}
@@ -285,4 +287,5 @@ def stage_inputs(cfg: Config) -> dict[str, Any]:
         "tasks": {task.name: task.declaration() for task in enabled_tasks(cfg)},
         "runtime": cfg.runtime.model_dump(),
         "baseline_json": gate.baseline_json and [gate.baseline_json, folder_fingerprint(gate.baseline_json)],
+        **({} if gate.baseline_json or not (dtype := computed_in(cfg)) else {"baseline_computed_in": dtype}),
     }

@@ -29,12 +29,23 @@ RECORD_FILE = "baseline.json"
 
 
 def baseline_key(cfg: Config, tasks: list[EvalTask]) -> str:
+    """The cache key: model files and config, batch size, the tasks' declarations, and the dtype the baseline computes
+    in when that is not model.dtype (a layer-at-a-time fallback runs fp32: its scores are not the bf16 model's)."""
     from llmship.source import resolve_model_path
 
     adapter = cfg.model.adapter
     return stage_key(STAGE, folder_fingerprint(Path(resolve_model_path(cfg.model.path)).expanduser()),
                      adapter and folder_fingerprint(Path(adapter).expanduser()), cfg.model.model_dump(),
-                     cfg.eval.batch_size, {task.name: task.declaration() for task in tasks})
+                     cfg.eval.batch_size, {task.name: task.declaration() for task in tasks}, *computed_in(cfg))
+
+
+def computed_in(cfg: Config) -> list[str]:
+    """[] when the baseline computes in model.dtype (every key as it was before the memory plan), else the dtype it
+    computes in: part of the baseline's and the eval stage's keys."""
+    from llmship.runtime.torch_baseline import plan_baseline
+
+    dtype = plan_baseline(cfg.model).dtype
+    return [] if dtype == cfg.model.dtype else [f"computed in {dtype}"]
 
 
 def cache_root(cfg: Config) -> Path:
@@ -95,6 +106,17 @@ def keep_baseline(cfg: Config, tasks: list[EvalTask], rec: dict[str, Any], refs:
     rec["path"] = cfg.model.path
     if cfg.eval.baseline_cache:
         save_cached(cfg, tasks, baseline_key(cfg, tasks), rec, refs)
+
+
+def baseline_run(rec: dict[str, Any]) -> dict[str, Any]:
+    """Which baseline produced `rec`: the plan its engine recorded (engine, dtype, whole or layer at a time, memory),
+    or, for a record written before plans were recorded, the engine and dtype it names."""
+    info = rec.get("info") or {}
+    if isinstance(info.get("baseline"), dict):
+        return info["baseline"]
+    dtype = info.get("dtype", "unknown dtype")
+    return {"engine": info.get("engine", "torch"), "dtype": dtype, "mode": "whole", "label": "whole model",
+            "summary": f"PyTorch baseline: whole model, {dtype} (recorded before the memory plan was)"}
 
 
 def baseline_record(cfg: Config, tasks: list[EvalTask], prepared: dict[str, Any], tokenizer: Any, progress: Progress,

@@ -86,7 +86,8 @@ def interval_cell(ci: dict[str, Any] | None) -> str:
     return "-" if ci is None else f"{ci['diff']:+.2f} [{ci['low']:+.2f}, {ci['high']:+.2f}]"
 
 
-def to_md(rows: Sequence[dict[str, Any]], engines: Sequence[str], baseline: str | None = None) -> str:
+def to_md(rows: Sequence[dict[str, Any]], engines: Sequence[str], baseline: str | None = None,
+          footer: Sequence[str] = ()) -> str:
     header, body = table(rows, engines)
     variants = _interval_columns(rows, engines, baseline)
     if baseline is not None:
@@ -95,13 +96,17 @@ def to_md(rows: Sequence[dict[str, Any]], engines: Sequence[str], baseline: str 
             line += [cell(row.get("n")), *(interval_cell(_ci(row, v)) for v in variants)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in body]
+    if footer:
+        lines += ["", *footer]
     return "\n".join(lines) + "\n"
 
 
 def write_tables(out_dir: Path, rows: Sequence[dict[str, Any]], engines: Sequence[str],
-                 baseline: str | None = None) -> dict[str, str]:
+                 baseline: str | None = None, footer: Sequence[str] = ()) -> dict[str, str]:
+    """summary.txt (OpenCompass's layout, nothing added), summary.csv and summary.md (the table, then `footer` lines:
+    which baseline ran)."""
     return {
         "summary_txt": str(write_atomic(out_dir / "summary.txt", to_txt(rows, engines))),
         "summary_csv": str(write_atomic(out_dir / "summary.csv", to_csv(rows, engines, baseline))),
-        "summary_md": str(write_atomic(out_dir / "summary.md", to_md(rows, engines, baseline))),
+        "summary_md": str(write_atomic(out_dir / "summary.md", to_md(rows, engines, baseline, footer))),
     }

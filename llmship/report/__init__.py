@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llmship.config import Config
+from llmship.config import Config, resolved_tree
 from llmship.files import MANIFEST_FILE
 from llmship.report.auto_search import auto_search_section
 from llmship.report.environment import environment
@@ -88,10 +88,11 @@ def build_summary(cfg: Config, folders: dict[str, Path], eval_result: dict, benc
         "variants": variant_rows(folders),
         "accuracy": eval_result.get("summary", []),
         "baseline": eval_result.get("baseline"),
+        "baseline_run": eval_result.get("baseline_run"),
         "gate": eval_result.get("gate", []),
         "bench": {k: v for k, v in bench_result.items() if k not in ("requests", "records")},
         "environment": environment(cfg.runtime.threads),
-        "config": cfg.model_dump(mode="json"),
+        "config": resolved_tree(cfg, mode="json"),
     }
 
 
@@ -155,8 +156,10 @@ def _accuracy_section(doc: Document, summary: dict) -> None:
             else:
                 cells.append(val)
         rows.append([row.get("dataset"), row.get("version"), row.get("metric"), row.get("mode"), row.get("n"), *cells])
+    ran = summary.get("baseline_run") or {}
     doc.table(columns, rows, f"In brackets: the difference from the baseline ({baseline}) and, for accuracies, its 95% "
-              "interval paired over the same n questions (prompts for consistency)")
+              "interval paired over the same n questions (prompts for consistency)"
+              + (f". {ran['summary']}" if ran.get("summary") else ""))
     gate = summary["gate"]
     if gate:
         doc.heading("Gate")

@@ -2,7 +2,8 @@
 
 | name  | built from              | engine                                                               |
 |-------|-------------------------|----------------------------------------------------------------------|
-| torch | a ModelConfig           | TorchEngine: the source model in PyTorch, in its dtype (the baseline) |
+| torch | a ModelConfig           | TorchEngine: the source model in PyTorch, in its dtype, whole or a   |
+|       |                         | layer at a time as model.baseline and the RAM decide (the baseline)  |
 | ort   | a compiled folder       | OrtEngine: the folder's graph under ONNX Runtime                      |
 | genai | a compiled folder       | GenaiEngine: the folder under onnxruntime-genai                       |
 
@@ -50,10 +51,9 @@ class EngineKind:
 
 
 def _torch(model: ModelConfig, runtime_cfg: RuntimeConfig) -> Engine:
-    from llmship.runtime.torch_engine import TorchEngine
-    from llmship.source import load_source
+    from llmship.runtime.torch_baseline import build_baseline
 
-    return TorchEngine.from_source(load_source(model), threads=runtime_cfg.threads)
+    return build_baseline(model, runtime_cfg)
 
 
 def _ort(folder: Path, runtime_cfg: RuntimeConfig) -> Engine:

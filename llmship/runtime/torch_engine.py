@@ -29,6 +29,7 @@ class TorchEngine(Engine):
     """
 
     name = "torch"
+    plan: Any = None  # the BaselinePlan that built this engine as the baseline (llmship.runtime.torch_baseline)
 
     def __init__(self, model: Any, tokenizer: Any = None, *, threads: int = 0, path: str | None = None, dtype: str | None = None):
         if threads > 0:
@@ -79,7 +80,8 @@ class TorchEngine(Engine):
     def info(self) -> dict[str, Any]:
         device = str(next(self.model.parameters()).device)
         return {"engine": self.name, "provider": f"torch-{device}", "threads": torch.get_num_threads(),
-                "interop_threads": torch.get_num_interop_threads(), "dtype": self.dtype, "path": self.path}
+                "interop_threads": torch.get_num_interop_threads(), "dtype": self.dtype, "path": self.path,
+                **({"baseline": self.plan.describe()} if self.plan is not None else {})}
 
     def close(self) -> None:
         self.model = None

@@ -277,6 +277,8 @@ def test_run_bench_baseline_and_variant(tiny, tmp_path):
         assert (tmp_path / "bench" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "bench" / "bench.md").read_text()
     assert "| pytorch (baseline) |" in md and "| fp32 |" in md
+    assert "Baseline (engine torch, float32): PyTorch baseline: whole model, float32" in md
+    assert (full["baseline_run"]["mode"], full["baseline_run"]["dtype"]) == ("whole", "float32")
     assert any(line.startswith("bench fp32: 5/5") for line in progress_lines)
 
 
