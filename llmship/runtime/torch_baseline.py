@@ -5,8 +5,8 @@ weight is loaded.
 tensor is read): parameters x bytes of `model.dtype`, plus the adapter's file, plus a margin (MARGIN_FRACTION of the
 weights + MARGIN_BYTES for activations, logits and the runtime), and compares it with the RAM psutil reports
 available. `model.baseline`: 'whole' loads the whole model (a warning when the estimate exceeds the RAM), 'layerwise'
-runs `llmship.export.layerwise` (embeddings + one fp32 decoder layer resident, every layer read from the checkpoint
-per forward: eval only, slow), 'auto' picks whole when it fits, else layerwise. A layer-at-a-time baseline that does
+runs `llmship.export.layerwise` (one fp32 decoder layer resident, every layer and the vocabulary tables read from
+the checkpoint per forward: eval only, slow), 'auto' picks whole when it fits, else layerwise. A layer-at-a-time baseline that does
 not fit either is a UserError before loading.
 
 `build_baseline(model_cfg, runtime_cfg)` builds the engine the plan names; its `info()` says which baseline ran.
@@ -130,9 +130,14 @@ def memory_estimate(model_dir: Path, dtype: str, adapter: str | None) -> tuple[i
         if name.startswith(LAYER_PREFIX):
             index = name[len(LAYER_PREFIX):].split(".", 1)[0]
             layers[index] = layers.get(index, 0) + size
-    resident = parameters - sum(layers.values()) + max(layers.values(), default=0)
-    if "lm_head.weight" not in sizes:  # layerwise loads the head as its own fp32 copy of the embedding table
-        resident += sizes.get("model.embed_tokens.weight", 0)
+    # layerwise holds one decoder layer and the small tensors; it reads the vocabulary tables from the checkpoint
+    # (embedding rows per forward, lm_head in HEAD_CHUNK_BYTES chunks)
+    from llmship.export.layerwise import HEAD_CHUNK_BYTES
+
+    tables = sum(sizes.get(n, 0) for n in ("model.embed_tokens.weight", "lm_head.weight"))
+    head = sizes.get("lm_head.weight", sizes.get("model.embed_tokens.weight", 0))
+    resident = (parameters - sum(layers.values()) - tables + max(layers.values(), default=0)
+                + min(head, HEAD_CHUNK_BYTES // BYTES_PER_DTYPE[LAYERWISE_DTYPE]))
     extra = adapter_bytes(adapter)
     whole = with_margin(parameters * BYTES_PER_DTYPE[dtype] + extra)
     layerwise = with_margin(resident * BYTES_PER_DTYPE[LAYERWISE_DTYPE] + extra)
@@ -163,7 +168,7 @@ def plan_baseline(model_cfg: ModelConfig, for_bench: bool = False) -> BaselinePl
                         layerwise, available)
     if mode == "layerwise" and layerwise > available and not for_bench:
         raise UserError(f"the PyTorch baseline does not fit in memory even one decoder layer at a time: "
-                        f"{gib(layerwise)} needed (fp32 embeddings, head and one layer), {gib(available)} available "
+                        f"{gib(layerwise)} needed (one fp32 decoder layer and a chunk of lm_head), {gib(available)} available "
                         f"(the whole model in {dtype}: {gib(whole)}); free memory or set gate.baseline_json to a "
                         "stored baseline", where="model.baseline")
     return plan
