@@ -464,8 +464,7 @@ def write_side_files(folder: Path, config: dict[str, Any], model_dir: Path, tok_
 def _resolve_inputs(cfg: Any) -> dict[str, Any]:
     """Every input the streaming compile reads, validated before the first expensive step (module doc of checkpoint)."""
     from llmship.export import check_exportable
-    from llmship.export.checkpoint import open_checkpoint
-    from llmship.source import _read_config, _tokenizer_source, check_architecture, load_tokenizer, resolve_model_path
+    from llmship.source import _read_config, check_architecture, resolve_model_path
 
     path = resolve_model_path(cfg.model.path)
     model_dir = Path(path).expanduser()
@@ -488,10 +487,19 @@ def _resolve_inputs(cfg: Any) -> dict[str, Any]:
                             f"{', with quantize.auto' if variant.scheme.auto else ''}) needs the whole model and cannot "
                             f"stream; streaming builds {streaming} without calibration (w4a16 rtn/hqq)",
                             where=f"{variant.where}.scheme")
-    checkpoint = open_checkpoint(model_dir, config)
-    if adapter_dir is not None:
-        from llmship.export.checkpoint import LoraMerged
+    checkpoint, config, tok_dir, tokenizer = open_source(model_dir, config, adapter_dir)
+    return {"model_dir": model_dir, "adapter_dir": adapter_dir, "config": config, "checkpoint": checkpoint,
+            "tok_dir": tok_dir, "tokenizer": tokenizer}
 
+
+def open_source(model_dir: Path, config: dict[str, Any], adapter_dir: Path | None) -> tuple[Any, dict[str, Any], Path, Any]:
+    """(checkpoint, config, tokenizer folder, tokenizer) of a local model folder, the adapter merged per tensor; the
+    tokenizer must not have more tokens than the embedding has rows."""
+    from llmship.export.checkpoint import LoraMerged, open_checkpoint
+    from llmship.source import _tokenizer_source, load_tokenizer
+
+    checkpoint: Any = open_checkpoint(model_dir, config)
+    if adapter_dir is not None:
         checkpoint = LoraMerged(checkpoint, adapter_dir)
         config = checkpoint.config
     tok_dir = _tokenizer_source(model_dir, adapter_dir)
@@ -501,8 +509,7 @@ def _resolve_inputs(cfg: Any) -> dict[str, Any]:
     if len(tokenizer) > config["vocab_size"]:  # fewer tokens than rows is harmless: the extra rows are never read
         raise UserError(f"tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is {config['vocab_size']}",
                         where=str(tok_dir))
-    return {"model_dir": model_dir, "adapter_dir": adapter_dir, "config": config, "checkpoint": checkpoint,
-            "tok_dir": tok_dir, "tokenizer": tokenizer}
+    return checkpoint, config, tok_dir, tokenizer
 
 
 def _check_excludes(skeleton: Any, patterns: list[str]) -> None:

@@ -218,9 +218,9 @@ def build_baseline(model_cfg: ModelConfig, runtime_cfg: RuntimeConfig) -> Any:
 
 def layerwise_baseline(model_cfg: ModelConfig, runtime_cfg: RuntimeConfig) -> Any:
     """The layer-at-a-time reference of the streaming compile over the model folder (+ adapter, merged per tensor)."""
-    from llmship.export.checkpoint import LoraMerged, open_checkpoint
     from llmship.export.layerwise import layerwise_engine
-    from llmship.source import _read_config, _tokenizer_source, check_architecture, load_tokenizer
+    from llmship.export.streaming import open_source
+    from llmship.source import _read_config, check_architecture
 
     model_dir = local_model_dir(model_cfg)
     assert model_dir is not None  # plan_baseline refuses layerwise for a hub id
@@ -228,16 +228,6 @@ def layerwise_baseline(model_cfg: ModelConfig, runtime_cfg: RuntimeConfig) -> An
         raise UserError("model folder not found", where=f"model.path ({model_dir})")
     config = _read_config(model_dir, str(model_dir))
     check_architecture(config, str(model_dir / "config.json"), model_cfg.trust_remote_code)
-    checkpoint: Any = open_checkpoint(model_dir, config)
     adapter_dir = Path(model_cfg.adapter).expanduser() if model_cfg.adapter else None
-    if adapter_dir is not None:
-        checkpoint = LoraMerged(checkpoint, adapter_dir)
-        config = checkpoint.config
-    tok_dir = _tokenizer_source(model_dir, adapter_dir)
-    if tok_dir is None:
-        raise UserError("no tokenizer files (tokenizer.model or tokenizer.json) in the model folder", where=str(model_dir))
-    tokenizer = load_tokenizer(tok_dir)
-    if len(tokenizer) > config["vocab_size"]:  # fewer tokens than rows is harmless: the extra rows are never read
-        raise UserError(f"tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is {config['vocab_size']}",
-                        where=str(tok_dir))
+    checkpoint, config, _, tokenizer = open_source(model_dir, config, adapter_dir)
     return layerwise_engine(checkpoint, config, tokenizer, threads=runtime_cfg.threads, model_dir=model_dir)
