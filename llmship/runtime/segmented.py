@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from llmship.errors import UserError
 from llmship.runtime.base import Cache
 from llmship.runtime.ort_engine import OrtEngine, open_session
 from llmship.runtime.padding import left_pad
@@ -141,7 +142,11 @@ class SegmentedOrtEngine(OrtEngine):
         import onnx
 
         self.model = onnx.load(str(onnx_path), load_external_data=False)
-        self.segments = cut_graph(self.model.graph)
+        try:
+            self.segments = cut_graph(self.model.graph)
+        except ValueError as exc:  # a graph llmship did not build: no layer structure to cut along
+            raise UserError(f"the parity check cannot run this graph a layer at a time ({exc}); set "
+                            "export.parity.layer_at_a_time: never", where=str(onnx_path)) from None
         self._options, self._providers = options, providers
         return _GraphOnly(self.model.graph, options, providers)
 

@@ -210,6 +210,30 @@ def test_layer_at_a_time_runs_a_right_padded_gqa_graph(tmp_path):
         layered.generate(prompts, 2)
 
 
+def test_a_graph_that_cannot_be_cut_is_one_line_naming_it(tmp_path):
+    """Layer 0's present made in the last layer's segment, after its past is read (no order of the forwards works):
+    a UserError naming the graph and the setting that avoids the cut, not a traceback."""
+    import onnx
+    from onnx import helper
+
+    from llmship.runtime.segmented import SegmentedOrtEngine
+
+    cfg = Config.model_validate({"output": {"dir": str(tmp_path)}, "export": {"streaming": True},
+                                 "quantize": {"scheme": "none", "variants": []}})
+    from llmship.pipeline import run_stage
+
+    run_stage("compile", cfg, quiet=True)
+    folder = tmp_path / "fp32"
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    maker = next(n for n in model.graph.node if "present.0.key" in n.output)
+    maker.output[list(maker.output).index("present.0.key")] = "present_0_key_inner"
+    model.graph.node.append(helper.make_node("Identity", ["present_0_key_inner"], ["present.0.key"], name="late__L3"))
+    onnx.save(model, str(folder / "model.onnx"))
+    with pytest.raises(UserError, match="layer_at_a_time: never") as caught:
+        SegmentedOrtEngine(folder)
+    assert caught.value.where == str(folder / "model.onnx")
+
+
 @pytest.mark.slow
 def test_streamed_variants_are_cached_and_the_eval_side_reads_them(both):
     from llmship.pipeline import compiled_variants, run_stage
