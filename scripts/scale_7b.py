@@ -29,7 +29,15 @@ LLAMA_7B = {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads
 # Hugging Face's default shard size of save_pretrained in transformers 4.x
 SHARD_BYTES = 5 * 10**9
 VARIANTS = {"w4a16": {"scheme": "w4a16", "method": "rtn", "options": {"block_size": 128}},
-            "w8a8-dynamic": {"scheme": "w8a8-dynamic"}, "w8a16": {"scheme": "w8a16"}, "none": {"scheme": "none"}}
+            "w8a8-dynamic": {"scheme": "w8a8-dynamic"}, "w8a16": {"scheme": "w8a16"}, "none": {"scheme": "none"},
+            # calibrated one decoder layer at a time (llmship.quantize.layerwise)
+            "w4a16-gptq": {"scheme": "w4a16", "method": "gptq"},
+            "w8a8-static-sq": {"scheme": "w8a8-static", "method": "minmax", "name": "w8a8-static-sq",
+                               "options": {"smoothquant": True}}}
+CALIBRATED = ("w4a16-gptq", "w8a8-static-sq")
+# Calibration of the calibrated variants on this CPU: 16 C4 windows of 256 tokens (GPTQ's 128 x 2048, or 128 x 512,
+# is for a GPU); `--calibration 128x512` changes it.
+CALIBRATION = "16x256"
 
 
 def make_checkpoint(folder: Path, layers: int, vocab: int, tied: bool) -> dict:
@@ -81,7 +89,7 @@ def make_checkpoint(folder: Path, layers: int, vocab: int, tied: bool) -> dict:
     return {"reused": False, "write_s": round(time.perf_counter() - started, 1), "bytes": total, "shards": count}
 
 
-def compile_child(model_dir: str, out: str, variant: str, parity: str) -> None:
+def compile_child(model_dir: str, out: str, variant: str, parity: str, calibration: str) -> None:
     """Child process: one streaming compile (parity against the layer-at-a-time PyTorch reference unless off), then 8
     greedy tokens from ONNX Runtime."""
     from llmship.config import Config
@@ -90,6 +98,9 @@ def compile_child(model_dir: str, out: str, variant: str, parity: str) -> None:
 
     settings = {"model": {"path": model_dir}, "export": {"streaming": True}, "output": {"dir": out},
                 "quantize": VARIANTS[variant]}
+    if variant in CALIBRATED:
+        samples, seq_len = (int(x) for x in calibration.split("x"))
+        settings["calibration"] = {"seq_len": seq_len, "sources": [{"kind": "c4", "path": "@embedded", "samples": samples}]}
     cfg = Config.model_validate(settings)
     if variant != "none":
         # Random weights put every position at a near-tie, so top-1 and greedy agreement are reported, not gated;
@@ -109,6 +120,7 @@ def compile_child(model_dir: str, out: str, variant: str, parity: str) -> None:
                       "parity": {k: figures.get(k) for k in ("passed", "max_logits_diff", "top1_agreement",
                                                               "greedy_match", "nll_increase", "skipped")},
                       "chunked": len([v for v in manifest["quantization"].get("chunked", {}).values() if v > 1]),
+                      "layerwise": manifest["quantization"].get("layerwise"),
                       "folder": str(folder)}))
 
 
@@ -122,10 +134,13 @@ def generate_child(folder: str) -> None:
     print(json.dumps({"tokens": tokens[0]}))
 
 
-def run_variant(model_dir: Path, out: Path, variant: str, parity: bool) -> dict:
+def run_variant(model_dir: Path, out: Path, variant: str, parity: bool, calibration: str) -> dict:
     """One compile in a child process, then 8 tokens from the output in another; each child's whole process tree's
     RSS sampled every 0.5 s (the compile's peak is the compile's alone)."""
-    row = {"variant": variant, **run_child(["--child", str(model_dir), str(out), variant, "on" if parity else "off"])}
+    row = {"variant": variant, **run_child(["--child", str(model_dir), str(out), variant, "on" if parity else "off",
+                                            calibration])}
+    if variant in CALIBRATED:
+        row["calibration"] = calibration
     if row["returncode"] == 0:
         generated = run_child(["--generate", row["folder"]])
         row["generate"] = {k: generated.get(k) for k in ("wall_s", "peak_rss_mb", "returncode", "error")}
@@ -189,7 +204,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["w4a16", "w8a8-dynamic", "w8a16"])
     parser.add_argument("--out", type=Path, default=Path("scale_7b.json"))
     parser.add_argument("--no-parity", action="store_true", help="skip the parity check against PyTorch")
-    parser.add_argument("--child", nargs=4)
+    parser.add_argument("--calibration", default=CALIBRATION, help="samples x tokens of the calibrated variants")
+    parser.add_argument("--child", nargs=5)
     parser.add_argument("--generate")
     args = parser.parse_args()
     if args.child:
@@ -205,7 +221,8 @@ def main() -> None:
         model_dir = args.scratch / name
         report["checkpoints"][name] = make_checkpoint(model_dir, args.layers, vocab, tied=False)
         for variant in args.variants:
-            row = {"checkpoint": name, **run_variant(model_dir, args.scratch / f"out-{name}", variant, not args.no_parity)}
+            row = {"checkpoint": name, **run_variant(model_dir, args.scratch / f"out-{name}", variant, not args.no_parity,
+                                                         args.calibration)}
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
             args.out.write_text(json.dumps(report, indent=2))

@@ -8,8 +8,10 @@ match as in the whole graph): the replacement nodes and quantized tensors are ex
 writes for that node, and nodes the rewrite shares between MatMuls (one activation quantization for gate and up)
 are kept once. Peak memory is one tensor and its quantized form, whatever the depth of the model.
 
-Streaming-capable schemes: `none` (fp32), `w8a16`, `w4a16` (rtn, hqq), `w8a8-dynamic` (every layout).
-Calibrated schemes (gptq, w8a8-static, fp16's overflow scan) need the whole model and are refused.
+Streaming-capable schemes: `none` (fp32), `w8a16`, `w4a16` (rtn, hqq), `w8a8-dynamic` (every layout), and the
+calibrated `w4a16` gptq and `w8a8-static` (any calibrator, with or without SmoothQuant), which are calibrated one
+decoder layer at a time (`write_calibrated_variant`, llmship.quantize.layerwise). awq, fp16's overflow scan and
+`quantize.auto` need the whole model and are refused.
 """
 
 from __future__ import annotations
@@ -193,7 +195,6 @@ def write_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exc
                   title: str) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Fill the skeleton's placeholders from the checkpoint into `folder/model.onnx(.data)`, quantizing each weight
     node with `scheme` (None = fp32). Returns (graph written, report)."""
-    from llmship.quantize.graph import strip_metadata
     from llmship.quantize.registry import QuantizeJob
 
     source = skeleton.model
@@ -271,6 +272,21 @@ def write_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exc
     missing = set(specs) - written
     if missing:
         raise CheckFailed(f"streaming: weight {sorted(missing)[0]} was never written")
+    model = _final_graph(source, specs, nodes, extra_inits, opsets, folder)
+    report = {"streamed": True, "tensors": len(specs), "read_mb_s": progress.mb_per_s,
+              "data_bytes": writer.offset}
+    if scheme is not None:
+        report.update({"quantized": quantized_rows, "kept_float": kept_rows, "chunked": chunking,
+                       "summary": f"{len(quantized_rows)} weight(s) quantized while streaming, {len(kept_rows)} kept float"})
+    return model, report
+
+
+def _final_graph(source: onnx.ModelProto, specs: dict[str, Any], nodes: list[onnx.NodeProto],
+                 written: dict[str, onnx.TensorProto], opsets: dict[str, int], folder: Path) -> onnx.ModelProto:
+    """`folder/model.onnx`: the source's inputs and outputs, the rewritten nodes, the skeleton's constants and the
+    written tensors they read (weights already in the data file)."""
+    from llmship.quantize.graph import strip_metadata
+
     model = onnx.ModelProto()
     model.ir_version = source.ir_version
     model.producer_name = "llmship-streaming"
@@ -279,18 +295,82 @@ def write_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exc
     model.graph.output.extend(source.graph.output)
     model.graph.node.extend(nodes)
     used = {i for n in nodes for i in n.input}
-    model.graph.initializer.extend([i for i in source.graph.initializer if i.name in used and i.name not in specs])
-    model.graph.initializer.extend([i for i in extra_inits.values() if i.name in used])
+    model.graph.initializer.extend([i for i in source.graph.initializer if i.name in used and i.name not in specs
+                                    and i.name not in written])
+    model.graph.initializer.extend([i for i in written.values() if i.name in used])
     for domain, version in opsets.items():
         model.opset_import.append(helper.make_opsetid(domain, version))
     strip_metadata(model)
     onnx.save(model, str(folder / MODEL_FILE))
-    report = {"streamed": True, "tensors": len(specs), "read_mb_s": progress.mb_per_s,
-              "data_bytes": writer.offset}
-    if scheme is not None:
-        report.update({"quantized": quantized_rows, "kept_float": kept_rows, "chunked": chunking,
-                       "summary": f"{len(quantized_rows)} weight(s) quantized while streaming, {len(kept_rows)} kept float"})
+    return model
+
+
+def write_calibrated_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exclude: list[str], steps: Any,
+                             title: str, *, samples: list[list[int]], store: Path, source_name: str,
+                             device: str | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """A calibrated variant (gptq, static W8A8) calibrated and rewritten one decoder layer at a time
+    (llmship.quantize.layerwise), each rewritten layer kept in `store` until every layer is done, then copied into
+    `folder/model.onnx(.data)` tensor by tensor."""
+    from llmship.quantize.feeds import decoder_inputs
+    from llmship.quantize.layerwise import LayerStore, LayerwiseCalibration
+
+    specs = skeleton.specs
+    read = lambda name: checkpoint.tensor(name).numpy()  # noqa: E731
+
+    def read_weight(name: str) -> np.ndarray | None:
+        return specs[name].build(read).astype(np.float32, copy=False) if name in specs else None
+
+    feeds = scheme.layer_feeds(samples, decoder_inputs(skeleton.model, folder))
+    scratch = Path(tempfile.mkdtemp(prefix=".stream-", dir=folder))
+    started = time.perf_counter()
+    try:
+        run = LayerwiseCalibration(skeleton.model, read_weight, scheme, feeds, LayerStore(store), exclude=exclude,
+                                   scratch=scratch, checkpoint_name=source_name, device=device,
+                                   progress=lambda message: steps(f"{title}: {message}"))
+        run.run()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    calibrate_s = time.perf_counter() - started
+    steps(f"{title}: writing the {len(run.segments)} calibrated layers into the variant")
+    model, data_bytes = assemble_layers(skeleton.model, specs, run.store, len(run.segments), folder)
+    report = scheme.finish_layers([run.store.report(k) for k in range(len(run.segments))], samples)
+    report.update({"streamed": True, "tensors": len(specs), "data_bytes": data_bytes,
+                   "layerwise": {"segments": len(run.segments), "batches": len(feeds), "resumed_at": run.resumed_at,
+                                 "calibrate_s": round(calibrate_s, 2), "segment_s": run.seconds,
+                                 "carried": "quantized" if scheme.name == "w4a16" else "float",
+                                 "device": device or "cpu"}})
     return model, report
+
+
+def assemble_layers(source: onnx.ModelProto, specs: dict[str, Any], store: Any, count: int,
+                    folder: Path) -> tuple[onnx.ModelProto, int]:
+    """The variant from the store's rewritten segments, one segment in memory at a time; returns (graph, data bytes).
+    A tensor name two segments both hold must be one of the source's constants (the same tensor)."""
+    writer = DataWriter(folder)
+    nodes: list[onnx.NodeProto] = []
+    written: dict[str, onnx.TensorProto] = {}
+    constants = {t.name for t in source.graph.initializer if t.name not in specs}
+    opsets = {o.domain: o.version for o in source.opset_import}
+    try:
+        for position in range(count):
+            part = store.model(position)
+            nodes.extend(_standalone(node, onnx.NodeProto) for node in part.graph.node)
+            for init in part.graph.initializer:
+                if init.name in written or init.name in constants:
+                    if init.name not in constants:
+                        raise CheckFailed(f"layer-wise calibration: segments {position} and an earlier one both "
+                                          f"write tensor {init.name}")
+                    continue
+                if len(init.raw_data) >= INLINE_LIMIT:
+                    writer.put(init)
+                written[init.name] = _standalone(init, onnx.TensorProto)
+            for opset in part.opset_import:
+                opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+            del part
+            release_freed_memory()
+    finally:
+        writer.close()
+    return _final_graph(source, specs, nodes, written, opsets, folder), writer.offset
 
 
 def _quantize_one(scheme: Any, node: onnx.NodeProto, weight_name: str, make_weight: Any, template: onnx.ModelProto,
@@ -425,7 +505,9 @@ def _merge_rows(rows_of: list[dict], axis: int, total: int) -> list[dict]:
 def check_disk(out: Path, params: int, schemes: list[Any]) -> dict[str, float]:
     """UserError when the output folder's disk cannot hold the variants (estimated per scheme from its
     `stream_bytes_per_param`)."""
-    need = int(sum(params * s.stream_bytes_per_param for s in schemes) * DISK_MARGIN)
+    # a layer-wise calibrated variant is on disk twice for a moment: its finished layers (kept so that a killed run
+    # resumes) and the variant they are copied into
+    need = int(sum(params * s.stream_bytes_per_param * (2 if s.uses_calibration() else 1) for s in schemes) * DISK_MARGIN)
     free = shutil.disk_usage(out).free
     if need > free:
         raise UserError(f"too little disk space: the variants need about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free",
@@ -485,7 +567,8 @@ def _resolve_inputs(cfg: Any) -> dict[str, Any]:
         if not variant.scheme.streams():
             raise UserError(f"scheme {variant.scheme.name} ({variant.scheme.method or 'default'}"
                             f"{', with quantize.auto' if variant.scheme.auto else ''}) needs the whole model and cannot "
-                            f"stream; streaming builds {streaming} without calibration (w4a16 rtn/hqq)",
+                            f"stream; streaming builds {streaming} (calibrated: w4a16 gptq and w8a8-static, one "
+                            "decoder layer at a time)",
                             where=f"{variant.where}.scheme")
     checkpoint, config, tok_dir, tokenizer = open_source(model_dir, config, adapter_dir)
     return {"model_dir": model_dir, "adapter_dir": adapter_dir, "config": config, "checkpoint": checkpoint,
@@ -549,7 +632,8 @@ def streaming_stages(cfg: Any, out: Path, variants: list[Any], progress: Any = N
         exporting = variant.scheme.builds_export
         shared.stages[variant.name] = Stage(
             "export" if exporting else f"variant-{variant.name}", target,
-            reads=lambda variant=variant: {**shared.source, **variant.describe(), "provider": cfg.runtime.provider},
+            reads=lambda variant=variant: {**shared.source, **variant.describe(), "provider": cfg.runtime.provider,
+                                           **shared.calibration_reads(variant)},
             run=lambda variant=variant, target=target: shared.build(variant, target),
             fresh_log="fp32 export is up to date" if exporting else f"variant {variant.name} is up to date")
         shared.variants[variant.name] = variant
@@ -575,6 +659,33 @@ class StreamingRun:
         fingerprints = [folder_fingerprint(Path(resolve_model_path(self.cfg.model.path)).expanduser()),
                         adapter and folder_fingerprint(Path(adapter).expanduser())]
         return {"source": fingerprints, "model": self.cfg.model.model_dump(), "export": self.cfg.export.model_dump()}
+
+    def calibration_reads(self, variant: Any) -> dict[str, Any]:
+        """What a calibrated variant's key adds: the calibration config and its data files' fingerprints."""
+        if not variant.reads_calibration:
+            return {}
+        from llmship.data.sources import data_fingerprint
+
+        return {"calibration": {"config": self.cfg.calibration.model_dump(),
+                                "data": [data_fingerprint(s.path, s.kind) for s in self.cfg.calibration.sources]}}
+
+    @cached_property
+    def calibration(self) -> Any:
+        """The calibration set, tokenized with the source's tokenizer; every sample shorter than calibration.seq_len
+        is refused (layer-wise calibration packs the samples into rows of the longest one's length, which would
+        then calibrate on short contexts only)."""
+        from llmship.data import mixture
+
+        inputs = self.setup["inputs"]
+        max_positions = int(inputs["config"].get("max_position_embeddings", 2048))
+        calibration = mixture.build_calibration_set(self.cfg.calibration, inputs["tokenizer"], max_positions)
+        longest = max((len(s) for s in calibration.samples), default=0)
+        if longest < self.cfg.calibration.seq_len:
+            sources = ", ".join(f"{s.kind} {s.path}" for s in self.cfg.calibration.sources) or "none"
+            raise UserError(f"every calibration sample is shorter than calibration.seq_len={self.cfg.calibration.seq_len} "
+                            f"tokens (the longest has {longest}; sources: {sources}); add a c4 source (windows of "
+                            "seq_len tokens) or lower seq_len", where="calibration.sources")
+        return calibration
 
     @cached_property
     def setup(self) -> dict[str, Any]:
@@ -609,17 +720,20 @@ class StreamingRun:
         shared = self.setup
         if variant.config.exclude:
             _check_excludes(shared["skeleton"], variant.config.exclude)
+        calibration = self.calibration if variant.reads_calibration else None
         build_variant(self.cfg, variant, target, shared["skeleton"], shared["inputs"], shared["steps"],
-                      disk=shared["disk"], parity=self.parity)
+                      disk=shared["disk"], parity=self.parity, calibration=calibration)
         self.left.discard(variant.name)
         if not self.left:
             shared["steps"].done()
 
 
 def build_variant(cfg: Any, resolved: Any, target: Path, skeleton: Any, inputs: dict[str, Any], steps: Any, *,
-                  disk: dict[str, float] | None = None, parity: bool = True) -> Path:
+                  disk: dict[str, float] | None = None, parity: bool = True, calibration: Any = None) -> Path:
     """One variant folder (`resolved`: a llmship.quantize.Variant) from the skeleton and the checkpoint (atomic; parity
-    against PyTorch unless `parity` is off)."""
+    against PyTorch unless `parity` is off). A calibrated variant reads `calibration` (llmship.data.mixture's set)
+    one decoder layer at a time; its finished layers are kept in output.dir's .llmship/layerwise until the variant is
+    written, so a killed run resumes there."""
     from llmship.artifact import atomic_folder, model_size, new_manifest, write_manifest
     from llmship.export.genai_config import write_folder_genai_config
 
@@ -631,7 +745,14 @@ def build_variant(cfg: Any, resolved: Any, target: Path, skeleton: Any, inputs: 
     with atomic_folder(target) as folder:
         with PeakRss() as rss:
             tokenizer_files = write_side_files(folder, config, inputs["model_dir"], inputs["tok_dir"], inputs["tokenizer"])
-            _, report = write_variant(skeleton, inputs["checkpoint"], folder, scheme, list(variant.exclude), steps, name)
+            if calibration is not None:
+                store = layer_store(inputs, resolved, calibration)
+                _, report = write_calibrated_variant(
+                    skeleton, inputs["checkpoint"], folder, scheme, list(variant.exclude), steps, name,
+                    samples=list(calibration.samples), store=store, source_name=str(inputs["model_dir"]),
+                    device=gptq_device(cfg.runtime.provider) if scheme.name == "w4a16" else None)
+            else:
+                _, report = write_variant(skeleton, inputs["checkpoint"], folder, scheme, list(variant.exclude), steps, name)
         build_s = time.perf_counter() - started
         tolerances = cfg.export.parity if scheme is None else resolved.parity
         figures: dict[str, Any] = {"skipped": True}
@@ -674,14 +795,35 @@ def build_variant(cfg: Any, resolved: Any, target: Path, skeleton: Any, inputs: 
             size={"model_bytes": model_size(folder), "fp32_model_bytes": inputs["checkpoint"].weight_bytes},
             parity={"passed": parity and not failures, "failures": failures, "tolerances": tolerances.model_dump(), **figures},
             streaming={"disk": disk, "read_mb_s": report.get("read_mb_s")},
+            calibration=calibration.fingerprint if calibration is not None else None,
             timings={"build_s": round(build_s, 2), "total_s": round(time.perf_counter() - started, 2),
                      "peak_rss_mb": rss.peak_mb, **inputs.get("skeleton_timings", {}), **parity_timings},
         )
         write_manifest(folder, manifest)
+    if calibration is not None:
+        shutil.rmtree(store, ignore_errors=True)  # the variant holds every layer now
     log.info("streamed %s: %.0f s, peak RSS %.0f MB (process tree) while writing%s", name,
              time.perf_counter() - started, rss.peak_mb,
              f", {parity_timings['parity_peak_rss_mb']:.0f} MB in the parity check" if parity_timings else "")
     return target
+
+
+def layer_store(inputs: dict[str, Any], resolved: Any, calibration: Any) -> Path:
+    """Where a calibrated variant's finished layers are kept: keyed by the checkpoint, the export settings, the
+    variant as resolved and the calibration tokens, so a resumed run only reuses layers of the same computation."""
+    from llmship.cache import stage_key
+
+    key = stage_key(inputs["source"], resolved.describe(), calibration.fingerprint)
+    return inputs["out"] / ".llmship" / "layerwise" / f"{resolved.name}-{key}"
+
+
+def gptq_device(provider: str) -> str | None:
+    """GPTQ's arithmetic runs on CUDA when the runtime provider is cuda and torch sees a GPU (None: numpy, CPU)."""
+    if provider != "cuda":
+        return None
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
 
 
 def _parity(cfg: Any, folder: Path, inputs: dict[str, Any], tolerances: Any, steps: Any, name: str

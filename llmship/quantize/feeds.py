@@ -21,8 +21,11 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from llmship.files import INLINE_WEIGHTS_LIMIT
 from llmship.quantize.graph import save_model
-from llmship.runtime.providers import CPU_ONLY
+from llmship.runtime.providers import CPU_ONLY, ort_providers
 
+# Packed calibration rows per ONNX Runtime run (GPTQ Hessians, AWQ, static ranges): batched runs cost far less than
+# one run per row.
+CALIBRATION_BATCH = 8
 _NUMPY_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                 onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
 
@@ -118,9 +121,11 @@ class FeedReader(CalibrationDataReader):
         return len(self.feeds)
 
 
-def probe_session(model: onnx.ModelProto, names: list[str], scratch: Path | None, exact: bool = True) -> ort.InferenceSession:
-    """A CPU session of `model` that also returns the intermediate tensors `names`; `exact` turns graph optimizations
-    off, so every node computes in its declared type (the fp16 scan needs that; statistics of float tensors do not)."""
+def probe_session(model: onnx.ModelProto, names: list[str], scratch: Path | None, exact: bool = True,
+                  provider: str = "cpu") -> ort.InferenceSession:
+    """A session of `model` (CPU unless `provider` says otherwise) that also returns the intermediate tensors `names`;
+    `exact` turns graph optimizations off, so every node computes in its declared type (the fp16 scan needs that;
+    statistics of float tensors do not)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
@@ -131,11 +136,12 @@ def probe_session(model: onnx.ModelProto, names: list[str], scratch: Path | None
     options.log_severity_level = 3  # no warnings about initializers left unused by the rewrites
     if exact:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    providers = CPU_ONLY if provider == "cpu" else ort_providers(provider)
     if probe.ByteSize() > INLINE_WEIGHTS_LIMIT:
         # Over protobuf's 2 GB limit the probe goes through a file; it is deleted as soon as the session holds the
         # weights, so no copy of the model is left in the variant folder or the working directory.
         base = scratch if scratch is not None and scratch.is_dir() else None
         with tempfile.TemporaryDirectory(prefix=".llmship-probe-", dir=base) as tmp:
             path = save_model(probe, Path(tmp), external_data="always")
-            return ort.InferenceSession(str(path), options, providers=CPU_ONLY)
-    return ort.InferenceSession(probe.SerializeToString(), options, providers=CPU_ONLY)
+            return ort.InferenceSession(str(path), options, providers=providers)
+    return ort.InferenceSession(probe.SerializeToString(), options, providers=providers)

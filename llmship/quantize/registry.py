@@ -89,9 +89,30 @@ class Scheme:
         return bool(self.needs_calibration)
 
     def streams(self) -> bool:
-        """Whether the streaming compile can build it: a per-tensor rewrite that reads no calibration data (gptq, awq,
-        static W8A8, fp16's overflow scan and `quantize.auto` all run the model)."""
-        return self.stream_bytes_per_param is not None and not self.uses_calibration()
+        """Whether the streaming compile can build it: a per-tensor rewrite that reads no calibration data, or a
+        calibrated rewrite that runs one decoder layer at a time (`calibrates_by_layer`); awq, fp16's overflow scan
+        and `quantize.auto` still run the whole model."""
+        return self.stream_bytes_per_param is not None and (not self.uses_calibration() or self.calibrates_by_layer())
+
+    def calibrates_by_layer(self) -> bool:
+        """Whether, with these options, it can calibrate one decoder layer at a time (`quantize_layer`,
+        llmship.quantize.layerwise)."""
+        return False
+
+    def layer_feeds(self, samples: list[list[int]], spec: Any) -> list[dict[str, Any]]:
+        """The calibration batches of a layer-wise run: the graph inputs of each (llmship.quantize.feeds)."""
+        from llmship.quantize.feeds import CALIBRATION_BATCH, packed_feeds
+
+        return packed_feeds(samples, spec, batch=CALIBRATION_BATCH)
+
+    def quantize_layer(self, job: Any) -> tuple[Any, dict[str, Any]]:
+        """Calibrate and rewrite one segment (`job`: a llmship.quantize.layerwise.LayerJob), calling `job.carry` with
+        the graph whose outputs feed the next segment; returns (rewritten graph, this segment's report)."""
+        raise NotImplementedError(f"{self.name} does not calibrate one layer at a time")
+
+    def finish_layers(self, reports: list[dict[str, Any]], samples: list[list[int]]) -> dict[str, Any]:
+        """The variant's report from its segments' (`quantize_layer`) reports."""
+        raise NotImplementedError(f"{self.name} does not calibrate one layer at a time")
 
     def columnwise(self) -> bool:
         """Whether the rewrite of a weight's output columns (an embedding table's rows) taken apart, concatenated,

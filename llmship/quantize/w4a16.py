@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field
 
 from llmship.errors import UserError
+from llmship.quantize.embedding import quantize_embeddings
 from llmship.quantize.graph import load_model, save_model
 from llmship.quantize.registry import QUANTIZED_GREEDY_MATCH, QuantizeJob, Scheme, SchemeOptions, register
-from llmship.quantize.weight_only import quantize_weight_only
+from llmship.quantize.weight_only import quantize_matmuls, quantize_weight_only
 from llmship.sections import ParityConfig
 
 
@@ -86,3 +88,32 @@ class W4A16(Scheme):
             awq={"clip": opts.awq_clip}, scratch=job.target)
         save_model(model, job.target, job.external_data)
         return {**report, "block_size": self.block_size}
+
+    def calibrates_by_layer(self) -> bool:
+        return self.method == "gptq" and self.auto is None
+
+    def quantize_layer(self, job) -> tuple[Any, dict[str, Any]]:
+        opts: W4A16Options = self.options
+        model, rows, kept = quantize_matmuls(
+            job.model, bits=self.bits, block_size=self.block_size, symmetric=opts.symmetric,
+            accuracy_level=opts.accuracy_level, method="gptq", exclude=job.exclude, feeds=job.feeds, scratch=job.scratch,
+            gptq={"percdamp": opts.percdamp, "actorder": opts.actorder, "true_sequential": opts.true_sequential},
+            device=job.device)
+        # GPTQ feeds the quantized layer's outputs forward, as its reference and the whole-model path do; the
+        # embedding table is quantized after the calibration has read it, as quantize_weight_only does.
+        job.carry(model)
+        tables = quantize_embeddings(model, opts.embedding_bits, opts.embedding_block, job.exclude) if opts.quantize_embeddings else []
+        return model, {"quantized": rows, "embeddings": tables, "kept_float": kept}
+
+    def finish_layers(self, reports: list[dict[str, Any]], samples: list[list[int]]) -> dict[str, Any]:
+        opts: W4A16Options = self.options
+        rows = [r for rep in reports for r in rep["quantized"]]
+        tables = [r for rep in reports for r in rep["embeddings"]]
+        kept = [r for rep in reports for r in rep["kept_float"]]
+        quantized = sum(int(np.prod(r["shape"])) for r in rows)
+        embeddings = f"{len(tables)} embedding table(s) -> {opts.embedding_bits} bits" if tables else "embeddings float"
+        return {"summary": f"{len(rows)} MatMul -> MatMulNBits({self.bits} bits, gptq, one decoder layer at a time), "
+                           f"{len(kept)} kept float, {embeddings}",
+                "quantized": rows + tables, "kept_float": kept, "linear_params_quantized": quantized,
+                "embeddings_quantized": bool(tables), "block_size": self.block_size,
+                "calibration_samples": len([s for s in samples if s])}

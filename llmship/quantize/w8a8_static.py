@@ -4,6 +4,7 @@ constant weights) get Q/DQ pairs; the attention products over the KV cache stay 
 
 from __future__ import annotations
 
+import shutil
 from typing import Any, Literal
 
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -12,7 +13,7 @@ from pydantic import Field
 from llmship.errors import UserError
 from llmship.files import MODEL_DATA_FILE, MODEL_FILE
 from llmship.quantize.embedding import quantize_embeddings
-from llmship.quantize.feeds import FeedReader, calibration_feeds, decoder_inputs, packed_feeds
+from llmship.quantize.feeds import CALIBRATION_BATCH, FeedReader, calibration_feeds, decoder_inputs, packed_feeds
 from llmship.quantize.graph import (
     describe_node,
     ensure_node_names,
@@ -28,8 +29,6 @@ from llmship.quantize.smoothquant import DEFAULT_ALPHA, smooth_model
 from llmship.quantize.weight_only import layer_of, quantize_matmuls
 from llmship.sections import ParityConfig
 
-# Packed calibration rows per ONNX Runtime run.
-CALIBRATION_BATCH = 8
 # lm_head's block with `head: weight_only`: w8a16's (one fp32 scale + zero point per 32 int8 weights).
 HEAD_BLOCK = 32
 CALIBRATORS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -59,6 +58,8 @@ class W8A8Static(Scheme):
     Options = W8A8StaticOptions
     methods = ("minmax", "entropy", "percentile")
     needs_calibration = True
+    # int8 weights, per-channel scales, QDQ activation scales, the int8 embedding table (the streaming disk check)
+    stream_bytes_per_param = 1.2
     # Static activation ranges cost more than dynamic ones; the NLL bound is what catches a calibration collapse.
     parity = ParityConfig(max_logits_diff=8.0, min_top1_agreement=0.75, min_greedy_match=QUANTIZED_GREEDY_MATCH,
                           max_nll_increase=0.05)
@@ -74,6 +75,12 @@ class W8A8Static(Scheme):
             raise UserError(f"percentile is only used by method percentile (method is {self.method})",
                             where=f"{where}.options.percentile")
 
+    def calibrates_by_layer(self) -> bool:
+        return self.auto is None
+
+    def layer_feeds(self, samples: list[list[int]], spec: Any) -> list[dict[str, Any]]:
+        return packed_feeds(samples, spec, limit=self.options.calib_samples, batch=CALIBRATION_BATCH)
+
     def quantize(self, job: QuantizeJob) -> dict[str, Any]:
         opts: W8A8StaticOptions = self.options
         if not job.samples:
@@ -81,55 +88,89 @@ class W8A8Static(Scheme):
         model = load_model(job.source)
         ensure_node_names(model)
         spec = decoder_inputs(model, job.folder)
-        feeds = calibration_feeds(job.samples, spec, limit=opts.calib_samples)
+        samples = len(calibration_feeds(job.samples, spec, limit=opts.calib_samples))
         # One shape for every run (the histogram calibrators stack them): the samples packed into equal rows.
-        packed = packed_feeds(job.samples, spec, limit=opts.calib_samples, batch=CALIBRATION_BATCH)
-        report: dict[str, Any] = {"calibration_samples": len(feeds), "calibration_rows": len(packed)}
+        packed = self.layer_feeds(job.samples, spec)
+        report: dict[str, Any] = {"calibration_samples": samples, "calibration_rows": len(packed)}
         if opts.smoothquant:
-            job.progress(f"{self.name}: SmoothQuant (alpha {opts.alpha}) on {len(feeds)} samples")
+            job.progress(f"{self.name}: SmoothQuant (alpha {opts.alpha}) on {samples} samples")
             report["smoothquant"] = smooth_model(model, packed, opts.alpha, job.target)
+        job.progress(f"{self.name}: calibrating the linear layers ({self.method}, {samples} samples)")
+        quantized, rows, kept, tables = self._calibrate(model, packed, job.target, job.exclude, job.external_data)
+        save_model(quantized, job.target, job.external_data)
+        report.update({
+            "summary": f"{len(rows)} MatMul -> QDQ int8 ({self.method}{', SmoothQuant' if opts.smoothquant else ''}), "
+                       f"{len(kept)} kept float, {len(tables)} embedding table(s) int8",
+            "kept_float": kept,
+            "quantized": rows + tables,
+            "embeddings_quantized": bool(tables),
+        })
+        return report
+
+    def quantize_layer(self, job) -> tuple[Any, dict[str, Any]]:
+        opts: W8A8StaticOptions = self.options
+        report: dict[str, Any] = {}
+        if opts.smoothquant:
+            report["smoothquant"] = smooth_model(job.model, job.feeds, opts.alpha, job.scratch)
+        # The float (smoothed) layer's outputs feed the next one: quantize_static calibrates the float model too.
+        job.carry(job.model)
+        quantized, rows, kept, tables = self._calibrate(job.model, job.feeds, job.scratch / "static", job.exclude, "auto")
+        return quantized, {**report, "quantized": rows, "embeddings": tables, "kept_float": kept}
+
+    def finish_layers(self, reports: list[dict[str, Any]], samples: list[list[int]]) -> dict[str, Any]:
+        opts: W8A8StaticOptions = self.options
+        rows = [r for rep in reports for r in rep["quantized"]]
+        tables = [r for rep in reports for r in rep["embeddings"]]
+        kept = [r for rep in reports for r in rep["kept_float"]]
+        chosen = [s for s in (samples if opts.calib_samples is None else samples[:opts.calib_samples]) if s]
+        report: dict[str, Any] = {
+            "summary": f"{len(rows)} MatMul -> QDQ int8 ({self.method}{', SmoothQuant' if opts.smoothquant else ''}, "
+                       f"one decoder layer at a time), {len(kept)} kept float, {len(tables)} embedding table(s) int8",
+            "calibration_samples": len(chosen), "kept_float": kept, "quantized": rows + tables,
+            "embeddings_quantized": bool(tables)}
+        if opts.smoothquant:
+            smoothed = [r for rep in reports for r in rep["smoothquant"].get("smoothed", [])]
+            first = reports[0]["smoothquant"]
+            report["smoothquant"] = {"groups": len(smoothed), "alpha": opts.alpha, "samples": first.get("samples"),
+                                     "smoothed": smoothed}
+        return report
+
+    def _calibrate(self, model: Any, packed: list[dict[str, Any]], target: Any, exclude: list[str],
+                   external_data: str) -> tuple[Any, list[dict], list[dict], list[dict]]:
+        """ONNX Runtime's quantize_static of `model`'s linears on the packed batches, then the head's and the
+        embedding table's own rewrites; returns (quantized model, quantized rows, kept-float rows, table rows)."""
+        opts: W8A8StaticOptions = self.options
         inits = initializers(model)
         linears = linear_nodes(model)
-        head = [n for n in linears if layer_of(n) == "lm_head" and not excluded(n, job.exclude, inits)]
-        todo = [n for n in linears if not excluded(n, job.exclude, inits) and (opts.head == "static" or n not in head)]
-        report["kept_float"] = [{"node": n.name, "name": describe_node(n, inits),
-                                 "reason": "excluded" if n not in head else "head: float"}
-                                for n in linears if n not in todo and (n not in head or opts.head == "float")]
+        head = [n for n in linears if layer_of(n) == "lm_head" and not excluded(n, exclude, inits)]
+        todo = [n for n in linears if not excluded(n, exclude, inits) and (opts.head == "static" or n not in head)]
+        kept = [{"node": n.name, "name": describe_node(n, inits), "reason": "excluded" if n not in head else "head: float"}
+                for n in linears if n not in todo and (n not in head or opts.head == "float")]
         rows = [{"node": n.name, "name": describe_node(n, inits), "weight": n.input[1], "shape": list(inits[n.input[1]].dims),
                  "op": "MatMul", "as": f"QDQ int8 ({self.method})"} for n in todo]
-        staged = job.target / "_float"
-        save_model(model, staged, job.external_data)
+        staged = target / "_float"
+        save_model(model, staged, external_data)
         big = (staged / MODEL_DATA_FILE).exists()
         extra: dict[str, Any] = {"MatMulConstBOnly": True, "ActivationSymmetric": opts.symmetric_activations}
         if self.method == "percentile":
             extra["CalibPercentile"] = opts.percentile
         if opts.num_bins is not None:
             extra["CalibNumBins"] = opts.num_bins
-        job.progress(f"{self.name}: calibrating {len(todo)} linear layers ({self.method}, {len(feeds)} samples)")
         with without_preprocess_hint():
-            quantize_static(staged / MODEL_FILE, job.target / MODEL_FILE, FeedReader(packed), quant_format=QuantFormat.QDQ,
+            quantize_static(staged / MODEL_FILE, target / MODEL_FILE, FeedReader(packed), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=["MatMul"], per_channel=opts.per_channel,
                             activation_type=QuantType.QInt8 if opts.activation_type == "int8" else QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_quantize=[n.name for n in todo],
                             use_external_data_format=big, calibrate_method=CALIBRATORS[self.method], extra_options=extra)
-        quantized = load_model(job.target / MODEL_FILE)
-        for path in sorted(staged.iterdir()):
-            path.unlink()
-        staged.rmdir()
+        quantized = load_model(target / MODEL_FILE)
+        shutil.rmtree(staged)
+        for leftover in [*target.glob("augmented_model*"), target / MODEL_FILE, target / MODEL_DATA_FILE]:
+            leftover.unlink(missing_ok=True)
         if opts.head == "weight_only" and head:
             # The QDQ linears no longer read a float initializer, so only the head (and excluded ones) are left.
             keep = [n.name for n in linear_nodes(quantized) if n.name not in {h.name for h in head}]
             quantized, head_rows, _ = quantize_matmuls(quantized, bits=8, block_size=HEAD_BLOCK, symmetric=False,
-                                                       accuracy_level=4, method="rtn", exclude=job.exclude + keep)
+                                                       accuracy_level=4, method="rtn", exclude=exclude + keep)
             rows += [{**r, "as": f"MatMulNBits(bits=8, block={HEAD_BLOCK}) (head: weight_only)"} for r in head_rows]
-        emb_rows = quantize_embeddings(quantized, 8, opts.embedding_block, job.exclude) if opts.quantize_embeddings else []
-        save_model(quantized, job.target, job.external_data)
-        for leftover in job.target.glob("augmented_model*"):
-            leftover.unlink()
-        report.update({
-            "summary": f"{len(rows)} MatMul -> QDQ int8 ({self.method}{', SmoothQuant' if opts.smoothquant else ''}), "
-                       f"{len(report['kept_float'])} kept float, {len(emb_rows)} embedding table(s) int8",
-            "quantized": rows + emb_rows,
-            "embeddings_quantized": bool(emb_rows),
-        })
-        return report
+        tables = quantize_embeddings(quantized, 8, opts.embedding_block, exclude) if opts.quantize_embeddings else []
+        return quantized, rows, kept, tables

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from llmship.quantize.awq import awq_model
 from llmship.quantize.embedding import MS_DOMAIN, quantize_embeddings
-from llmship.quantize.feeds import decoder_inputs, packed_feeds, probe_session
+from llmship.quantize.feeds import CALIBRATION_BATCH, decoder_inputs, packed_feeds, probe_session
 from llmship.quantize.gptq import PERCDAMP, gptq_weight, matmul_nbits_node
 from llmship.quantize.graph import describe_node, ensure_node_names, excluded, initializers, linear_nodes, module_name
 
@@ -38,8 +38,6 @@ def _import_quietly():
 mnb = _import_quietly()
 
 LAYER_PATTERN = re.compile(r"layers\.\d+(?=\.|_|$)")
-# Packed calibration rows per ONNX Runtime run when collecting GPTQ Hessians.
-CALIBRATION_BATCH = 8
 
 
 @contextmanager
@@ -62,9 +60,11 @@ def quantize_matmuls(model: onnx.ModelProto, *, bits: int, block_size: int, symm
                      method: str, exclude: list[str], samples: list[list[int]] | None = None,
                      folder=None, gptq: dict[str, Any] | None = None, awq: dict[str, Any] | None = None,
                      scratch: Path | None = None, method_report: dict[str, Any] | None = None,
+                     feeds: list[dict[str, np.ndarray]] | None = None, device: str | None = None,
                      ) -> tuple[onnx.ModelProto, list[dict], list[dict]]:
     """Quantize the linear layers; returns (model, quantized rows, kept-float rows). `method_report`, when given,
-    receives what the method searched (AWQ's scales and clips)."""
+    receives what the method searched (AWQ's scales and clips). gptq and awq calibrate on `feeds` (the graph's inputs
+    per batch; by default the samples packed) and GPTQ's arithmetic runs on the torch `device` (None: numpy)."""
     ensure_node_names(model)
     inits = initializers(model)
     linears = linear_nodes(model)
@@ -82,8 +82,9 @@ def quantize_matmuls(model: onnx.ModelProto, *, bits: int, block_size: int, symm
             for n in skipped]
     if method == "gptq":
         opts = gptq or {}
-        feeds = packed_feeds(samples or [], decoder_inputs(model, folder), batch=CALIBRATION_BATCH)
-        result = gptq_model(model, todo, feeds, bits=bits,
+        if feeds is None:
+            feeds = packed_feeds(samples or [], decoder_inputs(model, folder), batch=CALIBRATION_BATCH)
+        result = gptq_model(model, todo, feeds, bits=bits, device=device,
                             block_size=block_size, symmetric=symmetric, percdamp=opts.get("percdamp", PERCDAMP),
                             actorder=opts.get("actorder", False), true_sequential=opts.get("true_sequential", False),
                             accuracy_level=accuracy_level, scratch=scratch)
@@ -91,7 +92,8 @@ def quantize_matmuls(model: onnx.ModelProto, *, bits: int, block_size: int, symm
         if method == "awq":
             # AWQ only rewrites the float weights (scales folded, ranges clipped); the rounding is plain RTN.
             opts = awq or {}
-            feeds = packed_feeds(samples or [], decoder_inputs(model, folder), batch=CALIBRATION_BATCH)
+            if feeds is None:
+                feeds = packed_feeds(samples or [], decoder_inputs(model, folder), batch=CALIBRATION_BATCH)
             clip = [n for n in todo if layer_of(n) != "lm_head"] if opts.get("clip", True) else []
             searched = awq_model(model, feeds, bits=bits, block_size=block_size, symmetric=symmetric, skip=skip_names,
                                  clip=clip, scratch=scratch)
@@ -116,7 +118,7 @@ def quantize_matmuls(model: onnx.ModelProto, *, bits: int, block_size: int, symm
 
 def gptq_model(model: onnx.ModelProto, nodes: list[onnx.NodeProto], feeds: list[dict[str, np.ndarray]], *, bits: int,
                block_size: int, symmetric: bool, percdamp: float, actorder: bool, accuracy_level: int,
-               scratch: Path | None, true_sequential: bool = False) -> onnx.ModelProto:
+               scratch: Path | None, true_sequential: bool = False, device: str | None = None) -> onnx.ModelProto:
     """GPTQ every node of `nodes` into MatMulNBits, layer by layer as GPTQ's `llama_sequential` (default mode).
 
     Per decoder layer, the Hessian H = 2/n * sum(x x^T) of each linear's input (GPTQ `add_batch`) is collected in one
@@ -136,7 +138,7 @@ def gptq_model(model: onnx.ModelProto, nodes: list[onnx.NodeProto], feeds: list[
         tensors = sorted({n.input[0] for n in members})
         hessians = {t: np.zeros((inits[next(n for n in members if n.input[0] == t).input[1]].dims[0],) * 2) for t in tensors}
         count = 0
-        session = probe_session(model, tensors, scratch, exact=False)
+        session = probe_session(model, tensors, scratch, exact=False, provider="cuda" if device == "cuda" else "cpu")
         for feed in feeds:
             values = session.run(tensors, feed)
             rows = values[0].reshape(-1, values[0].shape[-1]).shape[0]

@@ -245,8 +245,9 @@ def test_streamed_variants_are_cached_and_the_eval_side_reads_them(both):
     assert set(compiled_variants(cfg, both[True])) == set(NAMES)
 
 
-@pytest.mark.parametrize("variant", [{"scheme": "w4a16", "method": "gptq"}, {"scheme": "w4a16", "method": "awq"},
-                                     {"scheme": "w4a16", "auto": {}}, {"scheme": "w8a8-static"}])
+# gptq and static W8A8 stream, one decoder layer at a time (tests/export/test_streaming_calibrated.py)
+@pytest.mark.parametrize("variant", [{"scheme": "w4a16", "method": "awq"}, {"scheme": "w4a16", "auto": {}},
+                                     {"scheme": "fp16"}])
 def test_calibrated_scheme_is_refused_before_any_work(tmp_path, variant):
     from llmship.pipeline import run_stage
 
