@@ -8,9 +8,17 @@ Conventions kept from upstream: blocks of 128 columns (`blocksize`), `percdamp` 
 dead inputs (zero Hessian diagonal) zeroed, per-group scale/zero found on the weights as updated before the current
 block, asymmetric min/max grid with zero included; `actorder` uses static groups (`static_groups=True`) so each
 group still covers contiguous input rows, as MatMulNBits needs.
+
+Where the arithmetic runs (`gptq_weight(device=...)`): GPTQ runs in torch float32 on CUDA, as upstream does, when the
+runtime provider is cuda and torch sees a GPU (`gptq_device`); a 7B model takes minutes there and hours on a few CPU
+cores. On CPU the numpy float64 path is kept: it is what every recorded figure was made with. Both paths share the
+grid (`find_params`, `quantize_column`) and the column loop; only the array setup, the permutation order, the
+Cholesky factorisation and the copy-out differ.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import onnx
@@ -22,77 +30,160 @@ BLOCKSIZE = 128  # GPTQ's column block of the lazy batch update
 PERCDAMP = 0.01  # GPTQ --percdamp default
 
 
-def find_params(x: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+def array_namespace(x: Any) -> Any:
+    """numpy for an ndarray, torch for a tensor: the shared code calls only functions both spell the same way."""
+    if isinstance(x, np.ndarray):
+        return np
+    import torch
+
+    return torch
+
+
+def find_params(x: Any, bits: int, symmetric: bool) -> tuple[Any, Any]:
     """quant.Quantizer.find_params (per output channel): scale and zero of each row of x [rows, cols]."""
+    xp = array_namespace(x)
     maxq = (1 << bits) - 1
-    xmin = np.minimum(x.min(axis=1), 0)
-    xmax = np.maximum(x.max(axis=1), 0)
+    # clip rather than minimum/maximum with 0: torch's take only tensors; numpy's clip calls the same ufuncs.
+    xmin = xp.clip(xp.amin(x, 1), None, 0)
+    xmax = xp.clip(xp.amax(x, 1), 0, None)
     if symmetric:
-        xmax = np.maximum(np.abs(xmin), xmax)
-        xmin = np.where(xmin < 0, -xmax, xmin)
+        xmax = xp.maximum(xp.abs(xmin), xmax)
+        xmin = xp.where(xmin < 0, -xmax, xmin)
     both_zero = (xmin == 0) & (xmax == 0)
-    xmin = np.where(both_zero, -1, xmin)
-    xmax = np.where(both_zero, 1, xmax)
+    xmin = xp.where(both_zero, -1, xmin)
+    xmax = xp.where(both_zero, 1, xmax)
     scale = (xmax - xmin) / maxq
-    zero = np.full_like(scale, (maxq + 1) / 2) if symmetric else np.round(-xmin / scale)
+    zero = xp.full_like(scale, (maxq + 1) / 2) if symmetric else xp.round(-xmin / scale)
     return scale, zero
 
 
-def quantize_column(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+def quantize_column(w: Any, scale: Any, zero: Any, bits: int) -> Any:
     """Integer levels of one input channel (a column of the torch-layout weight)."""
-    return np.clip(np.round(w / scale) + zero, 0, (1 << bits) - 1)
+    xp = array_namespace(w)
+    return xp.clip(xp.round(w / scale) + zero, 0, (1 << bits) - 1)
+
+
+def gptq_device(provider: str) -> str | None:
+    """The torch device GPTQ runs on for a runtime provider: "cuda" when it is cuda and torch sees a GPU, else None
+    (the numpy float64 path)."""
+    if provider != "cuda":
+        return None
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
 
 
 def gptq_weight(weight: np.ndarray, hessian: np.ndarray, *, bits: int = 4, group_size: int = 128, symmetric: bool = False,
-                percdamp: float = PERCDAMP, actorder: bool = False,
-                blocksize: int = BLOCKSIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                percdamp: float = PERCDAMP, actorder: bool = False, blocksize: int = BLOCKSIZE,
+                device: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ of an ONNX weight [K, N] (MatMul B) given the input Hessian [K, K].
 
-    Returns (levels [K, N] uint8, scales [k_blocks, N], zeros [k_blocks, N] uint8); dequantized weight =
-    (levels - zeros[k // group_size]) * scales[k // group_size].
+    `device` None runs in numpy float64; a torch device string ("cpu", "cuda", "cuda:1") runs the same algorithm in
+    torch float32 on that device, as upstream. Returns (levels [K, N] uint8, scales [k_blocks, N] float32,
+    zeros [k_blocks, N] uint8); dequantized weight = (levels - zeros[k // group_size]) * scales[k // group_size].
+    Raises ValueError when the damped Hessian is not positive definite in float32 (torch path).
     """
-    W = weight.T.astype(np.float64).copy()  # noqa: N806 - torch layout [out, in] as upstream
-    H = hessian.astype(np.float64).copy()  # noqa: N806
-    rows, cols = W.shape
+    W, H = working_arrays(weight, hessian, device)  # noqa: N806 - torch layout [out, in] as upstream
+    xp = array_namespace(W)
+    cols = W.shape[1]
     groups = -(-cols // group_size)
-    dead = np.diag(H) == 0
+    dead = xp.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     static = [find_params(W[:, g * group_size:(g + 1) * group_size], bits, symmetric) for g in range(groups)] if actorder else None
-    perm = np.argsort(-np.diag(H), kind="stable") if actorder else np.arange(cols)
-    W = W[:, perm]  # noqa: N806
-    H = H[perm][:, perm]  # noqa: N806
-    H[np.diag_indices(cols)] += percdamp * np.mean(np.diag(H))
-    # Upper Cholesky factor of H^-1 (torch: cholesky -> cholesky_inverse -> cholesky(upper=True)).
-    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # noqa: N806
-    levels = np.zeros_like(W)
-    scales = np.zeros((groups, rows))
-    zeros = np.zeros((groups, rows))
-    scale, zero = find_params(W[:, :group_size], bits, symmetric) if not actorder else (None, None)
+    order = list(range(cols))
+    if actorder:
+        perm = descending_order(xp.diag(H))
+        W = W[:, perm]  # noqa: N806
+        H = H[perm][:, perm]  # noqa: N806
+        order = perm.tolist()
+    diagonal = np.arange(cols)
+    H[diagonal, diagonal] += percdamp * xp.mean(xp.diag(H))
+    levels, scales, zeros = quantize_columns(W, upper_cholesky_of_inverse(H), order, static, bits=bits,
+                                             group_size=group_size, symmetric=symmetric, blocksize=blocksize)
+    levels = to_numpy(levels)[:, np.argsort(order)]
+    return levels.T.astype(np.uint8), to_numpy(scales).astype(np.float32), to_numpy(zeros).astype(np.uint8)
+
+
+def quantize_columns(W: Any, Hinv: Any, order: list[int], static: list[tuple[Any, Any]] | None, *, bits: int,  # noqa: N803
+                     group_size: int, symmetric: bool, blocksize: int) -> tuple[Any, Any, Any]:
+    """GPTQ.fasterquant's loop over the columns of W [out, in] (already in quantization order; `order` maps each to
+    its input channel) with Hinv the upper Cholesky factor of the damped inverse Hessian. W is updated in place.
+
+    Returns levels [out, in] in quantization order and scales, zeros [groups, out]; numpy or torch as W is.
+    """
+    xp = array_namespace(W)
+    cols = W.shape[1]
+    levels = xp.zeros_like(W)
+    group_params = {}
+    scale = zero = None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].copy()  # noqa: N806
-        Err1 = np.zeros_like(W1)  # noqa: N806
+        W1 = fresh_copy(W[:, i1:i2])  # noqa: N806 - a copy: find_params reads W as it was before this block
+        Err1 = xp.zeros_like(W1)  # noqa: N806
         Hinv1 = Hinv[i1:i2, i1:i2]  # noqa: N806
         for i in range(i2 - i1):
             col = i1 + i
-            orig = perm[col]
-            if actorder:
-                scale, zero = static[orig // group_size]
+            g = order[col] // group_size
+            if static is not None:
+                scale, zero = static[g]
             elif col % group_size == 0:
                 scale, zero = find_params(W[:, col:col + group_size], bits, symmetric)
-            g = orig // group_size
-            scales[g], zeros[g] = scale, zero
+            group_params[g] = scale, zero
             w = W1[:, i]
             q = quantize_column(w, scale, zero, bits)
             levels[:, col] = q
             err = (w - scale * (q - zero)) / Hinv1[i, i]
-            W1[:, i:] -= np.outer(err, Hinv1[i, i:])
+            W1[:, i:] -= xp.outer(err, Hinv1[i, i:])
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    inverse = np.argsort(perm)
-    levels = levels[:, inverse]
-    return levels.T.astype(np.uint8), scales.astype(np.float32), zeros.astype(np.uint8)
+    scales = xp.stack([group_params[g][0] for g in sorted(group_params)])
+    zeros = xp.stack([group_params[g][1] for g in sorted(group_params)])
+    return levels, scales, zeros
+
+
+# The few steps numpy and torch spell differently.
+def working_arrays(weight: np.ndarray, hessian: np.ndarray, device: str | None) -> tuple[Any, Any]:
+    """Fresh copies of the weight in torch layout [out, in] and of the Hessian: numpy float64, or torch float32 on
+    `device` (upstream's W.float() and its float32 Hessian)."""
+    if device is None:
+        return weight.T.astype(np.float64).copy(), hessian.astype(np.float64).copy()
+    import torch
+
+    return (torch.tensor(weight.T, dtype=torch.float32, device=device),
+            torch.tensor(hessian, dtype=torch.float32, device=device))
+
+
+def descending_order(values: Any) -> Any:
+    """Indices sorting values from largest to smallest, ties in index order."""
+    if isinstance(values, np.ndarray):
+        return np.argsort(-values, kind="stable")
+    import torch
+
+    return torch.argsort(values, descending=True, stable=True)
+
+
+def upper_cholesky_of_inverse(H: Any) -> Any:  # noqa: N803
+    """Upper Cholesky factor of H^-1 (torch: cholesky -> cholesky_inverse -> cholesky(upper=True), as upstream)."""
+    if isinstance(H, np.ndarray):
+        return np.linalg.cholesky(np.linalg.inv(H)).T
+    import torch
+
+    lower, info = torch.linalg.cholesky_ex(H)
+    if info.item() == 0:
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    if info.item() != 0:
+        raise ValueError(f"GPTQ: the damped Hessian [{H.shape[0]}, {H.shape[0]}] is not positive definite in float32 "
+                         f"(Cholesky fails at column {info.item() - 1}); raise percdamp")
+    return upper
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else x.cpu().numpy()
+
+
+def fresh_copy(x: Any) -> Any:
+    return x.copy() if isinstance(x, np.ndarray) else x.clone()
 
 
 def dequantize(levels: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> np.ndarray:
