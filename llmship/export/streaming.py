@@ -259,11 +259,8 @@ def write_variant(skeleton: Any, checkpoint: Any, folder: Path, scheme: Any, exc
             for init in result.graph.initializer:
                 if init.name in extra_inits or (init.name in inits and init.name not in specs):
                     continue  # written already, or one of the skeleton's constants
-                if len(init.raw_data) >= INLINE_LIMIT:
-                    writer.put(init)
-                extra_inits[init.name] = _standalone(init, onnx.TensorProto)
-            for opset in result.opset_import:
-                opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+                _keep(init, writer, extra_inits)
+            _merge_opsets(opsets, result)
             del result
             release_freed_memory()
     finally:
@@ -331,13 +328,13 @@ def write_calibrated_variant(skeleton: Any, checkpoint: Any, folder: Path, schem
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     calibrate_s = time.perf_counter() - started
-    steps(f"{title}: writing the {len(run.segments)} calibrated layers into the variant")
+    steps(f"{title}: writing the {len(run.segments)} calibrated segments into the variant")
     model, data_bytes = assemble_layers(skeleton.model, specs, run.store, len(run.segments), folder)
     report = scheme.finish_layers([run.store.report(k) for k in range(len(run.segments))], samples)
     report.update({"streamed": True, "tensors": len(specs), "data_bytes": data_bytes,
                    "layerwise": {"segments": len(run.segments), "batches": len(feeds), "resumed_at": run.resumed_at,
                                  "calibrate_s": round(calibrate_s, 2), "segment_s": run.seconds,
-                                 "carried": "quantized" if scheme.name == "w4a16" else "float",
+                                 "carried": scheme.layer_feeds_forward,
                                  "device": device or "cpu"}})
     return model, report
 
@@ -361,16 +358,25 @@ def assemble_layers(source: onnx.ModelProto, specs: dict[str, Any], store: Any, 
                         raise CheckFailed(f"layer-wise calibration: segments {position} and an earlier one both "
                                           f"write tensor {init.name}")
                     continue
-                if len(init.raw_data) >= INLINE_LIMIT:
-                    writer.put(init)
-                written[init.name] = _standalone(init, onnx.TensorProto)
-            for opset in part.opset_import:
-                opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+                _keep(init, writer, written)
+            _merge_opsets(opsets, part)
             del part
             release_freed_memory()
     finally:
         writer.close()
     return _final_graph(source, specs, nodes, written, opsets, folder), writer.offset
+
+
+def _keep(init: onnx.TensorProto, writer: DataWriter, kept: dict[str, onnx.TensorProto]) -> None:
+    """Keep a rewritten tensor for the final graph: its bytes in the data file unless it is small."""
+    if len(init.raw_data) >= INLINE_LIMIT:
+        writer.put(init)
+    kept[init.name] = _standalone(init, onnx.TensorProto)
+
+
+def _merge_opsets(opsets: dict[str, int], model: onnx.ModelProto) -> None:
+    for opset in model.opset_import:
+        opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
 
 
 def _quantize_one(scheme: Any, node: onnx.NodeProto, weight_name: str, make_weight: Any, template: onnx.ModelProto,
@@ -736,6 +742,7 @@ def build_variant(cfg: Any, resolved: Any, target: Path, skeleton: Any, inputs: 
     written, so a killed run resumes there."""
     from llmship.artifact import atomic_folder, model_size, new_manifest, write_manifest
     from llmship.export.genai_config import write_folder_genai_config
+    from llmship.quantize.gptq import gptq_device
 
     variant = resolved.config
     scheme = None if resolved.scheme.builds_export else resolved.scheme  # None: fp32, nothing to rewrite
@@ -750,7 +757,7 @@ def build_variant(cfg: Any, resolved: Any, target: Path, skeleton: Any, inputs: 
                 _, report = write_calibrated_variant(
                     skeleton, inputs["checkpoint"], folder, scheme, list(variant.exclude), steps, name,
                     samples=list(calibration.samples), store=store, source_name=str(inputs["model_dir"]),
-                    device=gptq_device(cfg.runtime.provider) if scheme.name == "w4a16" else None)
+                    device=gptq_device(cfg.runtime.provider))
             else:
                 _, report = write_variant(skeleton, inputs["checkpoint"], folder, scheme, list(variant.exclude), steps, name)
         build_s = time.perf_counter() - started
@@ -815,15 +822,6 @@ def layer_store(inputs: dict[str, Any], resolved: Any, calibration: Any) -> Path
 
     key = stage_key(inputs["source"], resolved.describe(), calibration.fingerprint)
     return inputs["out"] / ".llmship" / "layerwise" / f"{resolved.name}-{key}"
-
-
-def gptq_device(provider: str) -> str | None:
-    """GPTQ's arithmetic runs on CUDA when the runtime provider is cuda and torch sees a GPU (None: numpy, CPU)."""
-    if provider != "cuda":
-        return None
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else None
 
 
 def _parity(cfg: Any, folder: Path, inputs: dict[str, Any], tolerances: Any, steps: Any, name: str

@@ -58,6 +58,25 @@ def pack_low_first(values: np.ndarray, bits: int) -> np.ndarray:
     return packed
 
 
+# Rows of an embedding table quantized at a time: its blocks run along each row, so rows are independent, and the
+# float temporaries of a whole 7B table (0.5 GB each) would take GBs.
+TABLE_CHUNK_BYTES = 64 << 20
+
+
+def quantize_table(table: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(packed levels, scales, packed zero points, max |error|) of a table, quantized in chunks of rows."""
+    step = max(1, TABLE_CHUNK_BYTES // max(1, 4 * table.shape[1]))
+    packed, scales, zeros, err = [], [], [], 0.0
+    for start in range(0, table.shape[0], step):
+        part = table[start:start + step]
+        q, scale, zero = quantize_blocks(part, bits, block_size)
+        err = max(err, float(np.abs(dequantize_blocks(q, scale, zero, block_size) - part).max()))
+        packed.append(pack_low_first(q, bits))
+        scales.append(scale)
+        zeros.append(pack_low_first(zero, bits))
+    return np.concatenate(packed), np.concatenate(scales), np.concatenate(zeros), err
+
+
 def quantize_embeddings(model: onnx.ModelProto, bits: int, block_size: int, exclude: list[str]) -> list[dict]:
     """Replace every Gather over a float embedding table (not excluded) in place; returns report rows."""
     inits = initializers(model)
@@ -69,23 +88,22 @@ def quantize_embeddings(model: onnx.ModelProto, bits: int, block_size: int, excl
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         if axis != 0:
             continue
-        table = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-        q, scale, zero = quantize_blocks(table, bits, block_size)
+        table = np.asarray(numpy_helper.to_array(inits[node.input[0]]), dtype=np.float32)
+        packed, scale, zeros, err = quantize_table(table, bits, block_size)
         base = f"{node.input[0]}_Q{bits}B{block_size}"
         shape = list(table.shape)
+        del table
         new_inits = [
-            helper.make_tensor(base, onnx.TensorProto.UINT8, [shape[0], -(-shape[1] * bits // 8)],
-                               pack_low_first(q, bits).tobytes(), raw=True),
+            helper.make_tensor(base, onnx.TensorProto.UINT8, [shape[0], -(-shape[1] * bits // 8)], packed.tobytes(), raw=True),
             numpy_helper.from_array(scale, base + "_scales"),
             helper.make_tensor(base + "_zero_points", onnx.TensorProto.UINT8,
-                               [shape[0], -(-scale.shape[1] * bits // 8)], pack_low_first(zero, bits).tobytes(), raw=True),
+                               [shape[0], -(-scale.shape[1] * bits // 8)], zeros.tobytes(), raw=True),
         ]
         model.graph.initializer.extend(new_inits)
         replaced[node.name] = helper.make_node(
             "GatherBlockQuantized", [base, node.input[1], base + "_scales", base + "_zero_points"], list(node.output),
             name=node.name + f"_Q{bits}", domain=MS_DOMAIN, bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1,
         )
-        err = float(np.abs(dequantize_blocks(q, scale, zero, block_size) - table).max())
         rows.append({"node": node.name, "weight": node.input[0], "op": "Gather", "as": f"GatherBlockQuantized(bits={bits})",
                      "shape": shape, "max_abs_error": err})
     if not replaced:

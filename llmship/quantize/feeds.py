@@ -19,8 +19,6 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
-from llmship.files import INLINE_WEIGHTS_LIMIT
-from llmship.quantize.graph import save_model
 from llmship.runtime.providers import CPU_ONLY, ort_providers
 
 # Packed calibration rows per ONNX Runtime run (GPTQ Hessians, AWQ, static ranges): batched runs cost far less than
@@ -121,27 +119,68 @@ class FeedReader(CalibrationDataReader):
         return len(self.feeds)
 
 
+# A model larger than this is handed to ONNX Runtime through a scratch file, its weights copied there tensor by
+# tensor: from serialized bytes ORT would hold the bytes, its parsed copy and its own tensors at once (three copies
+# of a 1.3 GB 7B layer besides the caller's).
+PROBE_FILE_BYTES = 256 << 20
+
+
 def probe_session(model: onnx.ModelProto, names: list[str], scratch: Path | None, exact: bool = True,
                   provider: str = "cpu") -> ort.InferenceSession:
     """A session of `model` (CPU unless `provider` says otherwise) that also returns the intermediate tensors `names`;
     `exact` turns graph optimizations off, so every node computes in its declared type (the fp16 scan needs that;
-    statistics of float tensors do not)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    statistics of float tensors do not). `model` is left as it was."""
     options = ort.SessionOptions()
     options.log_severity_level = 3  # no warnings about initializers left unused by the rewrites
     if exact:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = CPU_ONLY if provider == "cpu" else ort_providers(provider)
-    if probe.ByteSize() > INLINE_WEIGHTS_LIMIT:
-        # Over protobuf's 2 GB limit the probe goes through a file; it is deleted as soon as the session holds the
-        # weights, so no copy of the model is left in the variant folder or the working directory.
+    existing = {o.name for o in model.graph.output}
+    added = [onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names) if name not in existing]
+    if model.ByteSize() > PROBE_FILE_BYTES:
+        # probes run a few batches: the prepacked copy of every MatMul weight would cost more memory than it saves time
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_cpu_mem_arena = False  # the arena would keep the largest batch's activations
         base = scratch if scratch is not None and scratch.is_dir() else None
         with tempfile.TemporaryDirectory(prefix=".llmship-probe-", dir=base) as tmp:
-            path = save_model(probe, Path(tmp), external_data="always")
+            path = write_by_reference(model, Path(tmp), added)
             return ort.InferenceSession(str(path), options, providers=providers)
-    return ort.InferenceSession(probe.SerializeToString(), options, providers=providers)
+    model.graph.output.extend(added)  # for the serialization only
+    try:
+        serialized = model.SerializeToString()
+    finally:
+        del model.graph.output[len(model.graph.output) - len(added):]
+    return ort.InferenceSession(serialized, options, providers=providers)
+
+
+def write_by_reference(model: onnx.ModelProto, folder: Path, extra_outputs: list[onnx.ValueInfoProto]) -> Path:
+    """`folder/model.onnx` with every initializer of `model` in `folder/model.onnx.data` (written tensor by tensor,
+    `model` untouched) and `extra_outputs` added."""
+    from llmship.files import MODEL_DATA_FILE, MODEL_FILE
+
+    graph = onnx.GraphProto()
+    for field in ("name", "node", "input", "output", "value_info", "sparse_initializer"):
+        if field == "name":
+            graph.name = model.graph.name
+        else:
+            getattr(graph, field).extend(getattr(model.graph, field))
+    graph.output.extend(extra_outputs)
+    offset = 0
+    with (folder / MODEL_DATA_FILE).open("wb") as data:
+        for init in model.graph.initializer:
+            if len(init.raw_data) < 1024:  # small constants stay inline: shape inference reads them (split sizes)
+                graph.initializer.append(init)
+                continue
+            pad = -offset % 4096  # page-aligned: ONNX Runtime can map the file instead of copying it
+            data.write(b"\0" * pad)
+            offset += pad
+            data.write(init.raw_data)
+            ref = graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims,
+                                        data_location=onnx.TensorProto.EXTERNAL)
+            for key, value in (("location", MODEL_DATA_FILE), ("offset", str(offset)), ("length", str(len(init.raw_data)))):
+                ref.external_data.add(key=key, value=value)
+            offset += len(init.raw_data)
+    copy = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, graph=graph)
+    path = folder / MODEL_FILE
+    path.write_bytes(copy.SerializeToString())
+    return path

@@ -27,6 +27,10 @@ from onnx import helper, numpy_helper
 from llmship.quantize.embedding import pack_low_first
 
 BLOCKSIZE = 128  # GPTQ's column block of the lazy batch update
+# Output channels per pass: a weight whose float64 copy is larger goes through in chunks of its output channels.
+ROW_CHUNK_BYTES = 256 << 20
+# A float64 Hessian larger than this is inverted by Cholesky factors (upstream's route) instead of numpy's inv.
+LARGE_HESSIAN_BYTES = 256 << 20
 PERCDAMP = 0.01  # GPTQ --percdamp default
 
 
@@ -75,34 +79,51 @@ def gptq_device(provider: str) -> str | None:
 
 def gptq_weight(weight: np.ndarray, hessian: np.ndarray, *, bits: int = 4, group_size: int = 128, symmetric: bool = False,
                 percdamp: float = PERCDAMP, actorder: bool = False, blocksize: int = BLOCKSIZE,
-                device: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GPTQ of an ONNX weight [K, N] (MatMul B) given the input Hessian [K, K].
+                device: str | None = None, consume_hessian: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ of an ONNX weight [K, N] (MatMul B) given the input Hessian [K, K] (float64; with `consume_hessian` the
+    numpy path works in it instead of a copy: at 7B's down_proj, 1 GB less).
 
     `device` None runs in numpy float64; a torch device string ("cpu", "cuda", "cuda:1") runs the same algorithm in
     torch float32 on that device, as upstream. Returns (levels [K, N] uint8, scales [k_blocks, N] float32,
     zeros [k_blocks, N] uint8); dequantized weight = (levels - zeros[k // group_size]) * scales[k // group_size].
     Raises ValueError when the damped Hessian is not positive definite in float32 (torch path).
     """
-    W, H = working_arrays(weight, hessian, device)  # noqa: N806 - torch layout [out, in] as upstream
-    xp = array_namespace(W)
-    cols = W.shape[1]
+    H = working_hessian(hessian, device, consume_hessian)  # noqa: N806
+    del hessian
+    xp = array_namespace(H)
+    cols = H.shape[0]
     groups = -(-cols // group_size)
     dead = xp.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
-    static = [find_params(W[:, g * group_size:(g + 1) * group_size], bits, symmetric) for g in range(groups)] if actorder else None
     order = list(range(cols))
+    perm = None
     if actorder:
         perm = descending_order(xp.diag(H))
-        W = W[:, perm]  # noqa: N806
         H = H[perm][:, perm]  # noqa: N806
         order = perm.tolist()
     diagonal = np.arange(cols)
     H[diagonal, diagonal] += percdamp * xp.mean(xp.diag(H))
-    levels, scales, zeros = quantize_columns(W, upper_cholesky_of_inverse(H), order, static, bits=bits,
-                                             group_size=group_size, symmetric=symmetric, blocksize=blocksize)
-    levels = to_numpy(levels)[:, np.argsort(order)]
-    return levels.T.astype(np.uint8), to_numpy(scales).astype(np.float32), to_numpy(zeros).astype(np.uint8)
+    owned = [H]
+    del H  # upper_cholesky_of_inverse frees it before factorizing: two K x K arrays at a time, not three
+    hinv = upper_cholesky_of_inverse(owned)
+    # Output channels are independent given the Hessian: a large weight goes through in chunks of them, so its
+    # float64 working copies stay small (a 7B lm_head: 32000 x 4096, 1 GB per copy).
+    rows = weight.shape[1]
+    step = max(1, ROW_CHUNK_BYTES // (8 * cols))
+    levels, scales, zeros = [], [], []
+    for first in range(0, rows, step):
+        W = working_weight(weight[:, first:first + step], device)  # noqa: N806 - torch layout [out, in] as upstream
+        W[:, dead] = 0
+        static = [find_params(W[:, g * group_size:(g + 1) * group_size], bits, symmetric) for g in range(groups)] if actorder else None
+        if perm is not None:
+            W = W[:, perm]  # noqa: N806
+        part = quantize_columns(W, hinv, order, static, bits=bits, group_size=group_size, symmetric=symmetric,
+                                blocksize=blocksize)
+        del W
+        levels.append(to_numpy(part[0])[:, np.argsort(order)].astype(np.uint8))
+        scales.append(to_numpy(part[1]).astype(np.float32))
+        zeros.append(to_numpy(part[2]).astype(np.uint8))
+    return np.concatenate(levels).T, np.concatenate(scales, axis=1), np.concatenate(zeros, axis=1)
 
 
 def quantize_columns(W: Any, Hinv: Any, order: list[int], static: list[tuple[Any, Any]] | None, *, bits: int,  # noqa: N803
@@ -143,15 +164,25 @@ def quantize_columns(W: Any, Hinv: Any, order: list[int], static: list[tuple[Any
 
 
 # The few steps numpy and torch spell differently.
-def working_arrays(weight: np.ndarray, hessian: np.ndarray, device: str | None) -> tuple[Any, Any]:
-    """Fresh copies of the weight in torch layout [out, in] and of the Hessian: numpy float64, or torch float32 on
-    `device` (upstream's W.float() and its float32 Hessian)."""
+def working_hessian(hessian: np.ndarray, device: str | None, consume: bool = False) -> Any:
+    """The Hessian to work in: numpy float64 (with `consume`, the float64 array given, not a copy), or torch float32
+    on `device` (upstream's float32 Hessian)."""
     if device is None:
-        return weight.T.astype(np.float64).copy(), hessian.astype(np.float64).copy()
+        owned = consume and hessian.dtype == np.float64 and hessian.flags.c_contiguous
+        return hessian if owned else np.array(hessian, dtype=np.float64)
     import torch
 
-    return (torch.tensor(weight.T, dtype=torch.float32, device=device),
-            torch.tensor(hessian, dtype=torch.float32, device=device))
+    return torch.tensor(hessian, dtype=torch.float32, device=device)
+
+
+def working_weight(weight: np.ndarray, device: str | None) -> Any:
+    """A fresh copy of an ONNX weight [K, N] in torch layout [N, K]: numpy float64, or torch float32 on `device`
+    (upstream's W.float())."""
+    if device is None:
+        return np.array(weight.T, dtype=np.float64, order="C")
+    import torch
+
+    return torch.tensor(np.ascontiguousarray(weight.T), dtype=torch.float32, device=device)
 
 
 def descending_order(values: Any) -> Any:
@@ -163,10 +194,30 @@ def descending_order(values: Any) -> Any:
     return torch.argsort(values, descending=True, stable=True)
 
 
-def upper_cholesky_of_inverse(H: Any) -> Any:  # noqa: N803
-    """Upper Cholesky factor of H^-1 (torch: cholesky -> cholesky_inverse -> cholesky(upper=True), as upstream)."""
+def upper_cholesky_of_inverse(owned: list[Any]) -> Any:
+    """Upper Cholesky factor of H^-1 (torch: cholesky -> cholesky_inverse -> cholesky(upper=True), as upstream).
+    `owned` holds the only reference to H, which is dropped as soon as it is no longer needed."""
+    H = owned.pop()  # noqa: N806
+    if isinstance(H, np.ndarray) and H.nbytes <= LARGE_HESSIAN_BYTES:
+        inverse = np.linalg.inv(H)
+        del H
+        return np.linalg.cholesky(inverse).T
     if isinstance(H, np.ndarray):
-        return np.linalg.cholesky(np.linalg.inv(H)).T
+        # numpy's inv holds three K x K arrays at once (its copy of H, the identity it solves for, H): a 7B down_proj
+        # would need 3 GB. Upstream's route in float64, each step freeing the one before: two at a time.
+        import torch
+
+        lower, info = torch.linalg.cholesky_ex(torch.from_numpy(H))
+        del H
+        if info.item() == 0:
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
+        if info.item() != 0:
+            raise ValueError(f"GPTQ: the damped Hessian is not positive definite (Cholesky fails at column "
+                             f"{info.item() - 1}); raise percdamp")
+        return upper.numpy()
     import torch
 
     lower, info = torch.linalg.cholesky_ex(H)

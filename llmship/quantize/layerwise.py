@@ -2,8 +2,8 @@
 at a time, as GPTQ's reference (`llama_sequential`) does, so a calibrated scheme never holds more than one layer.
 
 The streamed graph (llmship.export.skeleton) is cut into segments of one decoder layer
-(llmship.runtime.segmented.cut_graph: the prologue, embedding, mask and rotary, goes with the first layer; the final
-norm and lm_head with the last). For each segment in turn:
+(llmship.runtime.segmented.cut_graph: the mask and rotary go with the first layer, the final norm with the last), and
+the two vocabulary tables into segments of their own (`calibration_segments`). For each segment in turn:
 1. its float weights are read from the checkpoint into a graph of that segment alone;
 2. the scheme calibrates and rewrites that graph (`Scheme.quantize_layer`) on the segment's inputs for every
    calibration batch: GPTQ Hessians, SmoothQuant maxima, static activation ranges, each computed by the same code
@@ -61,10 +61,12 @@ class LayerJob:
     device: str | None = None  # torch device of GPTQ's arithmetic (None: numpy on the CPU)
 
 
-def segment_graph(source: onnx.ModelProto, segment: Any, weights: dict[str, np.ndarray],
-                  carried: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A model of one segment: its nodes, the source's constants and the given float weights as initializers, the
-    source's graph inputs it reads and the carried tensors (typed from a sample) as its inputs."""
+def segment_graph(source: onnx.ModelProto, segment: Any, read_weight: Callable[[str], np.ndarray | None],
+                  carried: dict[str, np.ndarray], where: str) -> onnx.ModelProto:
+    """A model of one segment: its nodes, the source's constants and its float weights (`read_weight`, None for a
+    constant) as initializers, the source's graph inputs it reads and the carried tensors (typed from a sample) as its
+    inputs. The weights go into the model one at a time (helper.make_graph and make_model copy what they are given:
+    three copies of a 1.3 GB 7B segment at once)."""
     graph_inputs = {v.name: v for v in source.graph.input}
     declared = []
     for name in segment.inputs:
@@ -76,12 +78,20 @@ def segment_graph(source: onnx.ModelProto, segment: Any, weights: dict[str, np.n
                                                           [f"{name}_{axis}" for axis in range(sample.ndim)]))
     graph_outputs = {v.name: v for v in source.graph.output}
     outputs = [graph_outputs.get(name) or onnx.ValueInfoProto(name=name) for name in segment.outputs]
+    graph = helper.make_graph(list(segment.nodes), "layer", declared, outputs)
+    model = helper.make_model(graph, opset_imports=list(source.opset_import), ir_version=source.ir_version)
+    del graph
     constants = {t.name: t for t in source.graph.initializer}
-    inits = [numpy_helper.from_array(weights[name], name) if name in weights else constants[name]
-             for name in segment.initializers]
-    graph = helper.make_graph(list(segment.nodes), f"layer_{len(segment.nodes)}", declared, outputs, initializer=inits)
-    graph.value_info.extend(_linear_types(segment.nodes, inits, {v.name for v in declared}))
-    return helper.make_model(graph, opset_imports=list(source.opset_import), ir_version=source.ir_version)
+    for name in segment.initializers:
+        value = read_weight(name)
+        if value is None:
+            model.graph.initializer.append(constants[name])
+            continue
+        check_finite({name: value}, "weights", where)
+        model.graph.initializer.append(numpy_helper.from_array(value, name))
+        del value
+    model.graph.value_info.extend(_linear_types(segment.nodes, list(model.graph.initializer), {v.name for v in declared}))
+    return model
 
 
 def _linear_types(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], typed: set[str]) -> list[onnx.ValueInfoProto]:
@@ -157,18 +167,44 @@ def check_finite(arrays: dict[str, np.ndarray], what: str, where: str) -> None:
             raise UserError(f"{what}: {name} holds NaN or inf values (a broken checkpoint?)", where=where)
 
 
+def calibration_segments(graph: onnx.GraphProto) -> tuple[list[Any], list[str]]:
+    """The graph's decoder-layer segments (llmship.runtime.segmented.cut_graph) with the vocabulary tables in segments
+    of their own: the embedding's Gather before the first layer, lm_head and what follows it after the last. A table
+    is as large as a layer at 7B (0.5 GB; 0.8 GB at vocab 49953), and calibration holds a segment's weights twice (the
+    graph and its session). Returns the segments and a label for each ("embedding", "decoder layer 3", "lm_head")."""
+    from llmship.quantize.weight_only import layer_of
+    from llmship.runtime.segmented import cut_graph, layer_mark, segments_of
+
+    groups = [list(s.nodes) for s in cut_graph(graph)]
+    inits = {t.name: t for t in graph.initializer}
+    tables = [n for n in groups[0] if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2]
+    head = next((n for n in groups[-1] if n.op_type == "MatMul" and layer_of(n) == "lm_head"), None)
+    after: list[Any] = []
+    if head is not None:
+        made = set(head.output)
+        for node in groups[-1][groups[-1].index(head):]:
+            if node is head or made & set(node.input):
+                after.append(node)
+                made.update(node.output)
+    ids = {id(n) for n in tables + after}
+    middle = [[n for n in nodes if id(n) not in ids] for nodes in groups]
+    grouped = ([tables] if tables else []) + [nodes for nodes in middle if nodes] + ([after] if after else [])
+    labels = (["embedding"] if tables else []) + [
+        f"decoder layer {max(layer_mark(name) for n in nodes for name in (n.name, *n.input, *n.output))}"
+        for nodes in middle if nodes] + (["lm_head"] if after else [])
+    return segments_of(graph, grouped), labels
+
+
 class LayerwiseCalibration:
     """The segment loop (module doc) of one variant: `run` leaves every segment rewritten in `store`."""
 
     def __init__(self, source: onnx.ModelProto, read_weight: Callable[[str], np.ndarray | None], scheme: Any,
                  feeds: list[dict[str, np.ndarray]], store: LayerStore, *, exclude: list[str], scratch: Path,
                  checkpoint_name: str, progress: Callable[[str], None], device: str | None = None):
-        from llmship.runtime.segmented import cut_graph
-
         self.source, self.read_weight, self.scheme, self.feeds = source, read_weight, scheme, feeds
         self.store, self.exclude, self.scratch = store, exclude, scratch
         self.checkpoint_name, self.progress, self.device = checkpoint_name, progress, device
-        self.segments = cut_graph(source.graph)
+        self.segments, self.labels = calibration_segments(source.graph)
         self.resumed_at = 0
         self.seconds: list[float] = []
 
@@ -183,7 +219,8 @@ class LayerwiseCalibration:
                 carried = self.store.carried(start - 1, len(self.feeds))
         for position in range(start, count):
             began = time.perf_counter()
-            self.progress(f"layer {position + 1}/{count}: calibrating on {len(self.feeds)} batch(es)")
+            self.progress(f"segment {position + 1}/{count} ({self.labels[position]}): calibrating on "
+                          f"{len(self.feeds)} batch(es)")
             carried = self._one(position, carried)
             self.seconds.append(round(time.perf_counter() - began, 2))
 
@@ -191,20 +228,14 @@ class LayerwiseCalibration:
         from llmship.export.streaming import release_freed_memory
 
         segment = self.segments[position]
-        where = f"{self.checkpoint_name} (decoder layer {position})"
-        weights = {}
-        for name in segment.initializers:
-            value = self.read_weight(name)
-            if value is not None:
-                check_finite({name: value}, f"decoder layer {position}'s weights", where)
-                weights[name] = value
-        model = segment_graph(self.source, segment, weights, carried[0] if carried else {})
-        del weights
+        label = self.labels[position]
+        where = f"{self.checkpoint_name} ({label})"
+        model = segment_graph(self.source, segment, self.read_weight, carried[0] if carried else {}, where)
         feeds = [{name: (batch[name] if name in batch else carry[name]) for name in segment.inputs}
                  for batch, carry in zip(self.feeds, carried, strict=True)]
         outputs: list[dict[str, np.ndarray]] = []
         wanted = [o for o in segment.outputs if not o.startswith(NOT_CARRIED)]
-        # the last segment carries nothing: its logits are computed only to be checked
+        # the last segment carries nothing: its outputs (the logits) are computed only to be checked
         checked = wanted or [o for o in segment.outputs if not o.startswith("present.")]
 
         def carry(graph: onnx.ModelProto) -> None:
@@ -212,7 +243,7 @@ class LayerwiseCalibration:
             session = _session(graph, self.scratch, self.device)
             for feed in feeds:
                 values = dict(zip(checked, session.run(checked, feed), strict=True))
-                check_finite(values, f"activations after decoder layer {position}", where)
+                check_finite(values, f"activations after {label}", where)
                 outputs.append({name: values[name] for name in wanted})
                 del values
 

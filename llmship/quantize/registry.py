@@ -53,6 +53,7 @@ class QuantizeJob:
     exclude: list[str]
     external_data: str = "auto"
     progress: Callable[[str], None] = field(default=lambda message: None)
+    provider: str = "cpu"               # runtime.provider: GPTQ's arithmetic runs on CUDA when it is cuda
 
 
 class Scheme:
@@ -69,6 +70,8 @@ class Scheme:
     # the whole model.
     stream_bytes_per_param: ClassVar[float | None] = None
     auto: Any = None  # the variant's `quantize.auto` (llmship.quantize.auto), which reads the calibration set
+    # What a layer-wise calibration feeds the next layer (`quantize_layer`): the float or the quantized layer's outputs.
+    layer_feeds_forward: ClassVar[str] = "float"
 
     @classmethod
     def variant_name(cls, method: str | None) -> str:

@@ -72,7 +72,7 @@ def quantize_variant(fp32: Artifact, variant: Variant | VariantConfig, calib: An
                 shutil.copy2(item, folder / item.name)
         job = QuantizeJob(source=fp32.onnx_path, folder=fp32.path, target=folder,
                           samples=list(calib.samples) if calib is not None else None, exclude=list(variant.exclude),
-                          external_data=cfg.export.external_data, progress=steps)
+                          external_data=cfg.export.external_data, progress=steps, provider=cfg.runtime.provider)
         report = auto_quantize(scheme, scheme.auto, job) if scheme.auto is not None else scheme.quantize(job)
         quantize_seconds = time.perf_counter() - started
         steps(f"{variant.variant_name}: checking parity against PyTorch")

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from llmship.errors import UserError
 from llmship.quantize.embedding import quantize_embeddings
+from llmship.quantize.gptq import gptq_device
 from llmship.quantize.graph import load_model, save_model
 from llmship.quantize.registry import QUANTIZED_GREEDY_MATCH, QuantizeJob, Scheme, SchemeOptions, register
 from llmship.quantize.weight_only import quantize_matmuls, quantize_weight_only
@@ -45,6 +46,7 @@ class W4A16(Scheme):
     Options = W4A16Options
     methods = ("rtn", "hqq", "gptq", "awq")
     needs_calibration = ("gptq", "awq")
+    layer_feeds_forward = "quantized"  # GPTQ's reference: each layer calibrates on the quantized layers before it
     # int4 weights move logits visibly; a collapse shows as a large NLL increase.
     parity = ParityConfig(max_logits_diff=8.0, min_top1_agreement=0.75, min_greedy_match=QUANTIZED_GREEDY_MATCH,
                           max_nll_increase=0.08)
@@ -85,7 +87,7 @@ class W4A16(Scheme):
             embeddings=opts.quantize_embeddings, embedding_bits=opts.embedding_bits, embedding_block=opts.embedding_block,
             samples=job.samples, folder=job.folder,
             gptq={"percdamp": opts.percdamp, "actorder": opts.actorder, "true_sequential": opts.true_sequential},
-            awq={"clip": opts.awq_clip}, scratch=job.target)
+            awq={"clip": opts.awq_clip}, scratch=job.target, device=gptq_device(job.provider))
         save_model(model, job.target, job.external_data)
         return {**report, "block_size": self.block_size}
 

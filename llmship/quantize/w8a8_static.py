@@ -138,7 +138,8 @@ class W8A8Static(Scheme):
     def _calibrate(self, model: Any, packed: list[dict[str, Any]], target: Any, exclude: list[str],
                    external_data: str) -> tuple[Any, list[dict], list[dict], list[dict]]:
         """ONNX Runtime's quantize_static of `model`'s linears on the packed batches, then the head's and the
-        embedding table's own rewrites; returns (quantized model, quantized rows, kept-float rows, table rows)."""
+        embedding table's own rewrites; returns (quantized model, quantized rows, kept-float rows, table rows).
+        `model` gives up its weights to the file the quantizer reads (one float copy in memory, not two)."""
         opts: W8A8StaticOptions = self.options
         inits = initializers(model)
         linears = linear_nodes(model)
@@ -148,8 +149,24 @@ class W8A8Static(Scheme):
                 for n in linears if n not in todo and (n not in head or opts.head == "float")]
         rows = [{"node": n.name, "name": describe_node(n, inits), "weight": n.input[1], "shape": list(inits[n.input[1]].dims),
                  "op": "MatMul", "as": f"QDQ int8 ({self.method})"} for n in todo]
+        # a segment of a layer-wise run may hold no linear to calibrate (the embedding's): nothing for the quantizer
+        quantized = self._quantize_static(model, packed, target, todo, external_data) if todo else model
+        if opts.head == "weight_only" and head:
+            # The QDQ linears no longer read a float initializer, so only the head (and excluded ones) are left.
+            keep = [n.name for n in linear_nodes(quantized) if n.name not in {h.name for h in head}]
+            quantized, head_rows, _ = quantize_matmuls(quantized, bits=8, block_size=HEAD_BLOCK, symmetric=False,
+                                                       accuracy_level=4, method="rtn", exclude=exclude + keep)
+            rows += [{**r, "as": f"MatMulNBits(bits=8, block={HEAD_BLOCK}) (head: weight_only)"} for r in head_rows]
+        tables = quantize_embeddings(quantized, 8, opts.embedding_block, exclude) if opts.quantize_embeddings else []
+        return quantized, rows, kept, tables
+
+    def _quantize_static(self, model: Any, packed: list[dict[str, Any]], target: Any, todo: list[Any],
+                         external_data: str) -> Any:
+        """ONNX Runtime's quantize_static of the `todo` linears through a staged file (which takes `model`'s weights)."""
+        opts: W8A8StaticOptions = self.options
         staged = target / "_float"
         save_model(model, staged, external_data)
+        del model.graph.initializer[:]  # the staged file holds the weights: the quantizer loads its own copy
         big = (staged / MODEL_DATA_FILE).exists()
         extra: dict[str, Any] = {"MatMulConstBOnly": True, "ActivationSymmetric": opts.symmetric_activations}
         if self.method == "percentile":
@@ -166,11 +183,4 @@ class W8A8Static(Scheme):
         shutil.rmtree(staged)
         for leftover in [*target.glob("augmented_model*"), target / MODEL_FILE, target / MODEL_DATA_FILE]:
             leftover.unlink(missing_ok=True)
-        if opts.head == "weight_only" and head:
-            # The QDQ linears no longer read a float initializer, so only the head (and excluded ones) are left.
-            keep = [n.name for n in linear_nodes(quantized) if n.name not in {h.name for h in head}]
-            quantized, head_rows, _ = quantize_matmuls(quantized, bits=8, block_size=HEAD_BLOCK, symmetric=False,
-                                                       accuracy_level=4, method="rtn", exclude=exclude + keep)
-            rows += [{**r, "as": f"MatMulNBits(bits=8, block={HEAD_BLOCK}) (head: weight_only)"} for r in head_rows]
-        tables = quantize_embeddings(quantized, 8, opts.embedding_block, exclude) if opts.quantize_embeddings else []
-        return quantized, rows, kept, tables
+        return quantized

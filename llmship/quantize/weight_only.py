@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from llmship.errors import UserError
 from llmship.quantize.awq import awq_model
 from llmship.quantize.embedding import MS_DOMAIN, quantize_embeddings
 from llmship.quantize.feeds import CALIBRATION_BATCH, decoder_inputs, packed_feeds, probe_session
@@ -145,15 +146,24 @@ def gptq_model(model: onnx.ModelProto, nodes: list[onnx.NodeProto], feeds: list[
             total = count + rows
             for tensor, value in zip(tensors, values, strict=True):
                 x = value.reshape(-1, value.shape[-1]).astype(np.float64)
-                hessians[tensor] *= count / total
-                hessians[tensor] += (2.0 / total) * (x.T @ x)
+                accumulate_hessian(hessians[tensor], x, count, total)
+                del x
+            del values
             count = total
         del session
         replaced = {}
+        readers = {t: sum(n.input[0] == t for n in members) for t in tensors}
         for node in members:
             weight = numpy_helper.to_array(inits[node.input[1]])
-            levels, scales, zeros = gptq_weight(weight, hessians[node.input[0]], bits=bits, group_size=block_size,
-                                                symmetric=symmetric, percdamp=percdamp, actorder=actorder)
+            readers[node.input[0]] -= 1
+            last = readers[node.input[0]] == 0  # the last linear reading this input: GPTQ may work in its Hessian
+            try:
+                levels, scales, zeros = gptq_weight(weight, hessians.pop(node.input[0]) if last else hessians[node.input[0]],
+                                                    bits=bits, group_size=block_size,
+                                                    symmetric=symmetric, percdamp=percdamp, actorder=actorder,
+                                                    device=device, consume_hessian=last)
+            except ValueError as exc:  # float32 Cholesky of a Hessian that is not positive definite
+                raise UserError(f"GPTQ of {module_name(node) or node.name}: {exc}", where="quantize.options.percdamp") from None
             new, new_inits = matmul_nbits_node(node, levels, scales, zeros, bits=bits, block_size=block_size,
                                                accuracy_level=accuracy_level)
             model.graph.initializer.extend(new_inits)
@@ -167,6 +177,23 @@ def gptq_model(model: onnx.ModelProto, nodes: list[onnx.NodeProto], feeds: list[
         model.graph.initializer.extend(alive)
         inits = initializers(model)
     return model
+
+
+# A Hessian larger than this is updated in blocks of its columns: the product of a whole 7B down_proj input would be a
+# second 1 GB K x K array.
+HESSIAN_BLOCK_BYTES = 256 << 20
+
+
+def accumulate_hessian(hessian: np.ndarray, x: np.ndarray, count: int, total: int) -> None:
+    """GPTQ's add_batch in place: H = H * count / total + 2 / total * x^T x, for x's rows [rows, K]."""
+    hessian *= count / total
+    k = hessian.shape[0]
+    step = k if k * k * 8 <= HESSIAN_BLOCK_BYTES else max(1, HESSIAN_BLOCK_BYTES // (8 * k))
+    for start in range(0, k, step):
+        update = x.T @ x[:, start:start + step]
+        update *= 2.0 / total
+        hessian[:, start:start + step] += update
+        del update
 
 
 def layer_of(node: onnx.NodeProto) -> str | None:
@@ -194,14 +221,15 @@ def set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
 
 def quantize_weight_only(model: onnx.ModelProto, *, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
                          method: str, exclude: list[str], embeddings: bool, embedding_bits: int, embedding_block: int,
-                         samples=None, folder=None, gptq=None, awq=None, scratch=None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+                         samples=None, folder=None, gptq=None, awq=None, scratch=None,
+                         device: str | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
     inits = initializers(model)
     method_report: dict[str, Any] = {}
     total_float = sum(int(np.prod(inits[n.input[1]].dims)) for n in linear_nodes(model))
     model, rows, kept = quantize_matmuls(model, bits=bits, block_size=block_size, symmetric=symmetric,
                                          accuracy_level=accuracy_level, method=method, exclude=exclude,
                                          samples=samples, folder=folder, gptq=gptq, awq=awq, scratch=scratch,
-                                         method_report=method_report)
+                                         method_report=method_report, device=device)
     emb_rows = quantize_embeddings(model, embedding_bits, embedding_block, exclude) if embeddings else []
     quantized_params = sum(int(np.prod(r["shape"])) for r in rows)
     report = {

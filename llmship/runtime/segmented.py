@@ -55,7 +55,6 @@ def cut_graph(graph: Any) -> list[Segment]:
     every tensor flows forward; the nodes before the first layer join it and the nodes after the last join that."""
     if any(a.type in (5, 10) for n in graph.node for a in n.attribute):  # GRAPH / GRAPHS: subgraphs read implicitly
         raise ValueError("the graph has control-flow subgraphs; it cannot be cut into layers")
-    initializers = {t.name for t in graph.initializer}
     produced_in: dict[str, int] = {}
     marks = []
     for node in graph.node:
@@ -66,13 +65,19 @@ def cut_graph(graph: Any) -> list[Segment]:
             produced_in[out] = mark
     first = max(0, min((m for m in marks if m >= 0), default=0))
     order = sorted({max(m, first) for m in marks})
-    segments = {m: Segment() for m in order}
+    segments = {m: [] for m in order}
     for node, mark in zip(graph.node, marks, strict=True):
-        segments[max(mark, first)].nodes.append(node)
-    index = {m: i for i, m in enumerate(order)}
-    home = {name: index[max(m, first)] for name, m in produced_in.items()}
+        segments[max(mark, first)].append(node)
+    return segments_of(graph, [segments[m] for m in order])
+
+
+def segments_of(graph: Any, groups: list[list[Any]]) -> list[Segment]:
+    """Segments of consecutive node groups (graph order kept): what each reads from outside and makes for later ones.
+    ValueError when a group reads a tensor a later group makes, or a layer's past before its present is made."""
+    initializers = {t.name for t in graph.initializer}
+    home = {out: position for position, nodes in enumerate(groups) for node in nodes for out in node.output}
     graph_outputs = {o.name for o in graph.output}
-    result = [segments[m] for m in order]
+    result = [Segment(nodes=list(nodes)) for nodes in groups]
     for position, segment in enumerate(result):
         own = {out for node in segment.nodes for out in node.output}
         reads = dict.fromkeys(i for node in segment.nodes for i in node.input if i)

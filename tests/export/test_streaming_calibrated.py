@@ -82,7 +82,8 @@ def test_layerwise_gptq_equals_the_whole_model_path(both, name):
             assert np.array_equal(whole[row["weight"] + suffix], layered[mine + suffix]), (module, suffix)
     manifest = json.loads((both[True] / name / "manifest.json").read_text())
     layerwise = manifest["quantization"]["layerwise"]
-    assert layerwise["segments"] == 4 and layerwise["carried"] == "quantized" and layerwise["resumed_at"] == 0
+    # the embedding, four decoder layers, lm_head
+    assert layerwise["segments"] == 6 and layerwise["carried"] == "quantized" and layerwise["resumed_at"] == 0
     assert manifest["parity"]["passed"] and manifest["calibration"]["samples"] == 24
     assert not (both[True] / ".llmship" / "layerwise").exists() or not any((both[True] / ".llmship" / "layerwise").iterdir())
 
@@ -95,10 +96,10 @@ def test_layerwise_static_ranges_and_smoothquant_equal_the_whole_model_path(both
     nodes = {id(m): {n.name: n for n in m.graph.node} for m in (wm, lm)}
     static = 0
     for module, row in whole_rows.items():
-        a, b = nodes[id(wm)][row["node"]], nodes[id(lm)][layered_rows[module]["node"]]
-        if a.op_type != "MatMul":  # the head, int8 weights only
-            assert a.op_type == b.op_type == "MatMulNBits"
+        if row["as"].startswith("MatMulNBits"):  # the head, int8 weights only
+            assert layered_rows[module]["as"] == row["as"]
             continue
+        a, b = nodes[id(wm)][row["node"]], nodes[id(lm)][layered_rows[module]["node"]]
         static += 1
         (wa, qa), (wb, qb) = _dequantize_input(wm, whole, a.input[1]), _dequantize_input(lm, layered, b.input[1])
         assert np.allclose(wa, wb, rtol=1e-5, atol=0) and (qa != qb).mean() < 1e-4, module  # weights (smoothed)
@@ -119,7 +120,7 @@ def test_layerwise_static_ranges_and_smoothquant_equal_the_whole_model_path(both
 KILLED_CHILD = """
 import os, sys
 from pathlib import Path
-sys.path.insert(0, sys.argv[3])
+sys.path[:0] = [sys.argv[3], str(Path(sys.argv[3]).parent)]  # this folder, and tests/ (testkit)
 import test_streaming_calibrated as t
 from llmship.quantize.layerwise import LayerStore
 from llmship.pipeline import run_stage
@@ -127,7 +128,7 @@ save = LayerStore.save
 def save_then_die(self, position, *args):
     save(self, position, *args)
     if position == 1:
-        os._exit(9)  # killed after two finished layers
+        os._exit(9)  # killed after two finished segments (the embedding, the first layer)
 LayerStore.save = save_then_die
 run_stage("compile", t._config(Path(sys.argv[1]), True, [t.VARIANTS[int(sys.argv[2])]]), quiet=True)
 """
@@ -147,7 +148,7 @@ def test_a_killed_run_resumes_at_its_last_finished_layer(both, tmp_path):
     run_stage("compile", _config(out, True, [VARIANTS[0]]), quiet=True)
     manifest = json.loads((out / "w4a16-gptq" / "manifest.json").read_text())
     assert manifest["quantization"]["layerwise"]["resumed_at"] == 2
-    assert len(manifest["quantization"]["layerwise"]["segment_s"]) == 2  # only the two unfinished layers ran
+    assert len(manifest["quantization"]["layerwise"]["segment_s"]) == 4  # only the four unfinished segments ran
     assert not stores[0].exists()
     _, resumed, rows = _weights(out / "w4a16-gptq")
     _, straight, straight_rows = _weights(both[True] / "w4a16-gptq")
@@ -194,7 +195,7 @@ def test_a_broken_checkpoint_names_the_layer_and_the_source(tmp_path, broken):
 DEPTH_CHILD = """
 import json, sys
 from pathlib import Path
-sys.path.insert(0, sys.argv[3])
+sys.path[:0] = [sys.argv[3], str(Path(sys.argv[3]).parent)]  # this folder, and tests/ (testkit)
 import test_streaming_calibrated as t
 from llmship.export.streaming import compile_streaming
 model, out = sys.argv[1], Path(sys.argv[2])

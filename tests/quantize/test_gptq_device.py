@@ -86,3 +86,37 @@ def test_hessian_not_positive_definite_is_a_value_error() -> None:
 def test_gptq_device_follows_the_provider() -> None:
     assert gptq_device("cpu") is None
     assert gptq_device("cuda") == ("cuda" if torch.cuda.is_available() else None)
+
+
+@pytest.mark.parametrize("actorder", [False, True])
+def test_a_large_weight_in_chunks_of_output_channels_is_the_whole_weight_bit_for_bit(actorder, monkeypatch):
+    """GPTQ quantizes each output channel on its own given the Hessian, so a weight that goes through in chunks of
+    them (ROW_CHUNK_BYTES, for a 7B lm_head's memory) gives exactly the whole weight's levels, scales and zeros."""
+    import llmship.quantize.gptq as gptq
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2048, 256)) @ rng.standard_normal((256, 256)) * 0.1
+    hessian = 2 / len(x) * x.T @ x
+    weight = (rng.standard_normal((256, 1000)) * 0.02).astype(np.float32)
+    whole = gptq.gptq_weight(weight, hessian, group_size=64, actorder=actorder)
+    monkeypatch.setattr(gptq, "ROW_CHUNK_BYTES", 8 * 256 * 300)  # 300, 300, 300 and 100 channels
+    chunked = gptq.gptq_weight(weight, hessian, group_size=64, actorder=actorder)
+    for a, b in zip(whole, chunked, strict=True):
+        assert a.shape == b.shape and np.array_equal(a, b)
+
+
+def test_a_large_hessian_is_inverted_by_cholesky_factors_as_numpy_inverts_it(monkeypatch):
+    """Above LARGE_HESSIAN_BYTES the inverse's upper factor comes from upstream's Cholesky route in float64 (two K x K
+    arrays at a time, not numpy inv's three): the same factor to float64 rounding and the same GPTQ levels."""
+    import llmship.quantize.gptq as gptq
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2048, 300)) @ rng.standard_normal((300, 300)) * 0.1
+    hessian = 2 / len(x) * x.T @ x + 0.01 * np.eye(300)
+    weight = (rng.standard_normal((300, 200)) * 0.02).astype(np.float32)
+    small = gptq.upper_cholesky_of_inverse([hessian.copy()]), gptq.gptq_weight(weight, hessian)
+    monkeypatch.setattr(gptq, "LARGE_HESSIAN_BYTES", 0)
+    large = gptq.upper_cholesky_of_inverse([hessian.copy()]), gptq.gptq_weight(weight, hessian)
+    assert np.abs(small[0] - large[0]).max() <= 1e-12 * np.abs(small[0]).max()
+    for a, b in zip(small[1], large[1], strict=True):
+        assert np.array_equal(a, b)
