@@ -151,10 +151,14 @@ def test_non_float_tensor(tmp_path):
 
 
 def test_too_little_disk(tmp_path):
-    from llmship.quantize import SCHEMES
+    from llmship.config import VariantConfig
+    from llmship.quantize.registry import build_scheme
 
-    w4a16, fp32, w8a16 = SCHEMES["w4a16"], SCHEMES["none"], SCHEMES["w8a16"]
+    w4a16, gptq, fp32, w8a16 = (build_scheme(VariantConfig(**v)) for v in (
+        {"scheme": "w4a16"}, {"scheme": "w4a16", "method": "gptq"}, {"scheme": "none"}, {"scheme": "w8a16"}))
     assert check_disk(tmp_path, 10**9, [w4a16])["estimated_gb"] == round(10**9 * 0.75 * 1.05 / 1e9, 2)
+    # a layer-wise calibrated variant is on disk twice for a moment (its finished layers, then the variant)
+    assert check_disk(tmp_path, 10**9, [gptq])["estimated_gb"] == round(2 * 10**9 * 0.75 * 1.05 / 1e9, 2)
     with pytest.raises(UserError, match="too little disk space"):
         check_disk(tmp_path, 10**15, [fp32, w8a16])
 
