@@ -323,6 +323,7 @@ def write_calibrated_variant(skeleton: Any, checkpoint: Any, folder: Path, schem
     try:
         run = LayerwiseCalibration(skeleton.model, read_weight, scheme, feeds, LayerStore(store), exclude=exclude,
                                    scratch=scratch, checkpoint_name=source_name, device=device,
+                                   release_memory=release_freed_memory,
                                    progress=lambda message: steps(f"{title}: {message}"))
         run.run()
     finally:

@@ -200,10 +200,12 @@ class LayerwiseCalibration:
 
     def __init__(self, source: onnx.ModelProto, read_weight: Callable[[str], np.ndarray | None], scheme: Any,
                  feeds: list[dict[str, np.ndarray]], store: LayerStore, *, exclude: list[str], scratch: Path,
-                 checkpoint_name: str, progress: Callable[[str], None], device: str | None = None):
+                 checkpoint_name: str, progress: Callable[[str], None], device: str | None = None,
+                 release_memory: Callable[[], None] = lambda: None):
         self.source, self.read_weight, self.scheme, self.feeds = source, read_weight, scheme, feeds
         self.store, self.exclude, self.scratch = store, exclude, scratch
         self.checkpoint_name, self.progress, self.device = checkpoint_name, progress, device
+        self.release_memory = release_memory  # called after each segment (the streaming writer's malloc_trim)
         self.segments, self.labels = calibration_segments(source.graph)
         self.resumed_at = 0
         self.seconds: list[float] = []
@@ -225,8 +227,6 @@ class LayerwiseCalibration:
             self.seconds.append(round(time.perf_counter() - began, 2))
 
     def _one(self, position: int, carried: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        from llmship.export.streaming import release_freed_memory
-
         segment = self.segments[position]
         label = self.labels[position]
         where = f"{self.checkpoint_name} ({label})"
@@ -258,7 +258,7 @@ class LayerwiseCalibration:
                 for before, after in zip(carried, outputs, strict=True)]
         self.store.save(position, rewritten, report, kept)
         del model, rewritten
-        release_freed_memory()
+        self.release_memory()
         return kept
 
 
