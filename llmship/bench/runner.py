@@ -21,6 +21,7 @@ import llmship.bench.roofline as roofline
 from llmship.bench.metrics import request_latencies
 from llmship.errors import CheckFailed
 from llmship.files import write_json_atomic
+from llmship.memory import high_water_mark
 from llmship.runtime.layout import folder_graph
 
 PROGRESS_TAG = "@@progress"
@@ -87,15 +88,6 @@ class PeakRss:
         return {"peak_rss_bytes": int(peak), "rss_before_load_bytes": int(self.start_rss), "method": method}
 
 
-def high_water_mark() -> int | None:
-    """Peak RSS of this process from /proc/self/status (bytes), None where there is no /proc."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        return None
-    return None
 
 
 # --------------------------------------------------------------------------- engine

@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +33,7 @@ from onnx import helper, numpy_helper
 
 from llmship.errors import CheckFailed, UserError
 from llmship.files import MODEL_DATA_FILE, MODEL_FILE
+from llmship.memory import PeakRss, release_freed_memory
 
 log = logging.getLogger("llmship")
 
@@ -50,68 +50,6 @@ DISK_MARGIN = 1.05
 # columns of a MatMul and the rows of an embedding table (see `_quantize_chunked`): at 7B the lm_head's whole-tensor
 # arithmetic alone took the peak past 3 GB.
 CHUNK_BYTES = 64 << 20
-
-
-# --------------------------------------------------------------------------- memory
-class PeakRss:
-    """Samples the resident memory of this process and its children (the whole process tree) in a thread."""
-
-    def __init__(self, interval: float = 0.2):
-        import psutil
-
-        self._process = psutil.Process()
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def sample(self) -> int:
-        import psutil
-
-        total = 0
-        for proc in [self._process, *self._process.children(recursive=True)]:
-            try:
-                total += proc.memory_info().rss
-            except psutil.Error:
-                continue
-        self.peak = max(self.peak, total)
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def __enter__(self) -> PeakRss:
-        self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-
-    @property
-    def peak_mb(self) -> float:
-        return round(self.peak / 2**20, 1)
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc): tensors of a few MB fall under malloc's dynamic mmap threshold
-    and land on the heap, where the holes they leave would let the resident size creep up with every layer."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
 
 
 # --------------------------------------------------------------------------- writing
@@ -335,7 +273,7 @@ def write_calibrated_variant(skeleton: Any, checkpoint: Any, folder: Path, schem
     report.update({"streamed": True, "tensors": len(specs), "data_bytes": data_bytes,
                    "layerwise": {"segments": len(run.segments), "batches": len(feeds), "resumed_at": run.resumed_at,
                                  "calibrate_s": round(calibrate_s, 2), "segment_s": run.seconds,
-                                 "carried": scheme.layer_feeds_forward,
+                                 "segment_peak_rss_mb": run.peaks_mb, "carried": scheme.layer_feeds_forward,
                                  "device": device or "cpu"}})
     return model, report
 

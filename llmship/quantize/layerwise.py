@@ -36,6 +36,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from llmship.errors import UserError
+from llmship.memory import PeakRss
+from llmship.runtime.ort_engine import owned
 
 log = logging.getLogger("llmship")
 
@@ -209,6 +211,7 @@ class LayerwiseCalibration:
         self.segments, self.labels = calibration_segments(source.graph)
         self.resumed_at = 0
         self.seconds: list[float] = []
+        self.peaks_mb: list[float] = []  # resident memory (process tree) at its peak in each segment that ran
 
     def run(self) -> None:
         count = len(self.segments)
@@ -223,8 +226,10 @@ class LayerwiseCalibration:
             began = time.perf_counter()
             self.progress(f"segment {position + 1}/{count} ({self.labels[position]}): calibrating on "
                           f"{len(self.feeds)} batch(es)")
-            carried = self._one(position, carried)
+            with PeakRss() as rss:
+                carried = self._one(position, carried)
             self.seconds.append(round(time.perf_counter() - began, 2))
+            self.peaks_mb.append(rss.peak_mb)
 
     def _one(self, position: int, carried: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         segment = self.segments[position]
@@ -244,7 +249,7 @@ class LayerwiseCalibration:
             for feed in feeds:
                 values = dict(zip(checked, session.run(checked, feed), strict=True))
                 check_finite(values, f"activations after {label}", where)
-                outputs.append({name: values[name] for name in wanted})
+                outputs.append({name: owned(values[name]) for name in wanted})  # the session's arena goes with it
                 del values
 
         job = LayerJob(model=model, feeds=feeds, position=position, layers=len(self.segments), scratch=self.scratch,

@@ -217,6 +217,13 @@ class OrtEngine(Engine):
         self.session = None
 
 
+def owned(value: np.ndarray) -> np.ndarray:
+    """`value` (an ONNX Runtime output) as an array of its own. ORT's outputs are views of the session's memory arena
+    (onnxruntime 1.2x and later): one kept past the session keeps the whole arena, as big as the largest run's
+    activations, alive with it."""
+    return value if value.flags.owndata else np.array(value, copy=True)
+
+
 def session_options(threads: int) -> Any:
     """The session options every llmship ORT session uses: `threads` intra-op (0: ONNX Runtime's default), one
     inter-op, every graph optimization."""

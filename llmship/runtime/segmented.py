@@ -23,7 +23,7 @@ import numpy as np
 
 from llmship.errors import UserError
 from llmship.runtime.base import Cache
-from llmship.runtime.ort_engine import OrtEngine, open_session
+from llmship.runtime.ort_engine import OrtEngine, open_session, owned
 from llmship.runtime.padding import left_pad
 
 log = logging.getLogger(__name__)
@@ -211,9 +211,9 @@ class SegmentedOrtEngine(OrtEngine):
                                       strict=True))
                     for name, value in values.items():
                         if name == "logits":
-                            logits[p][c] = value.astype(np.float32, copy=False)
+                            logits[p][c] = owned(value.astype(np.float32, copy=False))
                         elif last_use.get(name, -1) >= position:
-                            store[(p, c, name)] = value
+                            store[(p, c, name)] = owned(value)  # or every segment's arena lives to the last reader
             del session
             for key in [k for k in store if last_use.get(k[2], -1) <= position]:
                 del store[key]

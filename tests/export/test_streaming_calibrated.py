@@ -149,6 +149,8 @@ def test_a_killed_run_resumes_at_its_last_finished_layer(both, tmp_path):
     manifest = json.loads((out / "w4a16-gptq" / "manifest.json").read_text())
     assert manifest["quantization"]["layerwise"]["resumed_at"] == 2
     assert len(manifest["quantization"]["layerwise"]["segment_s"]) == 4  # only the four unfinished segments ran
+    assert len(manifest["quantization"]["layerwise"]["segment_peak_rss_mb"]) == 4
+    assert min(manifest["quantization"]["layerwise"]["segment_peak_rss_mb"]) > 100
     assert not stores[0].exists()
     _, resumed, rows = _weights(out / "w4a16-gptq")
     _, straight, straight_rows = _weights(both[True] / "w4a16-gptq")
@@ -198,19 +200,15 @@ from pathlib import Path
 sys.path[:0] = [sys.argv[3], str(Path(sys.argv[3]).parent)]  # this folder, and tests/ (testkit)
 import test_streaming_calibrated as t
 from llmship.export.streaming import compile_streaming
-model, out = sys.argv[1], Path(sys.argv[2])
+model, out, variant = sys.argv[1], Path(sys.argv[2]), t.VARIANTS[int(sys.argv[4])]
 out.mkdir(parents=True, exist_ok=True)
-cfg = t._config(out, True, [t.VARIANTS[0], t.VARIANTS[2]], model=model)
-folders = compile_streaming(cfg, out, parity=False)
+folders = compile_streaming(t._config(out, True, [variant], model=model), out, parity=False)
 print(json.dumps({name: json.loads((f / "manifest.json").read_text())["timings"]["peak_rss_mb"]
-                  for name, f in folders.items()}))
+                  for name, f in folders.items() if name != "fp32"}))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known shortfall (issue 17): measured 0.99 (gptq) and 0.85 (static-sq) bytes of "
-                   "peak RSS per added fp32 weight byte; resident memory rises over the first segments, then stays flat; "
-                   "the target is 0.3")
 def test_layerwise_peak_memory_does_not_grow_with_depth(tmp_path):
     """Peak RSS (process tree) of GPTQ and of static W8A8 with SmoothQuant, at 8 layers minus at 2 layers, < 0.3 bytes
     per added fp32 weight byte."""
@@ -224,11 +222,15 @@ def test_layerwise_peak_memory_does_not_grow_with_depth(tmp_path):
         weights[layers] = 4 * sum(v.numel() for v in state.values())
         folder = write_sharded(tmp_path / f"l{layers}", state, config)
         del state
-        run = subprocess.run([sys.executable, "-c", DEPTH_CHILD, str(folder), str(tmp_path / f"out{layers}"),
-                              str(Path(__file__).parent)], capture_output=True, text=True, cwd=ROOT, timeout=900)
-        assert run.returncode == 0, run.stderr[-2000:]
-        peaks[layers] = json.loads(run.stdout.strip().splitlines()[-1])
+        peaks[layers] = {}
+        for variant in (0, 2):  # a fresh process each: the peak of one variant is not the heap another left behind
+            run = subprocess.run([sys.executable, "-c", DEPTH_CHILD, str(folder), str(tmp_path / f"out{layers}"),
+                                  str(Path(__file__).parent), str(variant)],
+                                 capture_output=True, text=True, cwd=ROOT, timeout=900)
+            assert run.returncode == 0, run.stderr[-2000:]
+            peaks[layers].update(json.loads(run.stdout.strip().splitlines()[-1]))
     added = weights[8] - weights[2]
     assert added > 150e6
-    for name in ("w4a16-gptq", "static-sq"):
-        assert (peaks[8][name] - peaks[2][name]) * 2**20 / added < 0.3, (name, peaks, weights)
+    per_byte = {name: (peaks[8][name] - peaks[2][name]) * 2**20 / added for name in ("w4a16-gptq", "static-sq")}
+    print("peak RSS MB", peaks, "per added fp32 byte", per_byte)
+    assert all(v < 0.3 for v in per_byte.values()), (per_byte, peaks, weights)
