@@ -41,7 +41,7 @@ test: setup
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 lint: setup
 	$(PY) -m ruff check .
