@@ -88,8 +88,6 @@ class PeakRss:
         return {"peak_rss_bytes": int(peak), "rss_before_load_bytes": int(self.start_rss), "method": method}
 
 
-
-
 # --------------------------------------------------------------------------- engine
 def load(spec: dict[str, Any], runtime: dict[str, Any]) -> Any:
     """The engine of a job spec: {"kind": a registry name, "model": ModelConfig fields | "folder": path}."""

@@ -181,3 +181,24 @@ def test_parity_catches_a_broken_decode_and_reuses_the_reference(engines, built)
     assert bad["prefill_max_diff"] < 1e-4 and bad["batch_max_diff"] < 1e-4 and bad["decode_max_diff"] > 1e-2
     failures = parity_failures(bad, parity)
     assert failures and "decode" in failures[0]
+
+
+def test_owned_copies_an_output_out_of_the_session_arena():
+    """ONNX Runtime's outputs are views of its arena (the layer-wise carry and the segmented parity engine keep them
+    past their session with `owned`, or each session's whole arena stays resident)."""
+    from onnx import TensorProto, helper
+
+    from llmship.runtime.ort_engine import owned
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    (value,) = session.run(None, {"x": np.array([-1, 2, -3, 4], dtype=np.float32)})
+    kept = owned(value)
+    assert kept.flags.owndata and kept.base is None
+    del session, value
+    assert kept.tolist() == [0, 2, 0, 4]
+    mine = np.ones(3)
+    assert owned(mine) is mine  # an array that owns its data is not copied
