@@ -99,21 +99,23 @@ def prompt_lengths(max_positions: int, count: int) -> list[int]:
 def model_prompts(reference: Engine, start: Sequence[int], max_positions: int, count: int = 4,
                   seed: int = PROMPT_SEED) -> list[list[int]]:
     """`count` prompts sampled from the reference after `start` (BOS), each from its own seeded generator; EOS is never
-    drawn, so every prompt has its full length. The same reference and seed give the same prompts for every variant."""
-    prompts = []
-    for index, length in enumerate(prompt_lengths(max_positions, count)):
-        rng = np.random.default_rng(seed + index)
-        tokens = list(start)
-        logits, cache = reference.prefill(*left_pad([tokens], reference.pad_token_id))
-        step = logits[0, -1]
-        while len(tokens) < length:
-            token = _sample(step, rng, reference.eos_token_id)
-            tokens.append(token)
-            if len(tokens) < length:
-                out, cache = reference.decode(np.array([token], dtype=np.int64), cache)
-                step = out[0]
-        prompts.append(tokens)
-    return prompts
+    drawn, so every prompt has its full length. The same reference and seed give the same prompts for every variant.
+    All prompts grow in one batch (each row draws from its own generator, then is cut at its length), so a reference
+    that reads its weights on every forward (the layer-at-a-time one) makes them in longest - 1 passes, not in the sum
+    of their lengths; a row's first tokens do not depend on how long the batch runs."""
+    lengths = prompt_lengths(max_positions, count)
+    generators = [np.random.default_rng(seed + index) for index in range(count)]
+    rows = [list(start) for _ in range(count)]
+    logits, cache = reference.prefill(*left_pad(rows, reference.pad_token_id))
+    step = logits[:, -1]
+    del logits
+    while len(rows[0]) < max(lengths):
+        tokens = [_sample(step[row], rng, reference.eos_token_id) for row, rng in enumerate(generators)]
+        for row, token in zip(rows, tokens, strict=True):
+            row.append(token)
+        if len(rows[0]) < max(lengths):
+            step, cache = reference.decode(np.array(tokens, dtype=np.int64), cache)
+    return [row[:length] for row, length in zip(rows, lengths, strict=True)]
 
 
 def _sample(logits: np.ndarray, rng: np.random.Generator, eos: int | None) -> int:

@@ -9,9 +9,10 @@ writes for that node, and nodes the rewrite shares between MatMuls (one activati
 are kept once. Peak memory is one tensor and its quantized form, whatever the depth of the model.
 
 Streaming-capable schemes: `none` (fp32), `w8a16`, `w4a16` (rtn, hqq), `w8a8-dynamic` (every layout), and the
-calibrated `w4a16` gptq and `w8a8-static` (any calibrator, with or without SmoothQuant), which are calibrated one
-decoder layer at a time (`write_calibrated_variant`, llmship.quantize.layerwise). awq, fp16's overflow scan and
-`quantize.auto` need the whole model and are refused.
+calibrated `w4a16` gptq, `w8a8-static` (any calibrator, with or without SmoothQuant) and `fp16` (its overflow scan),
+which are calibrated and rewritten one decoder layer at a time (`write_calibrated_variant`, llmship.quantize.layerwise).
+awq and `quantize.auto` need the whole model and are refused, and so is fp16 without its scan or with fp16 graph
+inputs and outputs (its conversion is typed by the scan's run, and the segments join through the fp32 interface).
 """
 
 from __future__ import annotations
@@ -285,15 +286,17 @@ def assemble_layers(source: onnx.ModelProto, specs: dict[str, Any], store: Any, 
     writer = DataWriter(folder)
     nodes: list[onnx.NodeProto] = []
     written: dict[str, onnx.TensorProto] = {}
-    constants = {t.name for t in source.graph.initializer if t.name not in specs}
+    constant_types = {t.name: t.data_type for t in source.graph.initializer if t.name not in specs}
+    retyped: set[str] = set()
     opsets = {o.domain: o.version for o in source.opset_import}
     try:
         for position in range(count):
             part = store.model(position)
+            retyped |= retype_constants(part, constant_types)
             nodes.extend(_standalone(node, onnx.NodeProto) for node in part.graph.node)
             for init in part.graph.initializer:
-                if init.name in written or init.name in constants:
-                    if init.name not in constants:
+                if init.name in written or init.name in constant_types:
+                    if init.name not in constant_types and init.name not in retyped:
                         raise CheckFailed(f"layer-wise calibration: segments {position} and an earlier one both "
                                           f"write tensor {init.name}")
                     continue
@@ -304,6 +307,21 @@ def assemble_layers(source: onnx.ModelProto, specs: dict[str, Any], store: Any, 
     finally:
         writer.close()
     return _final_graph(source, specs, nodes, written, opsets, folder), writer.offset
+
+
+def retype_constants(part: onnx.ModelProto, constant_types: dict[str, int]) -> set[str]:
+    """Rename, in a rewritten segment, each of the source's constants it holds in another type (fp16 converts the
+    rotary caches that every layer reads) to a name of that type, so segments that kept the source's type still read
+    the source's tensor. Returns the new names (segments converting the same constant the same way share one)."""
+    renames = {}
+    for init in part.graph.initializer:
+        if init.name in constant_types and init.data_type != constant_types[init.name]:
+            renames[init.name] = f"{init.name}_{onnx.TensorProto.DataType.Name(init.data_type).lower()}"
+            init.name = renames[init.name]
+    if renames:
+        for node in part.graph.node:
+            node.input[:] = [renames.get(name, name) for name in node.input]
+    return set(renames.values())
 
 
 def _keep(init: onnx.TensorProto, writer: DataWriter, kept: dict[str, onnx.TensorProto]) -> None:
@@ -512,8 +530,8 @@ def _resolve_inputs(cfg: Any) -> dict[str, Any]:
         if not variant.scheme.streams():
             raise UserError(f"scheme {variant.scheme.name} ({variant.scheme.method or 'default'}"
                             f"{', with quantize.auto' if variant.scheme.auto else ''}) needs the whole model and cannot "
-                            f"stream; streaming builds {streaming} (calibrated: w4a16 gptq and w8a8-static, one "
-                            "decoder layer at a time)",
+                            f"stream; streaming builds {streaming} (calibrated: w4a16 gptq, w8a8-static and fp16 "
+                            "with its overflow scan and fp32 inputs and outputs, one decoder layer at a time)",
                             where=f"{variant.where}.scheme")
     checkpoint, config, tok_dir, tokenizer = open_source(model_dir, config, adapter_dir)
     return {"model_dir": model_dir, "adapter_dir": adapter_dir, "config": config, "checkpoint": checkpoint,
@@ -705,9 +723,11 @@ def build_variant(cfg: Any, resolved: Any, target: Path, skeleton: Any, inputs: 
         failures: list[str] = []
         parity_timings: dict[str, float] = {}
         if parity:
+            from llmship.export.streamed_parity import streamed_parity
+
             parity_started = time.perf_counter()
             with PeakRss() as parity_rss:
-                figures, reference_s = _parity(cfg, folder, inputs, tolerances, steps, name)
+                figures, reference_s = streamed_parity(cfg, folder, inputs, tolerances, steps, name)
             # parity_reference_s: the PyTorch side's share, when this variant computed it (0: read back)
             parity_timings = {"parity_s": round(time.perf_counter() - parity_started, 2),
                               "parity_reference_s": round(reference_s, 2), "parity_peak_rss_mb": parity_rss.peak_mb}
@@ -761,46 +781,3 @@ def layer_store(inputs: dict[str, Any], resolved: Any, calibration: Any) -> Path
 
     key = stage_key(inputs["source"], resolved.describe(), calibration.fingerprint)
     return inputs["out"] / ".llmship" / "layerwise" / f"{resolved.name}-{key}"
-
-
-def _parity(cfg: Any, folder: Path, inputs: dict[str, Any], tolerances: Any, steps: Any, name: str
-            ) -> tuple[dict[str, Any], float]:
-    """Parity of the written variant against the layer-at-a-time PyTorch reference. The reference's side is computed
-    once per checkpoint, prompts and parity settings (`batched_reference_trace`: one pass over the checkpoint per
-    forward), kept in output.dir's .llmship/parity and reused by every variant, in this process or a later one; the
-    reference model is freed before ONNX Runtime loads the variant, so the check holds one of the two at a time.
-    Returns the figures and the seconds spent computing the reference's side (0 when read back)."""
-    import gc
-
-    from llmship.cache import stage_key
-    from llmship.export.layerwise import layerwise_engine
-    from llmship.export.parity import batched_reference_trace, check_parity, default_prompts, load_trace, save_trace
-    from llmship.runtime.segmented import parity_engine
-
-    prompts = default_prompts(inputs["tokenizer"], int(inputs["config"].get("max_position_embeddings", 2048)))
-    key = stage_key(inputs["source"], prompts, tolerances.decode_steps, tolerances.greedy_tokens)
-    stored = inputs["out"] / ".llmship" / "parity" / f"reference-{key}.npz"
-    reference_s = 0.0
-    if stored.is_file():
-        trace = load_trace(stored)
-    else:
-        started = time.perf_counter()
-        passes = 1 + max(tolerances.decode_steps, tolerances.greedy_tokens)
-        steps(f"{name}: PyTorch reference, one decoder layer at a time ({passes} passes over the checkpoint)")
-        reference = layerwise_engine(inputs["checkpoint"], inputs["config"], inputs["tokenizer"],
-                                     threads=cfg.runtime.threads, model_dir=inputs["model_dir"])
-        trace = batched_reference_trace(reference, tolerances, prompts)
-        reference.close()
-        del reference
-        gc.collect()
-        release_freed_memory()
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        save_trace(stored, trace)
-        reference_s = time.perf_counter() - started
-    steps(f"{name}: checking parity against PyTorch")
-    candidate = parity_engine(folder, tolerances.layer_at_a_time, cfg.runtime.provider, cfg.runtime.threads,
-                              export_mode=cfg.export.parity.layer_at_a_time)
-    try:
-        return check_parity(None, candidate, tolerances, prompts, trace=trace), reference_s
-    finally:
-        candidate.close()

@@ -55,40 +55,86 @@ class Fp16(Scheme):
     # Logits of a fp16 graph differ from fp32 by rounding only: top-1 and NLL must be all but identical, and the
     # tie-aware greedy run (near-ties forgiven, llmship.export.parity) must match in full.
     parity = ParityConfig(max_logits_diff=0.25, min_top1_agreement=0.99, min_greedy_match=1.0, max_nll_increase=0.005)
+    stream_bytes_per_param = 2.1  # fp16 weights, the few kept fp32, and the graph
 
     def uses_calibration(self) -> bool:
         return self.options.overflow_scan  # the scan runs the calibration samples; the conversion alone reads none
+
+    def streams(self) -> bool:
+        """The streaming compile converts one decoder layer at a time, on the segment its calibration run typed and
+        scanned: without the scan there is no such run, and its graph inputs and outputs are the fp32 model's."""
+        return self.options.overflow_scan and self.options.keep_io_types and self.auto is None
+
+    def calibrates_by_layer(self) -> bool:
+        return self.streams()
+
+    def layer_feeds(self, samples: list[list[int]], spec: Any) -> list[dict[str, Any]]:
+        """Each sample alone, the first `scan_samples`, as the whole-model scan runs them."""
+        return calibration_feeds(samples, spec, limit=self.options.scan_samples)
 
     def quantize(self, job: QuantizeJob) -> dict[str, Any]:
         opts: Fp16Options = self.options
         model = load_model(job.source)
         ensure_node_names(model)
-        blocked: dict[str, dict[str, Any]] = {}
-        for node in model.graph.node:
-            if any(_matches(node, pat) for pat in job.exclude):
-                blocked[node.name] = {"reason": "excluded"}
-        if opts.keep_rotary_fp32:
-            for name in rotary_nodes(model):
-                blocked.setdefault(name, {"reason": "rotary angles (positions > 2048 are not exact in fp16)"})
-        scanned = 0
-        fp32_stats: dict[str, tuple[float, bool]] = {}
         feeds = []
         if opts.overflow_scan and not job.samples:
             log.warning("fp16: no calibration samples (calibration.sources is empty): the overflow scan is skipped, "
                         "only excluded and rotary nodes stay fp32")
         if opts.overflow_scan and job.samples:
             feeds = calibration_feeds(job.samples, decoder_inputs(model, job.folder), limit=opts.scan_samples)
-            scanned = len(feeds)
-            job.progress(f"fp16: scanning fp32 activations on {scanned} samples")
-            fp32_stats = tensor_stats(model, feeds, opts.outputs_per_run, job.target)
+        converted, blocked, rounds = self._scan_and_convert(model, feeds, job.exclude, job.target, job.progress)
+        save_model(converted, job.target, job.external_data)
+        return self._report(model, converted, blocked, len(feeds), rounds)
+
+    def quantize_layer(self, job: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
+        """One segment (llmship.quantize.layerwise): scanned on its inputs from the float layers before it (as the
+        whole-model scan reads the float model), converted with fp32 inputs and outputs, so segments join as the
+        whole model's fp32 interface does (a boundary costs a Cast pair, exact both ways)."""
+        job.carry(job.model)
+        model = with_typed_outputs(job.model)
+        converted, blocked, rounds = self._scan_and_convert(model, job.feeds, job.exclude, job.scratch, job.progress)
+        prefix_io_casts(converted, f"segment{job.position}_")
+        return converted, self._report(model, converted, blocked, len(job.feeds), rounds)
+
+    def finish_layers(self, reports: list[dict[str, Any]], samples: list[list[int]]) -> dict[str, Any]:
+        kept = [row for report in reports for row in report["kept_fp32"]]
+        nodes = sum(r["fp32_nodes"] for r in reports)
+        scanned = reports[0]["scan_samples"] if reports else 0
+        rounds = max((r["inf_nan_rounds"] for r in reports), default=0)
+        return {
+            "summary": f"{nodes - len(kept)} nodes fp16, {len(kept)} kept fp32 (scan on {scanned} samples, one decoder "
+                       f"layer at a time, at most {rounds} inf/nan round(s) in a layer)",
+            "kept_fp32": kept,
+            "scan_samples": scanned,
+            "inf_nan_rounds": rounds,
+            "nodes": sum(r["nodes"] for r in reports),
+            "casts_added": sum(r["casts_added"] for r in reports),
+        }
+
+    def _scan_and_convert(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], exclude: list[str],
+                          scratch: Path, progress: Any) -> tuple[onnx.ModelProto, dict[str, dict[str, Any]], int]:
+        """The module doc's steps 1-3 on `model`: (converted graph, kept nodes with why, inf/nan rounds run)."""
+        opts: Fp16Options = self.options
+        blocked: dict[str, dict[str, Any]] = {}
+        for node in model.graph.node:
+            if any(_matches(node, pat) for pat in exclude):
+                blocked[node.name] = {"reason": "excluded"}
+        if opts.keep_rotary_fp32:
+            for name in rotary_nodes(model):
+                blocked.setdefault(name, {"reason": "rotary angles (positions > 2048 are not exact in fp16)"})
+        fp32_stats: dict[str, tuple[float, bool]] = {}
+        if feeds:
+            progress(f"fp16: scanning fp32 activations on {len(feeds)} samples")
+            fp32_stats = {**input_stats(feeds), **tensor_stats(model, feeds, opts.outputs_per_run, scratch)}
             for name, why in overflow_nodes(model, fp32_stats).items():
                 blocked.setdefault(name, why)
         op_block = list(DEFAULT_OP_BLOCK_LIST) + list(opts.block_ops)
-        converted = self._convert(model, blocked, op_block)
+        floats = float_tensors(model)
+        converted = self._convert(model, blocked, op_block, floats)
         rounds = 0
         while feeds and rounds < opts.max_rounds:
-            job.progress(f"fp16: checking the fp16 graph for inf/nan (round {rounds + 1})")
-            fp16_stats = tensor_stats(converted, feeds, opts.outputs_per_run, job.target)
+            progress(f"fp16: checking the fp16 graph for inf/nan (round {rounds + 1})")
+            fp16_stats = tensor_stats(converted, feeds, opts.outputs_per_run, scratch)
             new = {}
             for node in model.graph.node:
                 if node.name in blocked:
@@ -100,36 +146,74 @@ class Fp16(Scheme):
             if not new:
                 break
             blocked.update(new)
-            converted = self._convert(model, blocked, op_block)
+            converted = self._convert(model, blocked, op_block, floats)
             rounds += 1
-        save_model(converted, job.target, job.external_data)
+        return converted, blocked, rounds
+
+    def _report(self, model: onnx.ModelProto, converted: onnx.ModelProto, blocked: dict[str, dict[str, Any]],
+                scanned: int, rounds: int) -> dict[str, Any]:
         kept = [{"node": name, "module": _module_of(model, name), **why} for name, why in blocked.items()]
-        float_nodes = sum(1 for n in converted.graph.node if n.op_type != "Cast")
+        casts = sum(1 for n in converted.graph.node if n.op_type == "Cast")
         return {
             "summary": f"{len(model.graph.node) - len(blocked)} nodes fp16, {len(blocked)} kept fp32 "
                        f"(scan on {scanned} samples, {rounds} inf/nan round(s))",
             "kept_fp32": kept,
             "scan_samples": scanned,
             "inf_nan_rounds": rounds,
-            "nodes": float_nodes,
-            "casts_added": sum(1 for n in converted.graph.node if n.op_type == "Cast") - sum(
-                1 for n in model.graph.node if n.op_type == "Cast"),
+            "fp32_nodes": len(model.graph.node),
+            "nodes": len(converted.graph.node) - casts,
+            "casts_added": casts - sum(1 for n in model.graph.node if n.op_type == "Cast"),
         }
 
-    def _convert(self, model: onnx.ModelProto, blocked: dict[str, Any], op_block: list[str]) -> onnx.ModelProto:
+    def _convert(self, model: onnx.ModelProto, blocked: dict[str, Any], op_block: list[str],
+                 floats: set[str]) -> onnx.ModelProto:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         big = model.ByteSize() > INLINE_WEIGHTS_LIMIT
         converted = convert_float_to_float16(copy, keep_io_types=self.options.keep_io_types, node_block_list=sorted(blocked),
                                              op_block_list=op_block, disable_shape_infer=big)
-        cast_kept_inputs(converted, set(blocked), self._float_tensors(model))
+        cast_kept_inputs(converted, set(blocked), floats)
         remove_cast_roundtrips(converted, fp32_sources(converted, blocked))
         return converted
 
-    def _float_tensors(self, model: onnx.ModelProto) -> set[str]:
-        if getattr(self, "_floats", None) is None:
-            self._floats = float_tensors(model)
-        return self._floats
+
+def with_typed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its untyped float outputs (a segment's carried tensors) typed float32, so the converter keeps them
+    fp32 (`keep_io_types`), as the whole model's interface is; the model is changed in place and returned."""
+    floats = float_tensors(model)
+    for output in model.graph.output:
+        if not output.type.HasField("tensor_type") and output.name in floats:
+            output.CopyFrom(onnx.helper.make_tensor_value_info(output.name, onnx.TensorProto.FLOAT, None))
+    return model
+
+
+# The converter's names for the Casts at graph inputs and outputs (and the tensors they make): numbered per graph, so
+# two converted segments would both hold `graph_input_cast0`.
+IO_CAST_PREFIXES = ("graph_input_cast", "graph_output_cast")
+
+
+def prefix_io_casts(model: onnx.ModelProto, prefix: str) -> None:
+    """Give the converter's graph input/output Casts, and every name made from theirs, a segment's own prefix."""
+    def renamed(name: str) -> str:
+        return prefix + name if name.startswith(IO_CAST_PREFIXES) else name
+
+    for node in model.graph.node:
+        node.name = renamed(node.name)
+        node.input[:] = [renamed(i) for i in node.input]
+        node.output[:] = [renamed(o) for o in node.output]
+    for info in model.graph.value_info:
+        info.name = renamed(info.name)
+
+
+def input_stats(feeds: list[dict[str, np.ndarray]]) -> dict[str, tuple[float, bool]]:
+    """`tensor_stats` of the float graph inputs: a segment's inputs are the activations earlier layers made, and their
+    consumers must be kept fp32 when they leave the fp16 range, as in the whole graph."""
+    stats: dict[str, tuple[float, bool]] = {}
+    for feed in feeds:
+        for name, value in feed.items():
+            if value.dtype.kind == "f" and value.size:
+                _merge_stats(stats, name, value)
+    return stats
 
 
 def float_tensors(model: onnx.ModelProto) -> set[str]:
@@ -174,33 +258,40 @@ def fp32_sources(model: onnx.ModelProto, blocked: dict[str, Any]) -> set[str]:
 
 
 def remove_cast_roundtrips(model: onnx.ModelProto, fp32: set[str]) -> int:
-    """Drop fp32 -> fp16 -> fp32 Cast pairs the converter puts between two kept nodes.
+    """Drop fp32 -> fp16 -> fp32 Cast pairs the converter puts between two kept nodes, and before a graph output.
 
-    The converter casts every kept node's output to fp16 and back for the next kept node, so a value that only
-    fits fp32 would still overflow on the way; the consumers are rewired to the fp32 tensor itself.
+    The converter casts every kept node's output to fp16 and back for the next kept node (and for a float32 graph
+    output: a segment's carried activation), so a value that only fits fp32 would still overflow on the way; the
+    consumers are rewired to the fp32 tensor itself, and a graph output is made from it by an Identity.
     """
     producer = {out: node for node in model.graph.node for out in node.output}
     graph_outputs = {o.name for o in model.graph.output}
     rewire: dict[str, str] = {}
     dropped = set()
     for node in model.graph.node:
-        if node.op_type != "Cast" or _cast_to(node) != onnx.TensorProto.FLOAT or node.output[0] in graph_outputs:
+        if node.op_type != "Cast" or _cast_to(node) != onnx.TensorProto.FLOAT:
             continue
         first = producer.get(node.input[0])
         if first is None or first.op_type != "Cast" or _cast_to(first) != onnx.TensorProto.FLOAT16:
             continue
-        if first.input[0] in fp32:
-            rewire[node.output[0]] = first.input[0]
-            dropped.add(node.name)
-    if not rewire:
-        return 0
+        if first.input[0] not in fp32:
+            continue
+        if node.output[0] in graph_outputs:
+            node.op_type = "Identity"
+            node.input[0] = first.input[0]
+            node.ClearField("attribute")
+            continue
+        rewire[node.output[0]] = first.input[0]
+        dropped.add(node.name)
     for node in model.graph.node:
         node.input[:] = [rewire.get(i, i) for i in node.input]
     used = {i for node in model.graph.node if node.name not in dropped for i in node.input} | graph_outputs
     keep = [n for n in model.graph.node if n.name not in dropped
             and not (n.op_type == "Cast" and all(o not in used for o in n.output))]
-    model.graph.ClearField("node")
-    model.graph.node.extend(keep)
+    removed = len(model.graph.node) - len(keep)
+    if removed:
+        model.graph.ClearField("node")
+        model.graph.node.extend(keep)
     return len(rewire)
 
 
@@ -251,14 +342,18 @@ def tensor_stats(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], per
             for name, value in zip(wanted, session.run(wanted, feed), strict=True):
                 if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.size == 0:
                     continue
-                finite = np.isfinite(value)
-                magnitude = np.abs(value[finite]).astype(np.float32, copy=False)
-                magnitude = magnitude[magnitude < MASK_SENTINEL]
-                peak = float(magnitude.max()) if magnitude.size else 0.0
-                old = stats.get(name, (0.0, False))
-                stats[name] = (max(old[0], peak), old[1] or not bool(finite.all()))
+                _merge_stats(stats, name, value)
         del session
     return stats
+
+
+def _merge_stats(stats: dict[str, tuple[float, bool]], name: str, value: np.ndarray) -> None:
+    finite = np.isfinite(value)
+    magnitude = np.abs(value[finite]).astype(np.float32, copy=False)
+    magnitude = magnitude[magnitude < MASK_SENTINEL]
+    peak = float(magnitude.max()) if magnitude.size else 0.0
+    old = stats.get(name, (0.0, False))
+    stats[name] = (max(old[0], peak), old[1] or not bool(finite.all()))
 
 
 def overflow_nodes(model: onnx.ModelProto, stats: dict[str, tuple[float, bool]]) -> dict[str, dict[str, Any]]:

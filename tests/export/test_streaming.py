@@ -119,6 +119,7 @@ def test_killed_runs_scratch_is_removed_and_the_reference_is_computed_once(both)
     computed once for the nine variants and stored for later runs."""
     assert not list(both[True].glob(".skeleton*"))
     assert len(list((both[True] / ".llmship" / "parity").glob("reference-*.npz"))) == 1
+    assert len(list((both[True] / ".llmship" / "parity").glob("prompts-*.json"))) == 1
     timings = json.loads((both[True] / "w8a16" / "manifest.json").read_text())["timings"]
     assert timings["skeleton_peak_rss_mb"] > 100 and timings["parity_peak_rss_mb"] > 100 and timings["parity_s"] > 0
     computed = [name for name in NAMES
@@ -131,16 +132,18 @@ def test_killed_runs_scratch_is_removed_and_the_reference_is_computed_once(both)
 def test_layer_at_a_time_parity_equals_the_whole_graph_run(both, name):
     """The streamed variants' parity ran ONNX a layer at a time (teacher-forced on the reference's tokens); the same
     check with the whole graph in one session, against the same stored reference, gives the same figures."""
-    from llmship.export.parity import check_parity, default_prompts, load_trace
+    from llmship.export.parity import check_parity, load_trace
     from llmship.runtime.ort_engine import OrtEngine
-    from llmship.source import load_tokenizer
 
     folder = both[True] / name
     recorded = json.loads((folder / "manifest.json").read_text())["parity"]
     assert recorded["candidate"]["layer_at_a_time"] == 4  # one segment per decoder layer of the embedded model
     assert recorded["greedy_raw_run"] == "teacher-forced, each prompt alone"
-    trace = load_trace(next((both[True] / ".llmship" / "parity").glob("reference-*.npz")))
-    prompts = default_prompts(load_tokenizer(folder), 2048)
+    assert recorded["prompt_source"]["source"] == "model"  # sampled from the layer-at-a-time reference, kept
+    kept = both[True] / ".llmship" / "parity"
+    trace = load_trace(next(kept.glob("reference-*.npz")))
+    prompts = json.loads(next(kept.glob("prompts-*.json")).read_text())["prompts"]
+    assert [len(p) for p in prompts] == [48, 43, 38, 33]
     whole = OrtEngine(folder)
     try:
         figures = check_parity(None, whole, _tolerances(recorded), prompts, trace=trace)
@@ -245,9 +248,11 @@ def test_streamed_variants_are_cached_and_the_eval_side_reads_them(both):
     assert set(compiled_variants(cfg, both[True])) == set(NAMES)
 
 
-# gptq and static W8A8 stream, one decoder layer at a time (tests/export/test_streaming_calibrated.py)
+# gptq, static W8A8 and fp16's scan stream, one decoder layer at a time (tests/export/test_streaming_calibrated.py);
+# fp16 without its scan has no run to type and scan its segments
 @pytest.mark.parametrize("variant", [{"scheme": "w4a16", "method": "awq"}, {"scheme": "w4a16", "auto": {}},
-                                     {"scheme": "fp16"}])
+                                     {"scheme": "fp16", "options": {"overflow_scan": False}},
+                                     {"scheme": "fp16", "options": {"keep_io_types": False}}])
 def test_calibrated_scheme_is_refused_before_any_work(tmp_path, variant):
     from llmship.pipeline import run_stage
 

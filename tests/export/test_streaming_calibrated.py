@@ -170,6 +170,53 @@ def test_a_calibration_set_shorter_than_seq_len_is_one_line(tmp_path):
     assert not (tmp_path / "out" / "w4a16-gptq").exists()
 
 
+def _overflowing_model(folder: Path) -> Path:
+    """The embedded model with layer 1's down_proj x 1e4: the residual stream from layer 1 on holds values near 2.6e5,
+    past fp16's 65504 (finite in fp32), as the outlier features of large models can."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(EMBEDDED_MODEL_DIR, folder)
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    state["model.layers.1.mlp.down_proj.weight"] *= 1e4
+    save_file(state, str(weights), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.slow
+def test_layerwise_fp16_scan_keeps_what_the_whole_model_scan_keeps(tmp_path):
+    """fp16's overflow scan, one decoder layer at a time, keeps the same nodes fp32, for the same reasons, as the scan
+    of the whole model: the overflowing down_proj, and in every later layer the norms that read the residual stream
+    (segment inputs: the scan reads their range from the carried activations). Both variants pass parity with the same
+    figures, and the streamed one's weights are fp16."""
+    from llmship.pipeline import run_stage
+
+    model = _overflowing_model(tmp_path / "model")
+    calibration = {"seq_len": 256, "sources": [{"kind": "c4", "path": "@embedded", "samples": 16}]}
+    manifests = {}
+    for streaming in (False, True):
+        out = tmp_path / ("layerwise" if streaming else "whole")
+        cfg = _config(out, streaming, [{"scheme": "fp16"}], model=str(model)).model_copy(
+            update={"calibration": Config.model_validate({"calibration": calibration}).calibration})
+        run_stage("compile", cfg, quiet=True)
+        manifests[streaming] = json.loads((out / "fp16" / "manifest.json").read_text())
+    kept = {streaming: {(row["module"], row["reason"]): row.get("max_abs") for row in m["quantization"]["kept_fp32"]}
+            for streaming, m in manifests.items()}
+    assert set(kept[True]) == set(kept[False]) and len(kept[True]) == 6
+    assert ("model.layers.2.input_layernorm", "activation leaves the fp16 range") in kept[True]
+    for key, peak in kept[False].items():
+        assert kept[True][key] == pytest.approx(peak, rel=1e-4) and peak > 65504
+    whole, layered = manifests[False]["parity"], manifests[True]["parity"]
+    assert whole["passed"] and layered["passed"]
+    for figure in ("max_logits_diff", "nll_increase", "top1_agreement", "greedy_match"):
+        assert layered[figure] == pytest.approx(whole[figure], rel=1e-4, abs=1e-6), figure
+    assert manifests[True]["quantization"]["layerwise"]["segments"] == 6
+    fp32_bytes = (tmp_path / "layerwise" / "fp32" / "model.onnx.data").stat().st_size
+    assert 0.45 < (tmp_path / "layerwise" / "fp16" / "model.onnx.data").stat().st_size / fp32_bytes < 0.55
+
+
 @pytest.mark.parametrize("broken", ["nan", "overflow"])
 def test_a_broken_checkpoint_names_the_layer_and_the_source(tmp_path, broken):
     import torch
