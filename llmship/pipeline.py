@@ -177,7 +177,8 @@ class Calibration:
     def samples(self) -> Any:
         tokenizer = load_tokenizer(self.fp32_dir)
         max_positions = json.loads((self.fp32_dir / "config.json").read_text())["max_position_embeddings"]
-        return mixture.build_calibration_set(self.cfg.calibration, tokenizer, max_positions)
+        return mixture.require_a_full_sample(mixture.build_calibration_set(self.cfg.calibration, tokenizer, max_positions),
+                                             self.cfg.calibration)
 
 
 def variant_stage(cfg: Config, out: Path, variant: Variant, export: Stage, calibration: Calibration,

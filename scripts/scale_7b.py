@@ -33,8 +33,9 @@ VARIANTS = {"w4a16": {"scheme": "w4a16", "method": "rtn", "options": {"block_siz
             # calibrated one decoder layer at a time (llmship.quantize.layerwise)
             "w4a16-gptq": {"scheme": "w4a16", "method": "gptq"},
             "w8a8-static-sq": {"scheme": "w8a8-static", "method": "minmax", "name": "w8a8-static-sq",
-                               "options": {"smoothquant": True}}}
-CALIBRATED = ("w4a16-gptq", "w8a8-static-sq")
+                               "options": {"smoothquant": True}},
+            "fp16": {"scheme": "fp16"}}  # its overflow scan, one decoder layer at a time
+CALIBRATED = ("w4a16-gptq", "w8a8-static-sq", "fp16")
 # Calibration of the calibrated variants on this CPU: 16 C4 windows of 256 tokens (GPTQ's 128 x 2048, or 128 x 512,
 # is for a GPU); `--calibration 128x512` changes it.
 CALIBRATION = "16x256"

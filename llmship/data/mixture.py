@@ -141,6 +141,19 @@ def build_calibration_set(calib_cfg: CalibrationConfig, tokenizer: Any, max_posi
     return CalibrationSet(samples, fingerprint, counts)
 
 
+def require_a_full_sample(calibration: CalibrationSet, calib_cfg: CalibrationConfig) -> CalibrationSet:
+    """Refuse a set whose every sample is shorter than calibration.seq_len: the calibrated schemes would see only
+    short contexts (static W8A8 and the layer-wise runs pack the samples into rows of the longest one's length), not
+    the seq_len the config asks for. A c4 source gives windows of exactly seq_len tokens."""
+    longest = max((len(s) for s in calibration.samples), default=0)
+    if longest < calib_cfg.seq_len:
+        sources = ", ".join(f"{s.kind} {s.path}" for s in calib_cfg.sources) or "none"
+        raise UserError(f"every calibration sample is shorter than calibration.seq_len={calib_cfg.seq_len} "
+                        f"tokens (the longest has {longest}; sources: {sources}); add a c4 source (windows of "
+                        "seq_len tokens) or lower seq_len", where="calibration.sources")
+    return calibration
+
+
 def token_hash(samples: list[list[int]]) -> str:
     return hashlib.sha256(json.dumps(samples, separators=(",", ":")).encode()).hexdigest()
 

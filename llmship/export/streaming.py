@@ -634,21 +634,14 @@ class StreamingRun:
 
     @cached_property
     def calibration(self) -> Any:
-        """The calibration set, tokenized with the source's tokenizer; every sample shorter than calibration.seq_len
-        is refused (layer-wise calibration packs the samples into rows of the longest one's length, which would
-        then calibrate on short contexts only)."""
+        """The calibration set, tokenized with the source's tokenizer (refused when every sample is shorter than
+        calibration.seq_len: mixture.require_a_full_sample)."""
         from llmship.data import mixture
 
         inputs = self.setup["inputs"]
         max_positions = int(inputs["config"].get("max_position_embeddings", 2048))
         calibration = mixture.build_calibration_set(self.cfg.calibration, inputs["tokenizer"], max_positions)
-        longest = max((len(s) for s in calibration.samples), default=0)
-        if longest < self.cfg.calibration.seq_len:
-            sources = ", ".join(f"{s.kind} {s.path}" for s in self.cfg.calibration.sources) or "none"
-            raise UserError(f"every calibration sample is shorter than calibration.seq_len={self.cfg.calibration.seq_len} "
-                            f"tokens (the longest has {longest}; sources: {sources}); add a c4 source (windows of "
-                            "seq_len tokens) or lower seq_len", where="calibration.sources")
-        return calibration
+        return mixture.require_a_full_sample(calibration, self.cfg.calibration)
 
     @cached_property
     def setup(self) -> dict[str, Any]:

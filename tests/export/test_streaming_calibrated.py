@@ -158,9 +158,10 @@ def test_a_killed_run_resumes_at_its_last_finished_layer(both, tmp_path):
         assert np.array_equal(resumed[row["weight"] + "_Q4G128"], straight[straight_rows[module]["weight"] + "_Q4G128"])
 
 
-def test_a_calibration_set_shorter_than_seq_len_is_one_line(tmp_path):
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_calibration_set_shorter_than_seq_len_is_one_line(tmp_path, streaming):
     config = tmp_path / "c.yaml"
-    config.write_text(json.dumps({"export": {"streaming": True}, "output": {"dir": str(tmp_path / "out")},
+    config.write_text(json.dumps({"export": {"streaming": streaming}, "output": {"dir": str(tmp_path / "out")},
                                   "calibration": {"seq_len": 256, "sources": [{"kind": "ceval", "samples": 8}]},
                                   "quantize": {"scheme": "w4a16", "method": "gptq"}}))
     result = run_cli("compile", config)
