@@ -254,10 +254,12 @@ def replicate_layers(model: onnx.ModelProto, specs: dict[str, WeightSpec], num_l
             new_inits.append(init)
         prev = (rename(down_out), rename(residual))
 
+    from llmship.quantize.graph import topological_order
+
     final = copy.deepcopy(final_norm)
     final.input[0], final.input[1] = prev
     body = [n for n in graph.node if id(n) not in layer_ids]
-    ordered = _toposort([n if n is not final_norm else final for n in body[:]] + nodes, graph)
+    ordered = topological_order([n if n is not final_norm else final for n in body[:]] + nodes, graph)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.node[:]
@@ -293,26 +295,6 @@ def _replicate_io(graph: onnx.GraphProto, num_layers: int, vocab: int) -> None:
                 dims[-1].dim_value = vocab
     del graph.output[:]
     graph.output.extend(plain_out + present)
-
-
-def _toposort(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """Nodes in an order where every input is produced before it is read (stable: keeps the given order when it can)."""
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    producers = {o for n in nodes for o in n.output}
-    pending = list(nodes)
-    ordered: list[onnx.NodeProto] = []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(i in available or i not in producers for i in node.input):
-                ordered.append(node)
-                available.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise CheckFailed(f"streaming skeleton: cycle or missing input at node {rest[0].name}")
-        pending = rest
-    return ordered
 
 
 def build_skeleton(config: dict[str, Any], scratch: Path, *, opset: int, attention: str) -> Skeleton:

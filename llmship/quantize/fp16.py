@@ -24,7 +24,7 @@ from pydantic import Field
 
 from llmship.files import INLINE_WEIGHTS_LIMIT
 from llmship.quantize.feeds import calibration_feeds, decoder_inputs, probe_session
-from llmship.quantize.graph import ensure_node_names, load_model, module_name, save_model
+from llmship.quantize.graph import ensure_node_names, load_model, module_name, save_model, topological_order
 from llmship.quantize.registry import QuantizeJob, Scheme, SchemeOptions, register
 from llmship.sections import ParityConfig
 
@@ -91,8 +91,10 @@ class Fp16(Scheme):
         whole-model scan reads the float model), converted with fp32 inputs and outputs, so segments join as the
         whole model's fp32 interface does (a boundary costs a Cast pair, exact both ways)."""
         job.carry(job.model)
-        model = with_typed_outputs(job.model)
-        converted, blocked, rounds = self._scan_and_convert(model, job.feeds, job.exclude, job.scratch, job.progress)
+        floats = float_tensors(job.model)
+        model = with_typed_outputs(job.model, floats)
+        converted, blocked, rounds = self._scan_and_convert(model, job.feeds, job.exclude, job.scratch, job.progress,
+                                                            floats)
         prefix_io_casts(converted, f"segment{job.position}_")
         return converted, self._report(model, converted, blocked, len(job.feeds), rounds)
 
@@ -112,8 +114,10 @@ class Fp16(Scheme):
         }
 
     def _scan_and_convert(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], exclude: list[str],
-                          scratch: Path, progress: Any) -> tuple[onnx.ModelProto, dict[str, dict[str, Any]], int]:
-        """The module doc's steps 1-3 on `model`: (converted graph, kept nodes with why, inf/nan rounds run)."""
+                          scratch: Path, progress: Any, floats: set[str] | None = None
+                          ) -> tuple[onnx.ModelProto, dict[str, dict[str, Any]], int]:
+        """The module doc's steps 1-3 on `model` (`floats`: its float32 tensors, `float_tensors`): (converted graph,
+        kept nodes with why, inf/nan rounds run)."""
         opts: Fp16Options = self.options
         blocked: dict[str, dict[str, Any]] = {}
         for node in model.graph.node:
@@ -129,7 +133,7 @@ class Fp16(Scheme):
             for name, why in overflow_nodes(model, fp32_stats).items():
                 blocked.setdefault(name, why)
         op_block = list(DEFAULT_OP_BLOCK_LIST) + list(opts.block_ops)
-        floats = float_tensors(model)
+        floats = float_tensors(model) if floats is None else floats
         converted = self._convert(model, blocked, op_block, floats)
         rounds = 0
         while feeds and rounds < opts.max_rounds:
@@ -174,13 +178,16 @@ class Fp16(Scheme):
                                              op_block_list=op_block, disable_shape_infer=big)
         cast_kept_inputs(converted, set(blocked), floats)
         remove_cast_roundtrips(converted, fp32_sources(converted, blocked))
+        ordered = topological_order(list(converted.graph.node), converted.graph)  # the converter appends its Casts
+        converted.graph.ClearField("node")
+        converted.graph.node.extend(ordered)
         return converted
 
 
-def with_typed_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` with its untyped float outputs (a segment's carried tensors) typed float32, so the converter keeps them
-    fp32 (`keep_io_types`), as the whole model's interface is; the model is changed in place and returned."""
-    floats = float_tensors(model)
+def with_typed_outputs(model: onnx.ModelProto, floats: set[str]) -> onnx.ModelProto:
+    """`model` with its untyped float outputs (a segment's carried tensors; `floats`: its float32 tensors) typed
+    float32, so the converter keeps them fp32 (`keep_io_types`), as the whole model's interface is; the model is
+    changed in place and returned."""
     for output in model.graph.output:
         if not output.type.HasField("tensor_type") and output.name in floats:
             output.CopyFrom(onnx.helper.make_tensor_value_info(output.name, onnx.TensorProto.FLOAT, None))

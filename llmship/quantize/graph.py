@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from llmship.errors import CheckFailed
 from llmship.files import INLINE_WEIGHTS_LIMIT, MODEL_DATA_FILE, MODEL_FILE
 
 # Metadata key under which torch.onnx (dynamo) records the module path of every node.
@@ -180,3 +181,25 @@ def describe_node(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> s
 
 def to_array(t: onnx.TensorProto, base_dir: str | os.PathLike | None = None) -> np.ndarray:
     return numpy_helper.to_array(t, base_dir=str(base_dir) if base_dir else "")
+
+
+def topological_order(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Nodes in an order where every input is produced before it is read (stable: keeps the given order when it can).
+    Rewrites that append nodes at the end (the fp16 converter's Casts) leave graphs ONNX Runtime accepts but that
+    cutting a graph into layers (llmship.runtime.segmented) cannot read in order."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    producers = {o for n in nodes for o in n.output}
+    pending = list(nodes)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in available or i not in producers for i in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise CheckFailed(f"graph: cycle or missing input at node {rest[0].name}")
+        pending = rest
+    return ordered
