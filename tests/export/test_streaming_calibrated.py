@@ -263,14 +263,19 @@ print(json.dumps({name: json.loads((f / "manifest.json").read_text())["timings"]
 """
 
 
+DEEP = 12  # layers of the deep model of the depth test (against 2)
+
+
 @pytest.mark.slow
 def test_layerwise_peak_memory_does_not_grow_with_depth(tmp_path):
-    """Peak RSS (process tree) of GPTQ and of static W8A8 with SmoothQuant, at 8 layers minus at 2 layers, < 0.3 bytes
-    per added fp32 weight byte."""
+    """Peak RSS (process tree) of GPTQ and of static W8A8 with SmoothQuant, at 12 layers minus at 2 layers, < 0.3 bytes
+    per added fp32 weight byte. (The per-segment peaks of static W8A8 scatter by about +-35 MB around a flat line
+    with depth; the whole run's peak is their maximum, which at 8 layers against 2 crossed 0.3 once on 170 MB of
+    added weights: 10 added layers, 283 MB, keep that scatter well under the bar.)"""
     from test_streaming_inputs import CONFIG, random_state, write_sharded
 
     peaks, weights = {}, {}
-    for layers in (2, 8):
+    for layers in (2, DEEP):
         config = dict(CONFIG, hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=12,
                       num_hidden_layers=layers, max_position_embeddings=512)
         state = random_state(config)
@@ -284,8 +289,8 @@ def test_layerwise_peak_memory_does_not_grow_with_depth(tmp_path):
                                  capture_output=True, text=True, cwd=ROOT, timeout=900)
             assert run.returncode == 0, run.stderr[-2000:]
             peaks[layers].update(json.loads(run.stdout.strip().splitlines()[-1]))
-    added = weights[8] - weights[2]
-    assert added > 150e6
-    per_byte = {name: (peaks[8][name] - peaks[2][name]) * 2**20 / added for name in ("w4a16-gptq", "static-sq")}
+    added = weights[DEEP] - weights[2]
+    assert added > 250e6
+    per_byte = {name: (peaks[DEEP][name] - peaks[2][name]) * 2**20 / added for name in ("w4a16-gptq", "static-sq")}
     print("peak RSS MB", peaks, "per added fp32 byte", per_byte)
     assert all(v < 0.3 for v in per_byte.values()), (per_byte, peaks, weights)
