@@ -177,8 +177,7 @@ class Calibration:
     def samples(self) -> Any:
         tokenizer = load_tokenizer(self.fp32_dir)
         max_positions = json.loads((self.fp32_dir / "config.json").read_text())["max_position_embeddings"]
-        return mixture.require_a_full_sample(mixture.build_calibration_set(self.cfg.calibration, tokenizer, max_positions),
-                                             self.cfg.calibration)
+        return mixture.build_calibration_set(self.cfg.calibration, tokenizer, max_positions)
 
 
 def variant_stage(cfg: Config, out: Path, variant: Variant, export: Stage, calibration: Calibration,
@@ -196,6 +195,8 @@ def variant_stage(cfg: Config, out: Path, variant: Variant, export: Stage, calib
     def run() -> None:
         log.info("building variant %s (%s)", variant.name, variant.scheme.name)
         samples = calibration.samples if variant.reads_calibration else None
+        if samples is not None and variant.scheme.packs_calibration():
+            mixture.require_a_full_sample(samples, cfg.calibration)
         quantize_variant(Artifact.load(export.artifact), variant, samples, target, cfg, progress=progress)
 
     return Stage(f"variant-{variant.name}", target, reads, run, consumes={"fp32": export},

@@ -142,11 +142,12 @@ def build_calibration_set(calib_cfg: CalibrationConfig, tokenizer: Any, max_posi
 
 
 def require_a_full_sample(calibration: CalibrationSet, calib_cfg: CalibrationConfig) -> CalibrationSet:
-    """Refuse a set whose every sample is shorter than calibration.seq_len: the calibrated schemes would see only
-    short contexts (static W8A8 and the layer-wise runs pack the samples into rows of the longest one's length), not
-    the seq_len the config asks for. A c4 source gives windows of exactly seq_len tokens."""
+    """Refuse a set whose every sample is shorter than calibration.seq_len, for a scheme that packs the samples into
+    rows of the longest one's length (Scheme.packs_calibration: gptq, awq, static W8A8): it would calibrate on short
+    contexts only, not the seq_len the config asks for. A c4 source gives windows of exactly seq_len tokens. An empty
+    set passes: each scheme says what it does without one."""
     longest = max((len(s) for s in calibration.samples), default=0)
-    if longest < calib_cfg.seq_len:
+    if calibration.samples and longest < calib_cfg.seq_len:
         sources = ", ".join(f"{s.kind} {s.path}" for s in calib_cfg.sources) or "none"
         raise UserError(f"every calibration sample is shorter than calibration.seq_len={calib_cfg.seq_len} "
                         f"tokens (the longest has {longest}; sources: {sources}); add a c4 source (windows of "

@@ -634,14 +634,17 @@ class StreamingRun:
 
     @cached_property
     def calibration(self) -> Any:
-        """The calibration set, tokenized with the source's tokenizer (refused when every sample is shorter than
-        calibration.seq_len: mixture.require_a_full_sample)."""
+        """The calibration set, tokenized with the source's tokenizer; refused when empty (a layer-wise run types and
+        calibrates each segment on it)."""
         from llmship.data import mixture
 
         inputs = self.setup["inputs"]
         max_positions = int(inputs["config"].get("max_position_embeddings", 2048))
         calibration = mixture.build_calibration_set(self.cfg.calibration, inputs["tokenizer"], max_positions)
-        return mixture.require_a_full_sample(calibration, self.cfg.calibration)
+        if not calibration.samples:
+            raise UserError("no calibration samples (calibration.sources is empty): the streaming compile calibrates "
+                            "each calibrated variant one decoder layer at a time on them", where="calibration.sources")
+        return calibration
 
     @cached_property
     def setup(self) -> dict[str, Any]:
@@ -677,6 +680,10 @@ class StreamingRun:
         if variant.config.exclude:
             _check_excludes(shared["skeleton"], variant.config.exclude)
         calibration = self.calibration if variant.reads_calibration else None
+        if calibration is not None and variant.scheme.packs_calibration():
+            from llmship.data.mixture import require_a_full_sample
+
+            require_a_full_sample(calibration, self.cfg.calibration)
         build_variant(self.cfg, variant, target, shared["skeleton"], shared["inputs"], shared["steps"],
                       disk=shared["disk"], parity=self.parity, calibration=calibration)
         self.left.discard(variant.name)

@@ -68,6 +68,9 @@ class Fp16(Scheme):
     def calibrates_by_layer(self) -> bool:
         return self.streams()
 
+    def packs_calibration(self) -> bool:
+        return False  # the scan runs each sample alone, whatever its length
+
     def layer_feeds(self, samples: list[list[int]], spec: Any) -> list[dict[str, Any]]:
         """Each sample alone, the first `scan_samples`, as the whole-model scan runs them."""
         return calibration_feeds(samples, spec, limit=self.options.scan_samples)
@@ -95,7 +98,7 @@ class Fp16(Scheme):
         model = with_typed_outputs(job.model, floats)
         converted, blocked, rounds = self._scan_and_convert(model, job.feeds, job.exclude, job.scratch, job.progress,
                                                             floats)
-        prefix_io_casts(converted, f"segment{job.position}_")
+        prefix_new_names(converted, model, f"segment{job.position}_")
         return converted, self._report(model, converted, blocked, len(job.feeds), rounds)
 
     def finish_layers(self, reports: list[dict[str, Any]], samples: list[list[int]]) -> dict[str, Any]:
@@ -194,21 +197,24 @@ def with_typed_outputs(model: onnx.ModelProto, floats: set[str]) -> onnx.ModelPr
     return model
 
 
-# The converter's names for the Casts at graph inputs and outputs (and the tensors they make): numbered per graph, so
-# two converted segments would both hold `graph_input_cast0`.
-IO_CAST_PREFIXES = ("graph_input_cast", "graph_output_cast")
+def prefix_new_names(converted: onnx.ModelProto, source: onnx.ModelProto, prefix: str) -> None:
+    """Give every node and tensor the conversion of `source` made a segment's own prefix. The converter names its Casts
+    after the graph inputs and outputs (numbered per graph: `graph_input_cast0`) and after the tensors they cast (a
+    constant every layer reads: `rotary_cos_cache_cast_to_fp32`), so two converted segments would both hold them."""
+    old_nodes = {node.name for node in source.graph.node}
+    old_tensors = ({out for node in source.graph.node for out in node.output} | {v.name for v in source.graph.input}
+                   | {v.name for v in source.graph.output} | {t.name for t in source.graph.initializer})
+    made = {out for node in converted.graph.node for out in node.output if out and out not in old_tensors}
 
-
-def prefix_io_casts(model: onnx.ModelProto, prefix: str) -> None:
-    """Give the converter's graph input/output Casts, and every name made from theirs, a segment's own prefix."""
     def renamed(name: str) -> str:
-        return prefix + name if name.startswith(IO_CAST_PREFIXES) else name
+        return prefix + name if name in made else name
 
-    for node in model.graph.node:
-        node.name = renamed(node.name)
+    for node in converted.graph.node:
+        if node.name not in old_nodes:
+            node.name = prefix + node.name
         node.input[:] = [renamed(i) for i in node.input]
         node.output[:] = [renamed(o) for o in node.output]
-    for info in model.graph.value_info:
+    for info in converted.graph.value_info:
         info.name = renamed(info.name)
 
 

@@ -102,6 +102,11 @@ class Scheme:
         llmship.quantize.layerwise)."""
         return False
 
+    def packs_calibration(self) -> bool:
+        """Whether its calibration packs the samples into rows of the longest one's length (feeds.packed_feeds), so
+        that a set with no sample of calibration.seq_len tokens would calibrate it on short contexts only."""
+        return True
+
     def layer_feeds(self, samples: list[list[int]], spec: Any) -> list[dict[str, Any]]:
         """The calibration batches of a layer-wise run: the graph inputs of each (llmship.quantize.feeds)."""
         from llmship.quantize.feeds import CALIBRATION_BATCH, packed_feeds

@@ -160,15 +160,24 @@ def test_a_killed_run_resumes_at_its_last_finished_layer(both, tmp_path):
 
 @pytest.mark.parametrize("streaming", [True, False])
 def test_a_calibration_set_shorter_than_seq_len_is_one_line(tmp_path, streaming):
+    """GPTQ packs its samples into rows of the longest one's length: with no sample of seq_len tokens it would
+    calibrate on short contexts only. fp16's scan runs each sample alone, so the same set serves it."""
     config = tmp_path / "c.yaml"
-    config.write_text(json.dumps({"export": {"streaming": streaming}, "output": {"dir": str(tmp_path / "out")},
-                                  "calibration": {"seq_len": 256, "sources": [{"kind": "ceval", "samples": 8}]},
-                                  "quantize": {"scheme": "w4a16", "method": "gptq"}}))
+    settings = {"export": {"streaming": streaming}, "output": {"dir": str(tmp_path / "out")},
+                "calibration": {"seq_len": 256, "sources": [{"kind": "ceval", "samples": 8}]},
+                "quantize": {"scheme": "w4a16", "method": "gptq"}}
+    config.write_text(json.dumps(settings))
     result = run_cli("compile", config)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(lines) == 1 and "calibration.sources" in lines[0] and "shorter than calibration.seq_len=256" in lines[0]
     assert not (tmp_path / "out" / "w4a16-gptq").exists()
+    if streaming:
+        config.write_text(json.dumps({**settings, "quantize": {"scheme": "fp16"}}))
+        result = run_cli("compile", config)
+        assert result.returncode == 0, result.stderr[-2000:]
+        manifest = json.loads((tmp_path / "out" / "fp16" / "manifest.json").read_text())
+        assert manifest["quantization"]["scan_samples"] == 8 and manifest["parity"]["passed"]
 
 
 def _overflowing_model(folder: Path) -> Path:

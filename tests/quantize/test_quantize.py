@@ -116,6 +116,46 @@ def test_fp16_without_the_scan_overflows(tmp_path):
     assert not np.isfinite(out).all()  # the graph really overflows: the fallback above is what fixes it
 
 
+def segment(position: int) -> onnx.ModelProto:
+    """A decoder-layer segment as the layer-wise compile cuts it: a carried activation `x` in (fp32, |x| up to 1e5 from
+    the layer before) and a shared constant `C` (the rotary caches of every layer) read by a node that must stay fp32
+    (`keep_*`, excluded) and by one that goes fp16; `y` carried out, untyped as segments' outputs are."""
+    nodes = [helper.make_node("Mul", ["x", "small"], ["x_small"], name=f"shrink_{position}"),
+             helper.make_node("Add", ["x_small", "C"], ["kept"], name=f"keep_{position}"),
+             helper.make_node("Mul", ["x_small", "C"], ["half"], name=f"half_{position}"),
+             helper.make_node("Add", ["kept", "half"], [f"y{position}"], name=f"sum_{position}")]
+    inits = [numpy_helper.from_array(np.array(1e-3, np.float32), "small"),
+             numpy_helper.from_array(np.linspace(0.5, 1.5, 8, dtype=np.float32), "C")]
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [onnx.ValueInfoProto(name=f"y{position}")], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_fp16_layer_keeps_readers_of_an_out_of_range_input_and_names_its_casts_apart(tmp_path):
+    """fp16's overflow scan one decoder layer at a time (Fp16.quantize_layer): a node that reads an activation past
+    fp16's range from an earlier segment stays fp32 although its own output is small, the float outputs are carried,
+    and two converted segments share no node or tensor name the conversion made (they are joined into one graph)."""
+    from llmship.quantize.layerwise import LayerJob
+
+    scheme = build_scheme(VariantConfig(scheme="fp16"))
+    feeds = [{"x": np.linspace(-1e5, 1e5, 8, dtype=np.float32).reshape(1, 8)}]
+    converted, carried = [], []
+    for position in (1, 2):
+        job = LayerJob(model=segment(position), feeds=feeds, position=position, layers=3, scratch=tmp_path,
+                       exclude=["keep_*"], carry=carried.append)
+        model, report = scheme.quantize_layer(job)
+        kept = {row["node"]: row for row in report["kept_fp32"]}
+        assert kept[f"shrink_{position}"]["tensor"] == "x" and kept[f"keep_{position}"]["reason"] == "excluded"
+        assert set(kept) == {f"shrink_{position}", f"keep_{position}"}
+        out = session(model, optimize=False).run(None, feeds[0])[0]
+        np.testing.assert_allclose(out, session(segment(position)).run(None, feeds[0])[0], rtol=2e-3, atol=2e-3)
+        converted.append(model)
+    assert len(carried) == 2 and all(m.graph.node[0].name.startswith("shrink") for m in carried)  # the float graphs
+    made = [{n.name for n in m.graph.node} | {o for n in m.graph.node for o in n.output} for m in converted]
+    shared = made[0] & made[1]
+    assert shared == {"x_small", "kept", "half"} and any("cast" in n for n in made[0])  # the source's own names only
+
+
 # --------------------------------------------------------------------------- embeddings
 @pytest.mark.parametrize(("bits", "cols", "block"), [(8, 64, 32), (8, 48, 128), (4, 64, 16), (4, 40, 32)])
 def test_block_quantized_embeddings_match_numpy_dequantization(bits, cols, block):
