@@ -90,6 +90,11 @@ PROMPT_SOURCE_WHY = ("sampled from the reference model (seeded): text where the 
                      "trained on; fixed text it never saw puts it where its argmax is arbitrary and near-ties are common")
 
 
+# What the manifest says of the prompts when `parity.prompts: samples`.
+SAMPLES_SOURCE = {"source": "samples",
+                  "why": "bundled sample texts in the formats llmship serves (parity.prompts: samples)"}
+
+
 def prompt_lengths(max_positions: int, count: int) -> list[int]:
     """Different lengths, so the batch check really pads."""
     limit = max(2, min(MAX_PROMPT_TOKENS, max_positions // 2))
@@ -129,8 +134,7 @@ def _sample(logits: np.ndarray, rng: np.random.Generator, eos: int | None) -> in
 def parity_prompts(reference: Engine, tokenizer: Any, parity: ParityConfig) -> tuple[list[list[int]], dict[str, Any]]:
     """The prompts `parity.prompts` asks for, and what the manifest says about them (which source, and why)."""
     if parity.prompts == "samples":
-        return default_prompts(tokenizer, reference.max_positions), {
-            "source": "samples", "why": "bundled sample texts in the formats llmship serves (parity.prompts: samples)"}
+        return default_prompts(tokenizer, reference.max_positions), dict(SAMPLES_SOURCE)
     start = list(tokenizer("")["input_ids"])[:1] or list(tokenizer("The")["input_ids"])[:1]
     key = (tuple(start), reference.max_positions)
     cached = getattr(reference, "_parity_prompts", None)

@@ -47,13 +47,19 @@ def _prompts(reference: _Reference, inputs: dict[str, Any], tolerances: Any, fol
              ) -> tuple[list[list[int]], dict[str, Any]]:
     """The parity prompts and what the manifest says of them; model-sampled ones are kept in `folder`."""
     from llmship.cache import stage_key
-    from llmship.export.parity import MAX_PROMPT_TOKENS, PROMPT_SEED, PROMPT_TEMPERATURE, default_prompts, parity_prompts
+    from llmship.export.parity import (
+        MAX_PROMPT_TOKENS,
+        PROMPT_SEED,
+        PROMPT_TEMPERATURE,
+        SAMPLES_SOURCE,
+        default_prompts,
+        parity_prompts,
+    )
     from llmship.files import write_json_atomic
 
     if tolerances.prompts == "samples":
         max_positions = int(inputs["config"].get("max_position_embeddings", 2048))
-        return default_prompts(inputs["tokenizer"], max_positions), {
-            "source": "samples", "why": "bundled sample texts in the formats llmship serves (parity.prompts: samples)"}
+        return default_prompts(inputs["tokenizer"], max_positions), dict(SAMPLES_SOURCE)
     key = stage_key(inputs["source"], tolerances.prompts, PROMPT_SEED, PROMPT_TEMPERATURE, MAX_PROMPT_TOKENS)
     stored = folder / f"prompts-{key}.json"
     if stored.is_file():
